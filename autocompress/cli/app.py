@@ -1,0 +1,53 @@
+"""The typer app and the one table that maps library errors to exit codes.
+
+Commands live in sibling modules (one typed function each) and only call the
+library; ``guard`` turns a library exception into a one-line message.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from autocompress.errors import AutocompressError, UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="AutoML model compression: pruning, quantisation, low-rank and layer merging under a hardware budget.")
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit."""
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guard(fn: F) -> F:
+    """Run a command; map library errors to (one-line message, exit code)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UserInputError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        except AutocompressError as exc:
+            fail(str(exc).splitlines()[0], exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; completed work is kept in the output folder, rerun the same command to resume", 130)
+        except Exception as exc:  # an internal failure: still one line unless debugging
+            if "--debug" in sys.argv or __import__("os").environ.get("AUTOCOMPRESS_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                 "(set AUTOCOMPRESS_DEBUG=1 for the traceback)", 1)
+
+    return wrapper  # type: ignore[return-value]

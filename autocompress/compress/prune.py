@@ -1,0 +1,16 @@
+"""Placeholder until the primitive lands: offers no decisions."""
+
+from autocompress.compress.base import Primitive
+
+
+class ChannelPrune(Primitive):
+    kinds = ("prune",)
+
+    def decisions(self, graph):
+        return []
+
+    def estimate(self, table, chosen, space):
+        return None
+
+    def transform(self, model, chosen, ctx):
+        return model

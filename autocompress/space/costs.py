@@ -1,0 +1,198 @@
+"""Analytic costs on a table of layers: MACs, params, weight bytes, peak activation memory.
+
+A :class:`CostTable` is a cheap, mutable copy of the traced graph's numbers.
+Primitives edit it (``compress.*.estimate``) exactly as their transforms edit the
+model, so the cost of a policy is known without building the compressed model.
+Hardware models (``hwmodels``) read the same table to predict latency and energy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from autocompress.space.graph import ModelGraph
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class LayerCost:
+    """One operation of the (possibly compressed) model, per sample (batch 1).
+
+    ``inputs`` name the producing layers, so a hardware model can fuse a
+    conv with the BN / activation / add that consumes it. ``out_numel`` is the
+    element count of the output tensor. For conv and linear: ``in_ch``/``out_ch``
+    (linear: features), ``kernel``, ``stride``, ``groups``, ``spatial`` (output
+    positions per sample: H*W for conv, rows for linear), ``bias``.
+    ``wbits`` / ``abits`` are the weight and input-activation bit-widths.
+    """
+
+    name: str
+    op: str
+    target: str = ""
+    inputs: list[str] = field(default_factory=list)
+    out_numel: int = 0
+    in_ch: int = 0
+    out_ch: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    groups: int = 1
+    spatial: int = 1
+    bias: bool = False
+    params_fixed: int = 0  # params not described by the geometry (e.g. PReLU, LayerNorm)
+    wbits: int = FLOAT_BITS
+    abits: int = FLOAT_BITS
+
+    @property
+    def macs(self) -> int:
+        if self.op == "conv":
+            return (self.in_ch // self.groups) * self.kernel[0] * self.kernel[1] * self.out_ch * self.spatial
+        if self.op == "linear":
+            return self.in_ch * self.out_ch * self.spatial
+        return 0
+
+    @property
+    def weight_numel(self) -> int:
+        if self.op == "conv":
+            return (self.in_ch // self.groups) * self.kernel[0] * self.kernel[1] * self.out_ch
+        if self.op == "linear":
+            return self.in_ch * self.out_ch
+        return 0
+
+    @property
+    def params(self) -> int:
+        if self.op in ("conv", "linear"):
+            return self.weight_numel + (self.out_ch if self.bias else 0) + self.params_fixed
+        if self.op == "bn":
+            return 2 * self.out_ch + self.params_fixed
+        return self.params_fixed
+
+    @property
+    def weight_bytes(self) -> float:
+        """Weights at ``wbits``; biases and BN parameters stay 32-bit."""
+        return self.weight_numel * self.wbits / 8 + (self.params - self.weight_numel) * 4
+
+    @property
+    def in_numel(self) -> int:
+        """Input activation elements of a conv/linear (before striding)."""
+        if self.op == "conv":
+            return self.in_ch * self.spatial * self.stride[0] * self.stride[1]
+        if self.op == "linear":
+            return self.in_ch * self.spatial
+        return 0
+
+
+class CostTable:
+    """Ordered layers of one model variant; a policy's estimate edits a copy."""
+
+    def __init__(self, layers: Iterable[LayerCost], input_numel: int = 0) -> None:
+        self._layers: dict[str, LayerCost] = {l.name: l for l in layers}
+        self.input_numel = input_numel
+
+    @classmethod
+    def from_graph(cls, mg: ModelGraph) -> "CostTable":
+        rows = []
+        for name in mg.order:
+            a = mg.graph.nodes[name]
+            if a["op"] in ("output", "const"):
+                continue
+            out = a["out_shape"]
+            numel = 1
+            for s in out or ():
+                numel *= s
+            row = LayerCost(name=name, op=a["op"], target=a["target"], inputs=list(mg.graph.predecessors(name)),
+                            out_numel=numel if out else 0)
+            if a["op"] in ("conv", "linear"):
+                spatial = a["macs"] // max(1, (a["in_ch"] // a["groups"]) * a["kernel"][0] * a["kernel"][1] * a["out_ch"])
+                row.in_ch, row.out_ch, row.kernel = a["in_ch"], a["out_ch"], tuple(a["kernel"])
+                row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
+            elif a["op"] == "bn":
+                row.in_ch = row.out_ch = a["out_ch"]
+            row.params_fixed = a["params"] - row.params if a["params"] else (0 if a["op"] not in ("conv", "linear", "bn") else -row.params)
+            rows.append(row)
+        input_numel = 1
+        for s in mg.input_shape[1:]:
+            input_numel *= s
+        return cls(rows, input_numel)
+
+    def copy(self) -> "CostTable":
+        return copy.deepcopy(self)
+
+    def __iter__(self) -> Iterator[LayerCost]:
+        return iter(self._layers.values())
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layers
+
+    def __getitem__(self, name: str) -> LayerCost:
+        return self._layers[name]
+
+    def by_target(self, target: str) -> LayerCost | None:
+        """The conv/linear/bn row of a module path, if it is still in the table."""
+        for l in self._layers.values():
+            if l.target == target and l.op in ("conv", "linear", "bn", "act", "pool", "other", "dropout"):
+                return l
+        return None
+
+    def remove(self, name: str) -> None:
+        """Drop a layer, rewiring its consumers to its inputs."""
+        gone = self._layers.pop(name)
+        for l in self._layers.values():
+            if name in l.inputs:
+                i = l.inputs.index(name)
+                l.inputs[i:i + 1] = [x for x in gone.inputs if x not in l.inputs]
+
+    def insert_after(self, after: str, row: LayerCost) -> None:
+        """Insert ``row`` behind ``after``; consumers of ``after`` now read ``row``."""
+        for l in self._layers.values():
+            l.inputs = [row.name if x == after else x for x in l.inputs]
+        row.inputs = [after]
+        items = list(self._layers.items())
+        i = [k for k, _ in items].index(after)
+        items.insert(i + 1, (row.name, row))
+        self._layers = dict(items)
+
+    def consumers(self, name: str) -> list[LayerCost]:
+        return [l for l in self._layers.values() if name in l.inputs]
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "macs": sum(l.macs for l in self),
+            "params": sum(l.params for l in self),
+            "weight_bytes": int(sum(l.weight_bytes for l in self)),
+            "peak_activation_bytes": self.peak_activation_bytes(),
+        }
+
+    def activation_bits(self) -> dict[str, int]:
+        """Bits a layer's output is stored at: its conv/linear consumers' ``abits`` if all are below 32."""
+        bits: dict[str, int] = {}
+        for l in self:
+            for src in l.inputs:
+                want = l.abits if l.op in ("conv", "linear") else FLOAT_BITS
+                bits[src] = max(bits.get(src, 0), want)
+        return bits
+
+    def peak_activation_bytes(self) -> int:
+        """Largest sum of live tensors over the execution order (a tensor lives until its last reader)."""
+        order = list(self._layers)
+        pos = {n: i for i, n in enumerate(order)}
+        last_use: dict[str, int] = {}
+        for i, l in enumerate(self):
+            for src in l.inputs:
+                last_use[src] = max(last_use.get(src, -1), i)
+        bits = self.activation_bits()
+        live: dict[str, int] = {}
+        peak = 0
+        for i, l in enumerate(self):
+            size = int(l.out_numel * bits.get(l.name, FLOAT_BITS) / 8)
+            live[l.name] = size
+            peak = max(peak, sum(live.values()))
+            for src in list(live):
+                if last_use.get(src, pos[src]) <= i:
+                    del live[src]
+        return peak

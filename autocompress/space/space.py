@@ -1,0 +1,84 @@
+"""The search space: decisions attached to the layer graph.
+
+A :class:`Decision` has a stable id (``"<kind>:<first layer>"``), a kind, the
+layers it touches, its choices and the identity choice that leaves the model
+unchanged. Each compression primitive (``autocompress.compress``) offers the
+decisions of its kinds; :func:`build_space` collects them in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from autocompress.space.graph import ModelGraph
+
+KINDS = ("prune", "wbits", "abits", "rank", "merge", "branch")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One per-layer (or per-group) choice. ``info`` is primitive-private and not serialised."""
+
+    id: str
+    kind: str
+    layers: tuple[str, ...]
+    choices: tuple[Any, ...]
+    identity: Any
+    info: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "layers": list(self.layers),
+                "choices": list(self.choices), "identity": self.identity}
+
+
+@dataclass
+class SearchSpace:
+    model: str
+    graph: ModelGraph
+    decisions: list[Decision]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.graph.fingerprint
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.graph.input_shape
+
+    def __post_init__(self) -> None:
+        self._by_id = {d.id: d for d in self.decisions}
+        if len(self._by_id) != len(self.decisions):
+            raise ValueError("duplicate decision ids in the search space")
+
+    def __getitem__(self, decision_id: str) -> Decision:
+        return self._by_id[decision_id]
+
+    def __contains__(self, decision_id: object) -> bool:
+        return decision_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def of_kind(self, *kinds: str) -> list[Decision]:
+        return [d for d in self.decisions if d.kind in kinds]
+
+    def identity_choices(self) -> dict[str, Any]:
+        return {d.id: d.identity for d in self.decisions}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "fingerprint": self.fingerprint, "input_shape": list(self.input_shape),
+                "decisions": [d.to_json() for d in self.decisions]}
+
+
+def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = KINDS,
+                options: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Collect every primitive's decisions on ``graph``, restricted to ``kinds``."""
+    from autocompress.compress import PRIMITIVES
+
+    wanted = set(kinds)
+    decisions: list[Decision] = []
+    for _, primitive in PRIMITIVES.items():
+        if wanted & set(primitive.kinds):
+            decisions.extend(d for d in primitive.decisions(graph) if d.kind in wanted)
+    return SearchSpace(model_spec, graph, decisions)
