@@ -29,16 +29,21 @@ class Policy:
     model: str
     fingerprint: str
     decisions: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decisions", MappingProxyType(dict(self.decisions)))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def choice(self, decision_id: str, default: Any) -> Any:
         return self.decisions.get(decision_id, default)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint,
-                "decisions": dict(self.decisions)}
+        out = {"format": FORMAT, "model": self.model, "fingerprint": self.fingerprint,
+               "decisions": dict(self.decisions)}
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash never leaves a half-written policy behind."""
@@ -57,7 +62,10 @@ class Policy:
         decisions = data.get("decisions", {})
         if not isinstance(decisions, dict):
             raise PolicyError(f"{source}: 'decisions' must be an object of decision id -> choice")
-        return cls(str(data.get("model", "")), str(data.get("fingerprint", "")), decisions)
+        options = data.get("options", {})
+        if not isinstance(options, dict):
+            raise PolicyError(f"{source}: 'options' must be an object")
+        return cls(str(data.get("model", "")), str(data.get("fingerprint", "")), decisions, options)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
@@ -75,7 +83,7 @@ class Policy:
 
     @classmethod
     def identity(cls, space: SearchSpace) -> "Policy":
-        return cls(space.model, space.fingerprint, {})
+        return cls(space.model, space.fingerprint, {}, space.options)
 
     def validate(self, space: SearchSpace, check_fingerprint: bool = True) -> "Policy":
         """Raise PolicyError naming every unknown id, out-of-domain value or fingerprint mismatch."""
@@ -85,6 +93,9 @@ class Policy:
                 f"fingerprint {self.fingerprint} (model {self.model or '?'}) does not match "
                 f"{space.fingerprint} (model {space.model}); the policy was made for another architecture"
             )
+        if dict(self.options) != dict(space.options):
+            problems.append(f"options {dict(self.options)} differ from the space's {dict(space.options)}; "
+                            "build the space with the policy's options")
         unknown = [k for k in self.decisions if k not in space]
         if unknown:
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""

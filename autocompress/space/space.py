@@ -37,6 +37,7 @@ class SearchSpace:
     model: str
     graph: ModelGraph
     decisions: list[Decision]
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -67,13 +68,20 @@ class SearchSpace:
         return {d.id: d.identity for d in self.decisions}
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "fingerprint": self.fingerprint, "input_shape": list(self.input_shape),
-                "decisions": [d.to_json() for d in self.decisions]}
+        out = {"model": self.model, "fingerprint": self.fingerprint, "input_shape": list(self.input_shape),
+               "decisions": [d.to_json() for d in self.decisions]}
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
 
 
 def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = KINDS,
                 options: Mapping[str, Any] | None = None) -> SearchSpace:
-    """Collect every primitive's decisions on ``graph``, restricted to ``kinds``."""
+    """Collect every primitive's decisions on ``graph``, restricted to ``kinds``.
+
+    ``options`` are space-wide settings that change what a choice means (e.g.
+    ``prune_round_to``); a policy carries them so it re-applies identically.
+    """
     from autocompress.compress import PRIMITIVES
 
     wanted = set(kinds)
@@ -81,4 +89,4 @@ def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = 
     for _, primitive in PRIMITIVES.items():
         if wanted & set(primitive.kinds):
             decisions.extend(d for d in primitive.decisions(graph) if d.kind in wanted)
-    return SearchSpace(model_spec, graph, decisions)
+    return SearchSpace(model_spec, graph, decisions, dict(options or {}))
