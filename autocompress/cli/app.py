@@ -42,6 +42,9 @@ def guard(fn: F) -> F:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except AutocompressError as exc:
             fail(str(exc).splitlines()[0], exc.exit_code)
+        except BrokenPipeError:  # output piped into e.g. `head`
+            sys.stderr.close()
+            raise typer.Exit(0)
         except KeyboardInterrupt:
             fail("interrupted; completed work is kept in the output folder, rerun the same command to resume", 130)
         except Exception as exc:  # an internal failure: still one line unless debugging

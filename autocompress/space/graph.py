@@ -185,6 +185,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_paths: Iterable[s
     example = torch.randn(shape)
     try:
         with torch.no_grad():
+            gm(example)  # fails with the model's own message, before ShapeProp wraps it
             ShapeProp(gm).propagate(example)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

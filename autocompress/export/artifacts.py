@@ -1,0 +1,109 @@
+"""The output folder: policy, ONNX (fp32 and int8), the PyTorch artifact, result.json.
+
+Files are written into a hidden staging folder beside ``out`` and moved in
+only when every one of them is complete, so a failure or an interruption
+never leaves a half-written artifact in ``out`` (and never touches what a
+previous run left there, beyond replacing the same names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from autocompress.export.onnx import export_onnx
+from autocompress.space.policy import Policy
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_pytorch(model: nn.Module, example_input: torch.Tensor, folder: Path) -> list[Path]:
+    """``model.pt2`` (torch.export: runs without the source code or unpickling it) and the state dict.
+
+    Load with ``torch.export.load(path).module()``; the state dict loads with
+    ``torch.load(..., weights_only=True)`` into ``apply(model, policy)``'s output.
+    """
+    paths = []
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(state, folder / "model.state.pt")
+    paths.append(folder / "model.state.pt")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model.eval(), (example_input,))
+            torch.export.save(program, str(folder / "model.pt2"))
+        paths.append(folder / "model.pt2")
+    except Exception as exc:  # the state dict above still carries the weights
+        (folder / "model.pt2.txt").write_text(f"torch.export failed: {type(exc).__name__}: {exc}\n")
+    return paths
+
+
+def quantised_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    from autocompress.compress.quant import layer_bits
+
+    return {k: v for k, v in layer_bits(model).items() if min(v) < 32}
+
+
+def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Path,
+                      calibration: torch.Tensor | None = None) -> dict[str, Any]:
+    """model.onnx (fp32), model.int8.onnx where layers are at <= 8 bits, model.pt2, model.state.pt."""
+    from autocompress.compress.quant import layer_bits, strip_fake_quant
+
+    info: dict[str, Any] = {}
+    float_model = strip_fake_quant(model)
+    export_onnx(float_model, example_input, folder / "model.onnx")
+    bits = layer_bits(model)
+    if any(w <= 8 for w, _ in bits.values()):
+        from autocompress.export.int8 import export_int8
+
+        calib = calibration if calibration is not None else torch.randn(16, *example_input.shape[1:])
+        report = export_int8(float_model, example_input, [calib[i:i + 8] for i in range(0, len(calib), 8)],
+                             folder / "model.int8.onnx", bits)
+        info["int8"] = report.to_json() if hasattr(report, "to_json") else str(report)
+    save_pytorch(model, example_input, folder)
+    return info
+
+
+def commit_folder(out: str | os.PathLike, build: Callable[[Path], Any]) -> Any:
+    """Run ``build(staging)`` and move its files into ``out`` only if it succeeds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        result = build(staging)
+        out.mkdir(exist_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_policy_and_result(folder: Path, policy: Policy, result: Mapping[str, Any]) -> None:
+    policy.save(folder / "policy.json")
+    write_json(folder / "result.json", result)
