@@ -1,0 +1,64 @@
+"""``autocompress targets`` and ``autocompress calibrate``: thin adapters over ``autocompress.hwmodels``."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from autocompress.cli.app import app, console, guard
+
+
+@app.command()
+@guard
+def targets(as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table")) -> None:
+    """List hardware targets with their parameters."""
+    from autocompress.hwmodels import get_target, target_names
+
+    rows = [get_target(n).summary() for n in target_names()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="hardware targets")
+    for col in ("name", "fp32/int8 GMAC/s", "DRAM GB/s", "kernel us", "threads", "calibrated"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description", no_wrap=True, overflow="ellipsis")
+    for r in rows:
+        cal = {None: "published", False: "no (defaults)", True: "yes"}[r["calibrated"]]
+        table.add_row(r["name"], f"{r['peak_gmacs']['fp32']:g} / {r['peak_gmacs']['int8']:g}", f"{r['dram_gbs']:g}",
+                      f"{r['kernel_overhead_us']:g}", str(r["threads"]), cal, r["description"])
+    console.print(table)
+
+
+@app.command()
+@guard
+def calibrate(
+    target: str = typer.Option("local", "--target", help="target to calibrate: local, or a new name with --from-csv"),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime intra-op threads (local only)"),
+    quick: bool = typer.Option(False, "--quick", help="fewer layer configurations and runs"),
+    from_csv: Optional[str] = typer.Option(None, "--from-csv", help="fit from measured latencies in a CSV file instead of measuring here"),
+    base: str = typer.Option("mobile", "--base", help="with --from-csv: the target whose peaks and energies are the starting point"),
+    as_json: bool = typer.Option(False, "--json", help="print the fitted target as JSON"),
+) -> None:
+    """Measure layer configurations (or read them from CSV) and fit a target's coefficients."""
+    from autocompress.hwmodels.calibrate import calibrate_from_csv, calibrate_local
+
+    if from_csv is not None:
+        fitted, path = calibrate_from_csv(from_csv, name=target, base=base)
+    else:
+        if target != "local":
+            from autocompress.errors import UserInputError
+
+            raise UserInputError(f"only 'local' can be measured here; for {target!r} measure on the device "
+                                 "and pass --from-csv FILE (see docs/hwmodels.md)")
+        with console.status("measuring layer configurations in ONNX Runtime"):
+            fitted, path = calibrate_local(threads=threads, quick=quick)
+    if as_json:
+        typer.echo(json.dumps(fitted.to_json(), indent=2))
+        return
+    fit = fitted.fit
+    console.print(f"calibrated [bold]{fitted.name}[/bold] from {fit.get('samples', 0)} measurements: "
+                  f"median |error| {100 * fit.get('median_abs_err', 0):.1f} %, "
+                  f"within ±10 %: {100 * fit.get('within_10', 0):.0f} %; saved {path}")

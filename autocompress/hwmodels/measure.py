@@ -1,0 +1,110 @@
+"""Time an ONNX model in ONNX Runtime: fixed intra-op threads, warm-up, median / p90 / CV.
+
+fp32 files and int8 QDQ files are timed the same way (ORT fuses QDQ pairs into
+integer kernels itself). onnxruntime is imported here only, when a measurement
+is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autocompress.errors import AutocompressError, UserInputError
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Wall-clock latency of one ``session.run`` at a batch, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    cv: float  # standard deviation / mean of the timed runs
+    runs: int
+    threads: int
+    batch: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "mean_ms": self.mean_ms, "cv": self.cv,
+                "runs": self.runs, "threads": self.threads, "batch": self.batch}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of already sorted values."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def session(path: str | os.PathLike, threads: int = 1) -> Any:
+    """An ORT CPU session with ``threads`` intra-op threads and sequential execution."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise AutocompressError(f"ONNX Runtime cannot load {str(path)!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _feeds(sess: Any, batch: int) -> dict[str, Any]:
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i, inp in enumerate(sess.get_inputs()):
+        shape = [batch if (j == 0 and not isinstance(d, int)) else (d if isinstance(d, int) else 1)
+                 for j, d in enumerate(inp.shape)]
+        dtype = types.get(inp.type, np.float32)
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype in (np.float32, np.float16) \
+            else np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def measure_onnx(path: str | os.PathLike, threads: int = 1, warmup: int = 10, runs: int = 50,
+                 batch: int = 1) -> Measurement:
+    """Time ``runs`` calls after ``warmup`` untimed ones; report median, p90, mean and CV."""
+    if threads < 1 or runs < 1 or warmup < 0 or batch < 1:
+        raise UserInputError(f"measure: threads={threads}, runs={runs}, batch={batch} must be >= 1 and warmup={warmup} >= 0")
+    if not Path(path).is_file():
+        raise UserInputError(f"ONNX file {str(path)!r} does not exist")
+    sess = session(path, threads)
+    feeds = _feeds(sess, batch)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    clock = time.perf_counter_ns
+    for _ in range(runs):
+        t0 = clock()
+        sess.run(None, feeds)
+        times.append((clock() - t0) / 1e6)
+    times.sort()
+    mean = statistics.fmean(times)
+    cv = statistics.pstdev(times) / mean if mean > 0 else 0.0
+    return Measurement(median_ms=statistics.median(times), p90_ms=_percentile(times, 0.9), mean_ms=mean,
+                       cv=cv, runs=runs, threads=threads, batch=batch)
+
+
+def measure_model(model: Any, example_input: Any, threads: int = 1, warmup: int = 10, runs: int = 50,
+                  batch: int | None = None) -> Measurement:
+    """Export ``model`` to a temporary ONNX file and time it (batch defaults to the example's)."""
+    from autocompress.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="autocompress-measure-") as tmp:
+        path = export_onnx(model, example_input, Path(tmp) / "model.onnx")
+        return measure_onnx(path, threads=threads, warmup=warmup, runs=runs,
+                            batch=batch or int(example_input.shape[0]))

@@ -1,0 +1,221 @@
+"""Latency, energy and memory of a CostTable on a target, without building the model.
+
+Kernels are formed as runtimes fuse them: a conv/linear absorbs the BN and
+activations that follow it and one residual add (whose other input is read as
+extra traffic), as long as each intermediate has no other consumer. A kernel
+takes ``max(compute, memory) + overhead`` (a roofline plus per-kernel cost);
+an op that is not fused pays its memory traffic plus an elementwise overhead.
+See docs/hwmodels.md for the equations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from autocompress.hwmodels.target import Target
+from autocompress.hwmodels.targets import get_target
+from autocompress.space.costs import FLOAT_BITS, CostTable
+
+FUSABLE = ("bn", "act")
+FREE_OPS = ("input", "dropout", "getitem", "output", "const")
+VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
+
+
+@dataclass(frozen=True)
+class LayerPrediction:
+    """One CostTable row. A fused row carries 0; its share is in its kernel's head row."""
+
+    name: str
+    op: str
+    latency_ms: float
+    energy_mj: float
+    fused_into: str = ""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Whole-model prediction for one call at ``batch``."""
+
+    target: str
+    batch: int
+    latency_ms: float
+    energy_mj: float
+    weight_bytes: int
+    peak_activation_bytes: int
+    layers: list[LayerPrediction] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.weight_bytes
+
+    def layer(self, name: str) -> LayerPrediction:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "batch": self.batch, "latency_ms": self.latency_ms,
+                "energy_mj": self.energy_mj, "weight_bytes": self.weight_bytes,
+                "peak_activation_bytes": self.peak_activation_bytes,
+                "layers": [{"name": l.name, "op": l.op, "latency_ms": l.latency_ms, "energy_mj": l.energy_mj,
+                            "fused_into": l.fused_into} for l in self.layers]}
+
+
+class _Consts:
+    """Per-target numbers in the units the row loop uses (microseconds, bytes, picojoules)."""
+
+    def __init__(self, t: Target) -> None:
+        self.inv_mac: dict[tuple[str, str], float] = {}
+        for dtype in ("fp32", "fp16", "int8"):
+            extra = t.int8_efficiency if dtype == "int8" else 1.0
+            for cls, eff in t.efficiency.items():
+                self.inv_mac[(dtype, cls)] = 1.0 / (t.peak_gmacs[dtype] * eff * extra * 1e3)
+        self.inv_dram = 1.0 / (t.dram_gbs * 1e3)
+        self.inv_cache = 1.0 / (t.cache_gbs * 1e3)
+        self.cache = t.cache_bytes
+        self.kov, self.eov, self.call = t.kernel_overhead_us, t.elementwise_overhead_us, t.call_overhead_us
+        self.block = max(1, t.channel_block)
+        e = t.energy_pj
+        self.e_mac = {"fp32": e["mac_fp32"], "fp16": e["mac_fp16"], "int8": e["mac_int8"]}
+        self.e_rf, self.e_buf, self.e_dram = e["rf_byte"], e["buffer_byte"], e["dram_byte"]
+        self.e_add = 0.9  # one fp32 add (Horowitz) per elementwise output
+
+
+_CONSTS: dict[int, tuple[Target, _Consts]] = {}
+
+
+def _consts(t: Target) -> _Consts:
+    hit = _CONSTS.get(id(t))
+    if hit is None or hit[0] is not t:
+        if len(_CONSTS) > 64:
+            _CONSTS.clear()
+        hit = (t, _Consts(t))
+        _CONSTS[id(t)] = hit
+    return hit[1]
+
+
+def kernel_class(op: str, in_ch: int, groups: int, kernel: tuple[int, int]) -> str:
+    if op == "linear":
+        return "linear"
+    if groups > 1:
+        return "depthwise" if groups == in_ch else "grouped"
+    return "pointwise" if kernel[0] * kernel[1] == 1 else "conv"
+
+
+def _padded(n: int, block: int) -> float:
+    return (-(-n // block) * block) / n if n > 0 else 1.0
+
+
+def predict(table: CostTable, target: str | Target, batch: int = 1) -> Prediction:
+    """Predict one call of the model described by ``table`` at ``batch`` on ``target``."""
+    t = get_target(target)
+    c = _consts(t)
+    rows = list(table)
+    by_name = {r.name: r for r in rows}
+    n_cons: dict[str, int] = {}
+    for r in rows:
+        for src in r.inputs:
+            n_cons[src] = n_cons.get(src, 0) + 1
+    bits = table.activation_bits()
+    # Runtimes keep an int8 kernel's output in int8 unless a float conv/linear reads it
+    # (quantised residual adds and pools run on int8 tensors too).
+    float_read = {s for r in rows if r.op in ("conv", "linear") and r.abits > 8 for s in r.inputs}
+    int8_out: set[str] = set()
+
+    def stored(name: str) -> float:
+        if name in int8_out and name not in float_read:
+            return 1.0
+        return bits.get(name, FLOAT_BITS) / 8
+
+    B = batch
+
+    # head -> [inv_mac, macs_eff, macs, dtype, w_bytes, act_bytes, out_bytes, has_add, rf_bits, fused members]
+    kernels: dict[str, list[Any]] = {}
+    chain: dict[str, str] = {}
+    elem: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        op = r.op
+        if op in ("conv", "linear"):
+            dtype = t.compute_dtype(r.wbits, r.abits)
+            cls = kernel_class(op, r.in_ch, r.groups, r.kernel)
+            oc = r.out_ch // r.groups if cls == "grouped" else r.out_ch
+            macs = r.macs
+            abits = min(r.abits, FLOAT_BITS)
+            in_bytes = r.in_numel * abits / 8
+            if dtype == "int8":
+                int8_out.add(r.name)
+            out_bytes = r.out_numel * stored(r.name)
+            kernels[r.name] = [c.inv_mac[(dtype, cls)], macs * _padded(oc, c.block), macs, dtype,
+                               r.weight_bytes, in_bytes, out_bytes, False, r.wbits + 3 * abits]
+            chain[r.name] = r.name
+            continue
+        if op in FREE_OPS:
+            continue
+        if op in FUSABLE and len(r.inputs) == 1:
+            src = r.inputs[0]
+            head = chain.get(src)
+            if head is not None and n_cons.get(src, 0) == 1:
+                chain[r.name] = head
+                if kernels[head][3] == "int8":
+                    int8_out.add(r.name)
+                kernels[head][6] = r.out_numel * stored(r.name)
+                continue
+        if op == "add" and len(r.inputs) == 2:
+            fusable = [s for s in r.inputs if s in chain and n_cons.get(s, 0) == 1 and not kernels[chain[s]][7]]
+            if fusable:
+                src = fusable[-1]
+                other = r.inputs[0] if r.inputs[1] == src else r.inputs[1]
+                head = chain[src]
+                k = kernels[head]
+                o = by_name.get(other)
+                k[5] += o.out_numel * stored(other) if o is not None else 0
+                if k[3] == "int8":
+                    int8_out.add(r.name)
+                k[6] = r.out_numel * stored(r.name)
+                k[7] = True
+                chain[r.name] = head
+                continue
+        # A standalone op: memory traffic plus dispatch.
+        if op == "reshape" and r.target in VIEW_TARGETS:
+            elem[r.name] = (c.eov, 0.0)
+            continue
+        if r.inputs and all(s in int8_out for s in r.inputs):
+            int8_out.add(r.name)  # pools, concats and reshapes of int8 tensors stay int8
+        nbytes = r.out_numel * stored(r.name)
+        for src in r.inputs:
+            o = by_name.get(src)
+            if o is not None:
+                nbytes += o.out_numel * stored(src)
+        nbytes *= B
+        inv = c.inv_cache if nbytes <= c.cache else c.inv_dram
+        dram = nbytes if nbytes > c.cache else 0.0
+        energy = r.out_numel * B * c.e_add + nbytes * c.e_buf + dram * c.e_dram
+        elem[r.name] = (nbytes * inv + c.eov, energy)
+
+    lat: dict[str, float] = {}
+    eng: dict[str, float] = {}
+    for head, (inv, macs_eff, macs, dtype, wb, ib, ob, _, rf_bits) in kernels.items():
+        act = (ib + ob) * B
+        nbytes = wb + act
+        fits = nbytes <= c.cache
+        mem_us = nbytes * (c.inv_cache if fits else c.inv_dram)
+        comp_us = macs_eff * B * inv
+        lat[head] = (comp_us if comp_us > mem_us else mem_us) + c.kov
+        dram = wb if fits else nbytes
+        eng[head] = macs * B * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + nbytes * c.e_buf + dram * c.e_dram
+    for name, (l, e) in elem.items():
+        lat[name], eng[name] = l, e
+
+    layers = []
+    total_us = c.call
+    total_pj = 0.0
+    for r in rows:
+        l_us, e_pj = lat.get(r.name, 0.0), eng.get(r.name, 0.0)
+        total_us += l_us
+        total_pj += e_pj
+        head = chain.get(r.name, "")
+        layers.append(LayerPrediction(r.name, r.op, l_us / 1e3, e_pj * 1e-9, head if head != r.name else ""))
+    return Prediction(t.name, B, total_us / 1e3, total_pj * 1e-9, int(sum(r.weight_bytes for r in rows)),
+                      table.peak_activation_bytes() * B, layers)

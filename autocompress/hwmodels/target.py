@@ -1,0 +1,141 @@
+"""A hardware target: documented numbers that the analytic model turns into latency and energy.
+
+A target is data (a frozen dataclass that round-trips through JSON), so a
+calibrated or user-supplied target is a JSON file, not code. Every number has
+a source in ``sources`` (a citation, or "fitted by autocompress calibrate").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from autocompress.errors import UserInputError
+
+FORMAT = "autocompress.target/1"
+
+# Kernel classes whose compute efficiency (fraction of peak) a target states.
+KERNEL_CLASSES = ("conv", "pointwise", "depthwise", "grouped", "linear")
+DTYPES = ("fp32", "fp16", "int8")
+
+# Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm: mult + add energies.
+# fp32 3.7 + 0.9 pJ, fp16 1.1 + 0.4 pJ, int8 0.2 + 0.03 pJ.
+# Memory levels in Eyeriss ratios (Chen et al., ISCA 2016, Fig. 1 / Table IV):
+# register file 1x, global buffer 6x, DRAM 200x, anchored at 0.5 pJ per RF byte
+# (about one 16-bit MAC per 16-bit RF access, the Eyeriss normalisation).
+HOROWITZ_ENERGY_PJ: Mapping[str, float] = MappingProxyType({
+    "mac_fp32": 4.6, "mac_fp16": 1.5, "mac_int8": 0.23,
+    "rf_byte": 0.5, "buffer_byte": 3.0, "dram_byte": 100.0,
+})
+
+
+def _frozen(m: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(m))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Per-target constants of the roofline-plus-overhead latency model.
+
+    ``peak_gmacs``: peak multiply-accumulates per second (10^9) per dtype, for
+    the cores/threads the target's latencies refer to. ``efficiency``: the
+    fraction of that peak the runtime reaches per kernel class. Memory traffic
+    moves at ``cache_gbs`` when a kernel's working set fits ``cache_bytes``,
+    else at ``dram_gbs``. Each kernel adds ``kernel_overhead_us``, each
+    unfused elementwise op ``elementwise_overhead_us``, each call
+    ``call_overhead_us``. Output channels are vectorised in blocks of
+    ``channel_block`` (a width that is not a multiple wastes lanes).
+    """
+
+    name: str
+    description: str
+    peak_gmacs: Mapping[str, float]
+    efficiency: Mapping[str, float]
+    dram_gbs: float
+    cache_gbs: float
+    cache_bytes: int
+    kernel_overhead_us: float
+    elementwise_overhead_us: float
+    call_overhead_us: float = 0.0
+    channel_block: int = 1
+    fast_int8: bool = False
+    fast_fp16: bool = False
+    threads: int = 1
+    int8_efficiency: float = 1.0  # extra factor on int8 kernels (quantise/requantise work)
+    energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
+    fit: Mapping[str, Any] = field(default_factory=dict)  # calibration statistics
+
+    def __post_init__(self) -> None:
+        for name in ("peak_gmacs", "efficiency", "energy_pj", "sources", "fit"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        missing = [d for d in DTYPES if d not in self.peak_gmacs]
+        if missing:
+            raise UserInputError(f"target {self.name!r}: peak_gmacs lacks {', '.join(missing)}; give all of {DTYPES}")
+        missing = [c for c in KERNEL_CLASSES if c not in self.efficiency]
+        if missing:
+            raise UserInputError(f"target {self.name!r}: efficiency lacks {', '.join(missing)}; give all of {KERNEL_CLASSES}")
+
+    def compute_dtype(self, wbits: int, abits: int) -> str:
+        """The dtype a conv/linear runs in: int8 only with fast int8, fp16 only with fast fp16."""
+        if wbits <= 8 and abits <= 8:
+            return "int8" if self.fast_int8 else "fp32"
+        if wbits <= 16 and abits <= 16:
+            return "fp16" if self.fast_fp16 else "fp32"
+        return "fp32"
+
+    def with_(self, **changes: Any) -> "Target":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for k, v in list(data.items()):
+            if isinstance(v, MappingProxyType):
+                data[k] = dict(v)
+        return {"format": FORMAT, **{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "target") -> "Target":
+        if not isinstance(data, dict):
+            raise UserInputError(f"{source}: expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise UserInputError(f"{source}: format {data.get('format')!r} is not {FORMAT!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise UserInputError(f"{source}: unknown fields {', '.join(unknown)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise UserInputError(f"{source}: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Target":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"cannot read target file {str(path)!r}: {exc}".splitlines()[0]) from None
+        return cls.from_json(data, source=f"target file {str(path)!r}")
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers ``autocompress targets`` shows."""
+        return {
+            "name": self.name, "description": self.description, "threads": self.threads,
+            "peak_gmacs": dict(self.peak_gmacs), "efficiency": dict(self.efficiency),
+            "dram_gbs": self.dram_gbs, "cache_gbs": self.cache_gbs, "cache_bytes": self.cache_bytes,
+            "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
+            "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
+            "calibrated": self.calibrated, "sources": dict(self.sources),
+        }

@@ -1,0 +1,159 @@
+"""The target registry: built-in targets (one table each, with sources) and calibrated files.
+
+A calibrated or user-made target lives in ``<cache>/targets/<name>.json``
+(``$AUTOCOMPRESS_CACHE`` if set, else ``~/.cache/autocompress``) and takes
+precedence over the built-in of the same name, so ``autocompress calibrate
+--target local`` changes what ``local`` predicts from then on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from autocompress.errors import UnknownNameError
+from autocompress.hwmodels.target import Target
+from autocompress.registry import Registry
+
+TARGETS: Registry[Target] = Registry("target")
+
+_A75 = "Arm Cortex-A75 Software Optimization Guide / Technical Reference Manual: 2x128-bit NEON FMA pipes (8 fp32 MAC/cycle)"
+_DOT = "Armv8.2-A dot product (SDOT): 16 int8 MACs per 128-bit instruction, 2 pipes (32 MAC/cycle)"
+_EFF_MOBILE = ("set so that the MobileNetV2 1.0 latency of the MobileNetV3 paper (Howard et al., ICCV 2019, "
+               "Table 3, Pixel 3, TFLite, one large core, float; approximately 56 ms) is reproduced; "
+               "depthwise at about a third of dense efficiency as in nn-Meter's kernel measurements")
+
+TARGETS.register("mobile", Target(
+    name="mobile",
+    description="one big core of a Pixel 3/4-class phone (Cortex-A75/A76, ~2.5 GHz), single thread, TFLite-class runtime",
+    peak_gmacs={"fp32": 20.0, "fp16": 40.0, "int8": 80.0},
+    efficiency={"conv": 0.4, "pointwise": 0.33, "depthwise": 0.12, "grouped": 0.22, "linear": 0.3},
+    dram_gbs=10.0, cache_gbs=40.0, cache_bytes=1 << 20,
+    kernel_overhead_us=10.0, elementwise_overhead_us=5.0, call_overhead_us=50.0,
+    channel_block=4, fast_int8=True, fast_fp16=True, threads=1, int8_efficiency=0.7,
+    sources={
+        "peak_gmacs.fp32": f"2.5 GHz x 8 MAC/cycle; {_A75}; Pixel 3 big-core clock 2.5 GHz (Snapdragon 845 spec)",
+        "peak_gmacs.fp16": "Armv8.2-A half-precision arithmetic: 16 fp16 MAC/cycle x 2.5 GHz",
+        "peak_gmacs.int8": f"2.5 GHz x 32 MAC/cycle; {_DOT}",
+        "efficiency": _EFF_MOBILE,
+        "dram_gbs": "LPDDR4X 4x16-bit at 1866 MHz is ~30 GB/s peak; one core sustains about a third (STREAM-class single-core figure, approximate)",
+        "cache_bytes": "Cortex-A75 256-512 KiB private L2 + 2 MiB shared L3 (Snapdragon 845); 1 MiB effective per core, approximate",
+        "kernel_overhead_us": "TFLite per-op dispatch on a phone core, ~5-20 us (TFLite benchmark_model op profiles), approximate",
+        "int8_efficiency": "TFLite/XNNPACK int8 reaches ~2-3x fp32 speed on dot-product cores (MobileNetV3 paper Table 4 shows quantised models faster on Pixel phones), approximate",
+    },
+))
+
+TARGETS.register("rpi4", Target(
+    name="rpi4",
+    description="Raspberry Pi 4 Model B (4x Cortex-A72 at 1.5 GHz, all four cores), no int8 dot product, ~5.5 GB/s DRAM",
+    peak_gmacs={"fp32": 48.0, "fp16": 48.0, "int8": 48.0},
+    efficiency={"conv": 0.18, "pointwise": 0.12, "depthwise": 0.04, "grouped": 0.07, "linear": 0.1},
+    dram_gbs=5.5, cache_gbs=16.0, cache_bytes=1 << 20,
+    kernel_overhead_us=40.0, elementwise_overhead_us=20.0, call_overhead_us=100.0,
+    channel_block=4, fast_int8=False, fast_fp16=False, threads=4,
+    sources={
+        "peak_gmacs.fp32": "4 cores x 1.5 GHz x 8 fp32 MAC/cycle (Cortex-A72: two 128-bit FP/NEON pipes with FMA; Arm Cortex-A72 Software Optimization Guide)",
+        "peak_gmacs.int8": "Armv8.0-A has no SDOT: int8 goes through widening multiplies (SMLAL) plus requantisation, no faster than fp32 in practice (ncnn benchmark README, Raspberry Pi 4: mobilenet_int8 168 ms vs mobilenet 86 ms)",
+        "peak_gmacs.fp16": "Armv8.0-A has no fp16 arithmetic: fp16 runs as fp32",
+        "efficiency": "set from the ncnn benchmark README (Tencent/ncnn benchmark/README.md, 'Raspberry Pi 4 Model B Broadcom BCM2711B0, Cortex-A72 1.5GHz x 4', benchncnn 8 4 0): mobilenet_v2 75.8 ms, resnet18 233.9 ms, googlenet 176.2 ms, shufflenet_v2 33.4 ms",
+        "dram_gbs": "LPDDR4-3200 32-bit bus (12.8 GB/s peak); measured copy bandwidth ~5-6 GB/s (commonly reported STREAM/sysbench results), approximate",
+        "cache_bytes": "1 MiB shared L2 (BCM2711 datasheet)",
+        "kernel_overhead_us": "per-layer thread-pool fork/join on 4 A72 cores, tens of microseconds, approximate",
+    },
+))
+
+TARGETS.register("x86-server", Target(
+    name="x86-server",
+    description="one server core with AVX-512 and VNNI (Xeon Cascade Lake/Ice Lake class, ~2.5 GHz AVX-512 clock), single thread",
+    peak_gmacs={"fp32": 80.0, "fp16": 80.0, "int8": 320.0},
+    efficiency={"conv": 0.36, "pointwise": 0.4, "depthwise": 0.08, "grouped": 0.18, "linear": 0.3},
+    dram_gbs=12.0, cache_gbs=80.0, cache_bytes=int(1.25 * (1 << 20)),
+    kernel_overhead_us=3.0, elementwise_overhead_us=2.0, call_overhead_us=20.0,
+    channel_block=16, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.6,
+    sources={
+        "peak_gmacs.fp32": "2 AVX-512 FMA ports x 16 fp32 lanes = 32 MAC/cycle x 2.5 GHz (Intel 64 and IA-32 Optimization Reference Manual)",
+        "peak_gmacs.int8": "AVX-512 VNNI VPDPBUSD: 64 int8 MACs per instruction, 2 ports = 128 MAC/cycle x 2.5 GHz",
+        "peak_gmacs.fp16": "no fp16 arithmetic before Sapphire Rapids: fp16 runs as fp32",
+        "efficiency": "set from single-thread x86 measurements of the ncnn benchmark README (AMD Ryzen Threadripper 3970X, benchncnn 10 1 0: mobilenet_v2 14.8 ms, resnet18 61.4 ms, googlenet 58.5 ms, resnet50 128.2 ms; a Zen 2 core at ~4.3 GHz has 69 GMAC/s fp32 peak, close to this target's 80)",
+        "dram_gbs": "single-core sustained DRAM bandwidth of a Xeon server core is ~10-15 GB/s (Intel MLC / STREAM single-thread), approximate",
+        "cache_bytes": "1.25 MiB private L2 per core (Ice Lake-SP)",
+        "int8_efficiency": "oneDNN/ORT int8 reaches ~2-3x fp32 with VNNI once quantise/dequantise work is counted (Intel VNNI white papers), approximate",
+    },
+))
+
+TARGETS.register("gpu", Target(
+    name="gpu",
+    description="an H100 SXM-class GPU (TensorRT-class runtime; fp32 as TF32); pass batch= for throughput",
+    peak_gmacs={"fp32": 247_000.0, "fp16": 494_700.0, "int8": 989_500.0},
+    efficiency={"conv": 0.45, "pointwise": 0.45, "depthwise": 0.03, "grouped": 0.1, "linear": 0.4},
+    dram_gbs=3350.0, cache_gbs=10_000.0, cache_bytes=50 << 20,
+    kernel_overhead_us=3.0, elementwise_overhead_us=2.5, call_overhead_us=10.0,
+    channel_block=32, fast_int8=True, fast_fp16=True, threads=1,
+    sources={
+        "peak_gmacs": "NVIDIA H100 Tensor Core GPU datasheet, SXM, dense: TF32 494.7 TFLOPS, FP16 989.4 TFLOPS, INT8 1978.9 TOPS (MAC = 2 ops)",
+        "dram_gbs": "H100 SXM HBM3 3.35 TB/s (datasheet); H200 4.8 TB/s",
+        "cache_bytes": "50 MB L2 (NVIDIA Hopper architecture whitepaper)",
+        "efficiency": "set so that ResNet-50 int8 at a large batch gives the per-GPU MLPerf Inference v3.x datacenter Offline throughput of an H100-SXM (about 80-90k samples/s per GPU, TensorRT; approximate)",
+        "kernel_overhead_us": "CUDA kernel launch plus ramp/tail, ~2-5 us per kernel (CUDA C Best Practices Guide; graph launches lower), approximate",
+    },
+))
+
+TARGETS.register("local", Target(
+    name="local",
+    description="this machine through ONNX Runtime (CPU execution provider); uncalibrated defaults until `autocompress calibrate --target local`",
+    peak_gmacs={"fp32": 48.0, "fp16": 48.0, "int8": 192.0},
+    efficiency={"conv": 0.5, "pointwise": 0.55, "depthwise": 0.15, "grouped": 0.25, "linear": 0.3},
+    dram_gbs=15.0, cache_gbs=60.0, cache_bytes=1 << 20,
+    kernel_overhead_us=3.0, elementwise_overhead_us=2.0, call_overhead_us=20.0,
+    channel_block=8, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.5,
+    calibrated=False,
+    sources={"all": "generic defaults for a ~3 GHz AVX-512 core; run `autocompress calibrate --target local` to fit them"},
+))
+
+
+def cache_dir() -> Path:
+    """``$AUTOCOMPRESS_CACHE`` if set, else ``~/.cache/autocompress``."""
+    env = os.environ.get("AUTOCOMPRESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "autocompress"
+
+
+def target_dir() -> Path:
+    return cache_dir() / "targets"
+
+
+def target_path(name: str) -> Path:
+    return target_dir() / f"{name}.json"
+
+
+_LOADED: dict[Path, tuple[float, Target]] = {}
+
+
+def _load_file(path: Path) -> Target:
+    mtime = path.stat().st_mtime
+    hit = _LOADED.get(path)
+    if hit is None or hit[0] != mtime:
+        hit = (mtime, Target.load(path))
+        _LOADED[path] = hit
+    return hit[1]
+
+
+def user_target_names() -> list[str]:
+    d = target_dir()
+    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+
+
+def target_names() -> list[str]:
+    """Built-in names first, then calibrated or user-made ones."""
+    return TARGETS.names() + [n for n in user_target_names() if n not in TARGETS]
+
+
+def get_target(name: str | Target) -> Target:
+    """The target ``name``: its calibrated file if there is one, else the built-in."""
+    if isinstance(name, Target):
+        return name
+    path = target_path(name)
+    if path.is_file():
+        return _load_file(path)
+    if name in TARGETS:
+        return TARGETS.get(name)
+    raise UnknownNameError(f"unknown target {name!r}; valid: {', '.join(sorted(target_names()))}")
