@@ -29,10 +29,13 @@ class Measurement:
     runs: int
     threads: int
     batch: int = 1
+    min_ms: float = 0.0
+    cpu_median_ms: float = 0.0  # median CPU time of the process per run: robust to other processes on the cores
 
     def to_json(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "mean_ms": self.mean_ms, "cv": self.cv,
-                "runs": self.runs, "threads": self.threads, "batch": self.batch}
+                "runs": self.runs, "threads": self.threads, "batch": self.batch, "min_ms": self.min_ms,
+                "cpu_median_ms": self.cpu_median_ms}
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -86,17 +89,21 @@ def measure_onnx(path: str | os.PathLike, threads: int = 1, warmup: int = 10, ru
     feeds = _feeds(sess, batch)
     for _ in range(warmup):
         sess.run(None, feeds)
-    times = []
-    clock = time.perf_counter_ns
+    times, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.process_time_ns
     for _ in range(runs):
+        c0 = cpu_clock()
         t0 = clock()
         sess.run(None, feeds)
-        times.append((clock() - t0) / 1e6)
+        t1 = clock()
+        cpu.append((cpu_clock() - c0) / 1e6)
+        times.append((t1 - t0) / 1e6)
     times.sort()
     mean = statistics.fmean(times)
     cv = statistics.pstdev(times) / mean if mean > 0 else 0.0
     return Measurement(median_ms=statistics.median(times), p90_ms=_percentile(times, 0.9), mean_ms=mean,
-                       cv=cv, runs=runs, threads=threads, batch=batch)
+                       cv=cv, runs=runs, threads=threads, batch=batch, min_ms=times[0],
+                       cpu_median_ms=statistics.median(cpu))
 
 
 def measure_model(model: Any, example_input: Any, threads: int = 1, warmup: int = 10, runs: int = 50,

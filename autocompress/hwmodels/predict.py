@@ -72,9 +72,10 @@ class _Consts:
             extra = t.int8_efficiency if dtype == "int8" else 1.0
             for cls, eff in t.efficiency.items():
                 self.inv_mac[(dtype, cls)] = 1.0 / (t.peak_gmacs[dtype] * eff * extra * 1e3)
-        self.inv_dram = 1.0 / (t.dram_gbs * 1e3)
-        self.inv_cache = 1.0 / (t.cache_gbs * 1e3)
-        self.cache = t.cache_bytes
+        inv_dram = 1.0 / (t.dram_gbs * 1e3)
+        inv_llc = 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_dram
+        self.inv_mem = (1.0 / (t.cache_gbs * 1e3), inv_llc, inv_dram)
+        self.k0, self.s0 = t.gemm_k0, t.gemm_s0
         self.kov, self.eov, self.call = t.kernel_overhead_us, t.elementwise_overhead_us, t.call_overhead_us
         self.block = max(1, t.channel_block)
         e = t.energy_pj
@@ -108,10 +109,29 @@ def _padded(n: int, block: int) -> float:
     return (-(-n // block) * block) / n if n > 0 else 1.0
 
 
-def predict(table: CostTable, target: str | Target, batch: int = 1) -> Prediction:
-    """Predict one call of the model described by ``table`` at ``batch`` on ``target``."""
-    t = get_target(target)
-    c = _consts(t)
+@dataclass
+class Structure:
+    """The kernels a runtime would run for a table: target-independent except for dtypes and blocking.
+
+    ``kernels``: (head, class, dtype, padded MACs, MACs, bytes moved, memory level, RF bits per MAC,
+    weight bytes, reduction length K, output positions S). ``elems``: (name, bytes moved, memory level,
+    output elements, is a view). Bytes, MACs and S include the batch; memory level 0 is the cache,
+    1 the last-level cache, 2 DRAM.
+    """
+
+    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int]]
+    elems: list[tuple[str, float, int, int, bool]]
+    chain: dict[str, str]
+
+
+def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
+    """Fuse the table's rows into kernels and standalone ops, as the runtime would."""
+    block = max(1, t.channel_block)
+    l1, l2 = t.cache_bytes, max(t.llc_bytes, t.cache_bytes)
+
+    def level(nbytes: float) -> int:
+        return 0 if nbytes <= l1 else (1 if nbytes <= l2 else 2)
+
     rows = list(table)
     by_name = {r.name: r for r in rows}
     n_cons: dict[str, int] = {}
@@ -129,26 +149,28 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
             return 1.0
         return bits.get(name, FLOAT_BITS) / 8
 
-    B = batch
-
-    # head -> [inv_mac, macs_eff, macs, dtype, w_bytes, act_bytes, out_bytes, has_add, rf_bits, fused members]
+    # head -> [class, dtype, padded macs, macs, w_bytes, in_bytes, out_bytes, has_add, rf_bits, K, S]
     kernels: dict[str, list[Any]] = {}
     chain: dict[str, str] = {}
-    elem: dict[str, tuple[float, float]] = {}
+    elems: list[tuple[str, float, int, int, bool]] = []
     for r in rows:
         op = r.op
         if op in ("conv", "linear"):
             dtype = t.compute_dtype(r.wbits, r.abits)
             cls = kernel_class(op, r.in_ch, r.groups, r.kernel)
-            oc = r.out_ch // r.groups if cls == "grouped" else r.out_ch
-            macs = r.macs
+            kk = r.kernel[0] * r.kernel[1]
+            if cls == "depthwise":
+                pad, k_len = _padded(r.out_ch, block), kk
+            else:
+                icg, ocg = r.in_ch // r.groups, r.out_ch // r.groups
+                # Inputs with fewer channels than a block (an RGB stem) are read unblocked.
+                pad = _padded(ocg, block) * (_padded(icg, block) if icg >= block else 1.0)
+                k_len = icg * kk
             abits = min(r.abits, FLOAT_BITS)
-            in_bytes = r.in_numel * abits / 8
             if dtype == "int8":
                 int8_out.add(r.name)
-            out_bytes = r.out_numel * stored(r.name)
-            kernels[r.name] = [c.inv_mac[(dtype, cls)], macs * _padded(oc, c.block), macs, dtype,
-                               r.weight_bytes, in_bytes, out_bytes, False, r.wbits + 3 * abits]
+            kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, r.weight_bytes, r.in_numel * abits / 8,
+                               r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial]
             chain[r.name] = r.name
             continue
         if op in FREE_OPS:
@@ -158,7 +180,7 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
             head = chain.get(src)
             if head is not None and n_cons.get(src, 0) == 1:
                 chain[r.name] = head
-                if kernels[head][3] == "int8":
+                if kernels[head][1] == "int8":
                     int8_out.add(r.name)
                 kernels[head][6] = r.out_numel * stored(r.name)
                 continue
@@ -171,7 +193,7 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
                 k = kernels[head]
                 o = by_name.get(other)
                 k[5] += o.out_numel * stored(other) if o is not None else 0
-                if k[3] == "int8":
+                if k[1] == "int8":
                     int8_out.add(r.name)
                 k[6] = r.out_numel * stored(r.name)
                 k[7] = True
@@ -179,7 +201,7 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
                 continue
         # A standalone op: memory traffic plus dispatch.
         if op == "reshape" and r.target in VIEW_TARGETS:
-            elem[r.name] = (c.eov, 0.0)
+            elems.append((r.name, 0.0, 0, 0, True))
             continue
         if r.inputs and all(s in int8_out for s in r.inputs):
             int8_out.add(r.name)  # pools, concats and reshapes of int8 tensors stay int8
@@ -188,34 +210,46 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
             o = by_name.get(src)
             if o is not None:
                 nbytes += o.out_numel * stored(src)
-        nbytes *= B
-        inv = c.inv_cache if nbytes <= c.cache else c.inv_dram
-        dram = nbytes if nbytes > c.cache else 0.0
-        energy = r.out_numel * B * c.e_add + nbytes * c.e_buf + dram * c.e_dram
-        elem[r.name] = (nbytes * inv + c.eov, energy)
+        nbytes *= batch
+        elems.append((r.name, nbytes, level(nbytes), r.out_numel * batch, False))
+    out = []
+    for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial) in kernels.items():
+        nbytes = wb + (ib + ob) * batch
+        # A matrix-vector product streams its weights once, which hardware prefetch serves at cache speed.
+        lvl = 0 if cls == "linear" and batch == 1 else level(nbytes)
+        out.append((head, cls, dtype, macs_eff * batch, macs * batch, nbytes, lvl, rf_bits, wb,
+                    k_len, spatial * batch))
+    return Structure(out, elems, chain)
 
+
+def predict(table: CostTable, target: str | Target, batch: int = 1) -> Prediction:
+    """Predict one call of the model described by ``table`` at ``batch`` on ``target``."""
+    t = get_target(target)
+    c = _consts(t)
+    st = structure(table, t, batch)
     lat: dict[str, float] = {}
     eng: dict[str, float] = {}
-    for head, (inv, macs_eff, macs, dtype, wb, ib, ob, _, rf_bits) in kernels.items():
-        act = (ib + ob) * B
-        nbytes = wb + act
-        fits = nbytes <= c.cache
-        mem_us = nbytes * (c.inv_cache if fits else c.inv_dram)
-        comp_us = macs_eff * B * inv
+    inv_mem, k0, s0 = c.inv_mem, c.k0, c.s0
+    for head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial in st.kernels:
+        mem_us = nbytes * inv_mem[lvl]
+        slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
+        comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)]
         lat[head] = (comp_us if comp_us > mem_us else mem_us) + c.kov
-        dram = wb if fits else nbytes
-        eng[head] = macs * B * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + nbytes * c.e_buf + dram * c.e_dram
-    for name, (l, e) in elem.items():
-        lat[name], eng[name] = l, e
+        dram = nbytes if lvl == 2 else wb  # weights come from DRAM each call; activations when they spill
+        eng[head] = macs * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + nbytes * c.e_buf + dram * c.e_dram
+    for name, nbytes, lvl, n_out, is_view in st.elems:
+        lat[name] = nbytes * inv_mem[lvl] + c.eov
+        eng[name] = n_out * c.e_add + nbytes * c.e_buf + (nbytes * c.e_dram if lvl == 2 else 0.0)
 
     layers = []
     total_us = c.call
     total_pj = 0.0
-    for r in rows:
+    chain = st.chain
+    for r in table:
         l_us, e_pj = lat.get(r.name, 0.0), eng.get(r.name, 0.0)
         total_us += l_us
         total_pj += e_pj
         head = chain.get(r.name, "")
         layers.append(LayerPrediction(r.name, r.op, l_us / 1e3, e_pj * 1e-9, head if head != r.name else ""))
-    return Prediction(t.name, B, total_us / 1e3, total_pj * 1e-9, int(sum(r.weight_bytes for r in rows)),
-                      table.peak_activation_bytes() * B, layers)
+    return Prediction(t.name, batch, total_us / 1e3, total_pj * 1e-9, int(sum(r.weight_bytes for r in table)),
+                      table.peak_activation_bytes() * batch, layers)

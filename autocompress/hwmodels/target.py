@@ -8,7 +8,7 @@ a source in ``sources`` (a citation, or "fitted by autocompress calibrate").
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -46,8 +46,9 @@ class Target:
     moves at ``cache_gbs`` when a kernel's working set fits ``cache_bytes``,
     else at ``dram_gbs``. Each kernel adds ``kernel_overhead_us``, each
     unfused elementwise op ``elementwise_overhead_us``, each call
-    ``call_overhead_us``. Output channels are vectorised in blocks of
-    ``channel_block`` (a width that is not a multiple wastes lanes).
+    ``call_overhead_us``. Channels are vectorised in blocks of
+    ``channel_block`` (a width that is not a multiple wastes lanes); short
+    reductions and few output positions lower the rate (``gemm_k0``, ``gemm_s0``).
     """
 
     name: str
@@ -65,6 +66,10 @@ class Target:
     fast_fp16: bool = False
     threads: int = 1
     int8_efficiency: float = 1.0  # extra factor on int8 kernels (quantise/requantise work)
+    llc_bytes: int = 0  # a last-level cache between ``cache_bytes`` and DRAM (0: none)
+    llc_gbs: float = 0.0
+    gemm_k0: float = 0.0  # a short reduction (cin/groups * kh * kw = K) runs at K / (K + gemm_k0) of the rate
+    gemm_s0: float = 0.0  # few output positions (S) run at S / (S + gemm_s0) of the rate
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
@@ -92,11 +97,11 @@ class Target:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for k, v in list(data.items()):
-            if isinstance(v, MappingProxyType):
-                data[k] = dict(v)
-        return {"format": FORMAT, **{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}}
+        data: dict[str, Any] = {"format": FORMAT}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            data[f.name] = dict(v) if isinstance(v, Mapping) else v
+        return data
 
     @classmethod
     def from_json(cls, data: Any, source: str = "target") -> "Target":
@@ -135,6 +140,7 @@ class Target:
             "name": self.name, "description": self.description, "threads": self.threads,
             "peak_gmacs": dict(self.peak_gmacs), "efficiency": dict(self.efficiency),
             "dram_gbs": self.dram_gbs, "cache_gbs": self.cache_gbs, "cache_bytes": self.cache_bytes,
+            "llc_gbs": self.llc_gbs, "llc_bytes": self.llc_bytes, "gemm_k0": self.gemm_k0, "gemm_s0": self.gemm_s0,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),

@@ -1,0 +1,330 @@
+"""Fit a target's per-kernel-class coefficients to measured latencies.
+
+``calibrate_local`` measures a designed set of layer configurations and small
+networks in ONNX Runtime on this machine; ``calibrate_from_csv`` reads
+latencies measured elsewhere (on the device). Both fit, by least squares on
+the log of predicted / measured latency: the efficiency of each kernel class,
+DRAM and cache bandwidth, and the kernel, elementwise and per-call overheads.
+The peaks, cache size and energies stay as the base target states them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from autocompress.errors import UserInputError
+from autocompress.hwmodels.predict import predict, structure
+from autocompress.hwmodels.target import DTYPES, KERNEL_CLASSES, Target
+from autocompress.hwmodels.targets import get_target, target_path
+from autocompress.space.costs import CostTable, LayerCost
+
+
+@dataclass
+class Sample:
+    """One measured configuration: its cost table and measured latency (ms) at ``batch``."""
+
+    name: str
+    table: CostTable
+    measured_ms: float
+    batch: int = 1
+
+
+# ---- fitting -------------------------------------------------------------------------------
+
+_GLOBAL = ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "call_overhead_us",
+           "gemm_k0", "gemm_s0")
+
+
+class _Problem:
+    """Samples flattened into per-kernel arrays, so one evaluation is a few numpy ops per sample."""
+
+    def __init__(self, base: Target, samples: Sequence[Sample]) -> None:
+        import numpy as np
+
+        self.base = base
+        self.meas = np.array([s.measured_ms * 1e3 for s in samples])
+        self.rows = []
+        used_cls: set[str] = set()
+        used_int8 = False
+        for s in samples:
+            st = structure(s.table, base, s.batch)
+            cls = np.array([KERNEL_CLASSES.index(k[1]) for k in st.kernels], dtype=int)
+            dt = np.array([DTYPES.index(k[2]) for k in st.kernels], dtype=int)
+            used_cls.update(k[1] for k in st.kernels)
+            used_int8 |= any(k[2] == "int8" for k in st.kernels)
+            self.rows.append((cls, dt, np.array([k[3] for k in st.kernels], dtype=float),
+                              np.array([k[5] for k in st.kernels], dtype=float),
+                              np.array([k[6] for k in st.kernels], dtype=int),
+                              np.array([e[1] for e in st.elems], dtype=float),
+                              np.array([e[2] for e in st.elems], dtype=int), len(st.elems),
+                              np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in st.kernels],
+                                       dtype=float),
+                              np.array([k[10] if k[1] != "linear" else 1e12 for k in st.kernels], dtype=float)))
+        self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
+        llc = ["llc_gbs"] if base.llc_bytes else []
+        self.names = ([f"efficiency.{c}" for c in self.classes] + (["int8_efficiency"] if used_int8 else [])
+                      + list(_GLOBAL) + llc)
+        self.peak = np.array([base.peak_gmacs[d] for d in DTYPES])
+
+    def x0(self) -> list[float]:
+        return [math.log(self._value(self.base, n)) for n in self.names]
+
+    @staticmethod
+    def _value(t: Target, name: str) -> float:
+        if name.startswith("efficiency."):
+            return t.efficiency[name.split(".", 1)[1]]
+        return max(float(getattr(t, name)), 1e-3)
+
+    def target(self, x: Sequence[float], **extra: Any) -> Target:
+        vals = dict(zip(self.names, (math.exp(v) for v in x)))
+        eff = dict(self.base.efficiency)
+        for c in self.classes:
+            eff[c] = vals.pop(f"efficiency.{c}")
+        return self.base.with_(efficiency=eff, **vals, **extra)
+
+    def predicted_us(self, x: Sequence[float]) -> Any:
+        import numpy as np
+
+        t = self.target(x)
+        eff = np.array([t.efficiency[c] for c in KERNEL_CLASSES])
+        i8 = np.array([1.0, 1.0, t.int8_efficiency])
+        inv_d = 1.0 / (t.dram_gbs * 1e3)
+        inv = np.array([1.0 / (t.cache_gbs * 1e3), 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_d, inv_d])
+        out = np.empty(len(self.rows))
+        for i, (cls, dt, macs, nbytes, lvl, ebytes, elvl, n_el, k_len, spatial) in enumerate(self.rows):
+            slow = (1.0 + t.gemm_k0 / k_len) * (1.0 + t.gemm_s0 / spatial)
+            comp = macs * slow / (self.peak[dt] * eff[cls] * i8[dt] * 1e3)
+            mem = nbytes * inv[lvl]
+            emem = ebytes * inv[elvl]
+            out[i] = (np.maximum(comp, mem).sum() + len(cls) * t.kernel_overhead_us + emem.sum()
+                      + n_el * t.elementwise_overhead_us + t.call_overhead_us)
+        return out
+
+    def residuals(self, x: Sequence[float]) -> Any:
+        import numpy as np
+
+        return np.log(self.predicted_us(x) / self.meas)
+
+
+def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> dict[str, float]:
+    """nn-Meter's accuracy measures: share within ±10 % and ±5 %, RMSPE, plus the median |error|."""
+    errs = [(p - m) / m for p, m in zip(predicted_ms, measured_ms)]
+    if not errs:
+        return {"samples": 0}
+    abs_errs = sorted(abs(e) for e in errs)
+    n = len(errs)
+    return {"samples": n, "within_10": sum(e <= 0.10 for e in abs_errs) / n,
+            "within_5": sum(e <= 0.05 for e in abs_errs) / n,
+            "rmspe": math.sqrt(sum(e * e for e in errs) / n), "median_abs_err": abs_errs[n // 2],
+            "max_abs_err": abs_errs[-1]}
+
+
+def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
+               sources_note: str = "fitted by autocompress calibrate") -> Target:
+    """Least-squares fit of ``base``'s efficiencies, bandwidths and overheads to ``samples``."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    if len(samples) < 4:
+        raise UserInputError(f"calibration needs at least 4 measured configurations, got {len(samples)}")
+    prob = _Problem(base, samples)
+    x0 = np.array(prob.x0())
+    # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
+    lo = np.full(len(x0), math.log(1e-3))
+    hi = np.array([math.log(3.0) if n.startswith("efficiency") or n == "int8_efficiency" else math.log(1e6)
+                   for n in prob.names])
+    x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
+    res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
+    pred_ms = prob.predicted_us(res.x) / 1e3
+    stats = error_stats(list(pred_ms), [s.measured_ms for s in samples])
+    fitted_names = ", ".join(prob.names)
+    sources = dict(base.sources)
+    sources["fitted"] = f"{sources_note}: {fitted_names} from {len(samples)} measurements"
+    return prob.target(res.x, name=name or base.name, calibrated=True, sources=sources,
+                       fit={k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()})
+
+
+# ---- the designed measurement set ----------------------------------------------------------
+
+def _suite(quick: bool) -> list[tuple[str, Callable[[], Any], tuple[int, ...]]]:
+    """(name, module factory, input shape): convs, depthwise, linear, elementwise and small networks."""
+    from torch import nn
+
+    def cbr(cin: int, cout: int, k: int, s: int = 1, g: int = 1) -> Callable[[], nn.Module]:
+        return lambda: nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False),
+                                     nn.BatchNorm2d(cout), nn.ReLU())
+
+    out: list[tuple[str, Callable[[], Any], tuple[int, ...]]] = []
+    grid = [(112, 16), (112, 32), (56, 24), (56, 64), (28, 96), (28, 128), (14, 160), (14, 256), (7, 320), (7, 512)]
+    if quick:
+        grid = grid[1::3]
+    for hw, ch in grid:
+        out.append((f"conv3x3 {ch}@{hw}", cbr(ch, ch, 3), (1, ch, hw, hw)))
+        out.append((f"conv1x1 {ch}->{2 * ch}@{hw}", cbr(ch, 2 * ch, 1), (1, ch, hw, hw)))
+        out.append((f"dw3x3 {4 * ch}@{hw}", cbr(4 * ch, 4 * ch, 3, g=4 * ch), (1, 4 * ch, hw, hw)))
+        if not quick:
+            out.append((f"conv3x3s2 {ch}->{2 * ch}@{hw}", cbr(ch, 2 * ch, 3, 2), (1, ch, hw, hw)))
+            out.append((f"conv1x1 {2 * ch}->{ch}@{hw}", cbr(2 * ch, ch, 1), (1, 2 * ch, hw, hw)))
+            out.append((f"dw3x3s2 {4 * ch}@{hw}", cbr(4 * ch, 4 * ch, 3, 2, g=4 * ch), (1, 4 * ch, hw, hw)))
+            out.append((f"conv5x5 {ch // 2}->{ch}@{hw}", cbr(ch // 2, ch, 5), (1, ch // 2, hw, hw)))
+    out += [("stem7x7s2 3->64@224", cbr(3, 64, 7, 2), (1, 3, 224, 224)),
+            ("stem3x3s2 3->32@224", cbr(3, 32, 3, 2), (1, 3, 224, 224)),
+            ("grouped3x3 g4 128@28", cbr(128, 128, 3, g=4), (1, 128, 28, 28))]
+    for cin, cout in ([(512, 1000), (1280, 1000), (256, 128)] if not quick else [(512, 1000)]):
+        out.append((f"linear {cin}->{cout}", lambda cin=cin, cout=cout: nn.Sequential(nn.Linear(cin, cout)), (1, cin)))
+    out += [("maxpool3x3s2 64@112", lambda: nn.MaxPool2d(3, 2, 1), (1, 64, 112, 112)),
+            ("avgpool global 512@7", lambda: nn.AdaptiveAvgPool2d(1), (1, 512, 7, 7))]
+    nets = [("digits-net", "builtin:digits-net", None), ("resnet18@112", "torchvision:resnet18", (1, 3, 112, 112)),
+            ("mobilenet_v2 x0.5@160", "tv-mnv2-0.5", (1, 3, 160, 160)),
+            ("squeezenet1_1@112", "torchvision:squeezenet1_1", (1, 3, 112, 112)),
+            ("shufflenet_v2_x0_5", "torchvision:shufflenet_v2_x0_5", None)]
+    for name, spec, shape in (nets[:2] if quick else nets):
+        out.append((name, _net_factory(spec), shape or _default_shape(spec)))
+    return out
+
+
+def _default_shape(spec: str) -> tuple[int, ...]:
+    return (1, 1, 32, 32) if spec == "builtin:digits-net" else (1, 3, 224, 224)
+
+
+def _net_factory(spec: str) -> Callable[[], Any]:
+    def make() -> Any:
+        if spec == "tv-mnv2-0.5":
+            import torchvision
+
+            return torchvision.models.mobilenet_v2(weights=None, width_mult=0.5)
+        from autocompress.models import load_model
+
+        return load_model(spec).model
+    return make
+
+
+def robust_ms(m: Any) -> float:
+    """Single-thread runs: the median CPU time per run, which other processes on the core do not inflate.
+
+    With one intra-op thread ORT computes in the calling thread, so CPU time equals
+    wall time on an idle core; on a shared machine the wall-clock median also
+    counts time the process spent preempted.
+    """
+    return m.cpu_median_ms if m.threads == 1 and m.cpu_median_ms > 0 else m.median_ms
+
+
+def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
+                    warmup: int = 5, runs: int = 20) -> list[Sample]:
+    """Export, time and trace each configuration."""
+    import torch
+
+    from autocompress.hwmodels.measure import measure_model
+    from autocompress.space.graph import trace
+
+    samples = []
+    for name, make, shape in configs:
+        model = make().eval()
+        x = torch.randn(*shape)
+        m = measure_model(model, x, threads=threads, warmup=warmup, runs=runs)
+        table = CostTable.from_graph(trace(model, shape))
+        samples.append(Sample(name, table, robust_ms(m)))
+    return samples
+
+
+def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path]:
+    """Measure the designed set on this machine, fit ``local`` and save it in the cache dir."""
+    if threads < 1:
+        raise UserInputError(f"--threads must be >= 1, got {threads}")
+    from autocompress.hwmodels.targets import TARGETS
+
+    base = TARGETS.get("local").with_(threads=threads)
+    samples = measure_samples(_suite(quick), threads=threads, warmup=3 if quick else 5, runs=10 if quick else 20)
+    fitted = fit_target(base, samples, "local",
+                        sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))")
+    fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated")
+    return fitted, fitted.save(target_path("local"))
+
+
+# ---- measured numbers from a CSV -------------------------------------------------------------
+
+CSV_COLUMNS = ("op", "in_ch", "out_ch", "kernel", "stride", "groups", "hw", "latency_ms")
+
+
+def _layer_table(row: dict[str, str], where: str) -> tuple[CostTable, int]:
+    """A one-kernel cost table for a CSV row: conv(+BN+ReLU), dwconv, linear, add or pool."""
+    def num(key: str, default: int | None = None) -> int:
+        v = (row.get(key) or "").strip()
+        if not v:
+            if default is None:
+                raise UserInputError(f"{where}: column {key!r} is empty")
+            return default
+        try:
+            return int(float(v))
+        except ValueError:
+            raise UserInputError(f"{where}: {key}={v!r} is not a number") from None
+
+    op = (row.get("op") or "").strip()
+    cin, cout = num("in_ch"), num("out_ch", num("in_ch"))
+    k, s, g, hw = num("kernel", 1), num("stride", 1), num("groups", 1), num("hw", 1)
+    wb, ab, batch = num("wbits", 32), num("abits", 32), num("batch", 1)
+    ohw = -(-hw // s)
+    inp = LayerCost("x", "input", out_numel=cin * hw * hw)
+    if op in ("conv", "dwconv"):
+        g = cin if op == "dwconv" else g
+        conv = LayerCost("conv", "conv", inputs=["x"], out_numel=cout * ohw * ohw, in_ch=cin, out_ch=cout,
+                         kernel=(k, k), stride=(s, s), groups=g, spatial=ohw * ohw, wbits=wb, abits=ab)
+        bn = LayerCost("bn", "bn", inputs=["conv"], out_numel=conv.out_numel, in_ch=cout, out_ch=cout)
+        act = LayerCost("act", "act", inputs=["bn"], out_numel=conv.out_numel)
+        return CostTable([inp, conv, bn, act], inp.out_numel), batch
+    if op == "linear":
+        lin = LayerCost("fc", "linear", inputs=["x"], out_numel=cout, in_ch=cin, out_ch=cout, bias=True,
+                        wbits=wb, abits=ab)
+        return CostTable([LayerCost("x", "input", out_numel=cin), lin], cin), batch
+    if op in ("add", "pool", "concat"):
+        other = LayerCost("y", "input", out_numel=cin * hw * hw)
+        out_numel = cin * ohw * ohw if op == "pool" else cin * hw * hw * (2 if op == "concat" else 1)
+        ins = ["x"] if op == "pool" else ["x", "y"]
+        return CostTable([inp, other, LayerCost("op", op, inputs=ins, out_numel=out_numel)], inp.out_numel), batch
+    raise UserInputError(f"{where}: op {op!r} is not one of conv, dwconv, linear, add, pool, concat")
+
+
+def read_csv_samples(path: str | Path) -> list[Sample]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserInputError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in ("op", "in_ch", "latency_ms") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserInputError(f"{str(path)!r}: missing columns {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)} "
+                             "(optional: wbits, abits, batch)")
+    samples = []
+    for i, row in enumerate(reader, start=2):
+        where = f"{path}:{i}"
+        table, batch = _layer_table(row, where)
+        try:
+            ms = float(row["latency_ms"])
+        except (TypeError, ValueError):
+            raise UserInputError(f"{where}: latency_ms={row.get('latency_ms')!r} is not a number") from None
+        if ms <= 0:
+            raise UserInputError(f"{where}: latency_ms must be positive")
+        samples.append(Sample(f"row {i}", table, ms, batch))
+    return samples
+
+
+def calibrate_from_csv(path: str | Path, name: str, base: str = "mobile") -> tuple[Target, Path]:
+    """Fit ``base``'s coefficients to a CSV of on-device latencies; save as target ``name``."""
+    if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise UserInputError(f"bad target name {name!r}: use letters, digits, '-', '_' or '.'")
+    start = get_target(base)
+    samples = read_csv_samples(path)
+    fitted = fit_target(start, samples, name, sources_note=f"fitted by autocompress calibrate --from-csv {Path(path).name}")
+    if name != base:
+        fitted = fitted.with_(description=f"calibrated from {Path(path).name} (starting from {base})")
+    return fitted, fitted.save(target_path(name))
+
+
+def check(target: Target | str, samples: Sequence[Sample]) -> dict[str, float]:
+    """Error statistics of ``target``'s predictions on measured samples (for scoring held-out data)."""
+    t = get_target(target)
+    return error_stats([predict(s.table, t, s.batch).latency_ms for s in samples], [s.measured_ms for s in samples])
