@@ -1,0 +1,187 @@
+"""Data sources (registry): ``sklearn:digits``, ``imagefolder:PATH`` and ``path/file.py:factory``.
+
+``load_data(spec, input_shape)`` returns a :class:`DataBundle` of a train and a
+held-out dataset shaped for the model's input. ``sklearn:digits`` is real data
+bundled with scikit-learn, so nothing is downloaded; its tensors live in
+memory (:class:`TensorDataset`), which keeps fine-tuning loops free of
+DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from autocompress.errors import DataError
+from autocompress.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_HELD_OUT = 0.25
+DIGITS_SEED = 0
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A train and a held-out split, with the class count and the spec they came from."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    name: str
+
+
+DataSource = Callable[[str, tuple[int, ...]], DataBundle]
+DATA_SOURCES: Registry[DataSource] = Registry("data source")
+
+
+def _check_shape(input_shape: tuple[int, ...], spec: str) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise DataError(f"data {spec!r} needs an image input shape N,C,H,W, got {list(shape)}; "
+                        "pass --input-shape N,C,H,W")
+    return shape[1], shape[2], shape[3]
+
+
+def digits_tensors(input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 sklearn digits as (N, C, H, W) normalised images and int64 labels."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    c, h, w = _check_shape(input_shape, "sklearn:digits")
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 0..16 -> 0..1
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5  # roughly zero-mean, unit-range: what an image model expects
+    x = x.expand(-1, c, -1, -1).contiguous()
+    return x, torch.tensor(digits.target, dtype=torch.int64)
+
+
+def digits_split(labels: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The fixed stratified 75/25 split (seed 0) as train and held-out indices."""
+    from sklearn.model_selection import train_test_split
+
+    idx = list(range(len(labels)))
+    train, val = train_test_split(idx, test_size=DIGITS_HELD_OUT, random_state=DIGITS_SEED,
+                                  stratify=labels.numpy())
+    return sorted(train), sorted(val)
+
+
+@DATA_SOURCES.register("sklearn")
+def _sklearn(name: str, input_shape: tuple[int, ...]) -> DataBundle:
+    if name != "digits":
+        raise DataError(f"unknown sklearn data set {name!r}; the bundled one is sklearn:digits")
+    x, y = digits_tensors(input_shape)
+    train, val = digits_split(y)
+    return DataBundle(TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), 10, "sklearn:digits")
+
+
+def _image_transform(c: int, h: int, w: int) -> Callable:
+    from torchvision import transforms as T
+
+    steps = [T.Resize(min(h, w)), T.CenterCrop((h, w))]
+    if c == 1:
+        steps.append(T.Grayscale(1))
+        norm = T.Normalize((0.5,), (0.5,))
+    else:
+        steps.append(T.Lambda(lambda im: im.convert("RGB")))
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return T.Compose([*steps, T.ToTensor(), norm])
+
+
+@DATA_SOURCES.register("imagefolder")
+def _imagefolder(path: str, input_shape: tuple[int, ...]) -> DataBundle:
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    c, h, w = _check_shape(input_shape, f"imagefolder:{path}")
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {path!r} does not exist; give imagefolder:PATH with one subfolder per class")
+    tf = _image_transform(c, h, w)
+    try:
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train, val = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), tf)
+            if train.classes != val.classes:
+                raise DataError(f"{path!r}: train/ and val/ have different class folders; make them match")
+            return DataBundle(train, val, len(train.classes), f"imagefolder:{path}")
+        full = ImageFolder(str(root), tf)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"image folder {path!r}: {str(exc).splitlines()[0]}; "
+                        "expected PATH/CLASS/IMAGE (or PATH/train/CLASS and PATH/val/CLASS)") from exc
+    # Deterministic split: every 5th image of the sorted file list is held out.
+    val_idx = list(range(0, len(full), 5))
+    train_idx = [i for i in range(len(full)) if i % 5]
+    return DataBundle(Subset(full, train_idx), Subset(full, val_idx), len(full.classes), f"imagefolder:{path}")
+
+
+def _from_file(path: str, factory: str, input_shape: tuple[int, ...]) -> DataBundle:
+    spec_text = f"{path}:{factory}"
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file {path!r} does not exist; give path/to/file.py:factory")
+    mod_spec = importlib.util.spec_from_file_location(f"_autocompress_data_{abs(hash(str(file.resolve())))}", file)
+    if mod_spec is None or mod_spec.loader is None:
+        raise DataError(f"cannot import {path!r} as a Python file")
+    mod = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(mod)
+    except Exception as exc:  # the user's file: report, do not crash
+        raise DataError(f"importing {path!r} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    fn = getattr(mod, factory, None)
+    if fn is None or not callable(fn):
+        names = [n for n, v in vars(mod).items() if not n.startswith("_") and inspect.isfunction(v)]
+        raise DataError(f"{path!r} has no function {factory!r}; functions there: {', '.join(names) or '(none)'}")
+    try:
+        out = fn()
+    except Exception as exc:
+        raise DataError(f"{spec_text} raised {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise DataError(f"{spec_text} returned {type(out).__name__}; it must return (train_dataset, val_dataset)")
+    train, val = out
+    for part, ds in (("train", train), ("val", val)):
+        if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
+            raise DataError(f"{spec_text}: the {part} dataset is empty or not a dataset (needs __len__/__getitem__)")
+    x0, _ = train[0]
+    want = tuple(int(s) for s in input_shape[1:])
+    if tuple(torch.as_tensor(x0).shape) != want:
+        raise DataError(f"{spec_text}: samples have shape {list(torch.as_tensor(x0).shape)} but the model "
+                        f"takes {list(want)}; resize in the factory or pass --input-shape")
+    labels = {int(train[i][1]) for i in range(len(train))} | {int(val[i][1]) for i in range(len(val))}
+    num_classes = int(getattr(train, "num_classes", 0) or max(labels) + 1)
+    return DataBundle(train, val, num_classes, spec_text)
+
+
+def load_data(spec: str, input_shape: tuple[int, ...]) -> DataBundle:
+    """Resolve a data spec to a :class:`DataBundle` shaped for ``input_shape`` (N, C, H, W)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise DataError(f"bad data spec {spec!r}: expected sklearn:digits, imagefolder:PATH "
+                        "or path/to/file.py:factory")
+    if ".py:" in spec:
+        path, _, factory = spec.rpartition(":")
+        if not factory:
+            raise DataError(f"bad data spec {spec!r}: name the factory function after the colon")
+        return _from_file(path, factory, tuple(input_shape))
+    head, _, tail = spec.partition(":")
+    if head not in DATA_SOURCES:
+        raise DataError(f"bad data spec {spec!r}: unknown source {head!r}; expected one of "
+                        f"{', '.join(DATA_SOURCES.names())} or path/to/file.py:factory")
+    if not tail:
+        raise DataError(f"bad data spec {spec!r}: give a name or path after the colon")
+    return DATA_SOURCES.get(head)(tail, tuple(input_shape))
+
+
+def as_tensors(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset as two in-memory tensors (inputs, labels), the first ``limit`` samples."""
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors[0], dataset.tensors[1]
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    xs, ys = zip(*(dataset[i] for i in range(n)))
+    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in xs]), torch.as_tensor(ys, dtype=torch.int64)
