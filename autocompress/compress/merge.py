@@ -236,7 +236,8 @@ def _estimate_chain(table: CostTable, d: Decision, alias: dict[str, str]) -> Non
 def _fold_bn(gm: fx.GraphModule, d: Decision, ctx: ApplyContext) -> None:
     nodes = fxu.module_nodes(gm)
     layer, bn = nodes.get(d.info["path"]), nodes.get(d.info["bn_path"])
-    if layer is None or bn is None or fxu.only_user(layer) is not bn:
+    if (layer is None or bn is None or fxu.only_user(layer) is not bn
+            or not isinstance(fxu.module_of(gm, bn), (nn.BatchNorm1d, nn.BatchNorm2d))):
         ctx.notes.append(f"{d.id}: skipped, the layer is no longer followed by its BatchNorm")
         return
     mod, bn_mod = fxu.module_of(gm, layer), fxu.module_of(gm, bn)
