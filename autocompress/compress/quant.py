@@ -49,9 +49,9 @@ def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 16:
         return _ste(w, w.half().to(w.dtype))
     qmax = 2 ** (bits - 1) - 1
-    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-    scale = (amax / qmax).view(-1, *([1] * (w.dim() - 1)))
-    q = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+    flat = w.flatten(1)  # (out channels, rest): no rank-dependent shapes, so fx can trace through
+    scale = flat.detach().abs().amax(1, keepdim=True).clamp_min(1e-12) / qmax
+    q = (torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale).view_as(w)
     return _ste(w, q)
 
 

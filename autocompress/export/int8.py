@@ -1,0 +1,289 @@
+"""Deployable int8 ONNX: ONNX Runtime static quantisation of the layers chosen at 8 bits or fewer.
+
+``export_int8`` writes the fp32 ONNX (``export_onnx``, whose node names carry
+module paths such as ``/layer1/layer1.0/conv1/Conv``), then runs
+``onnxruntime.quantization.quantize_static`` in QDQ format: per-channel
+symmetric int8 weights, per-tensor affine uint8 activations calibrated with
+min/max over the calibration batches (the same scheme the fake-quant layers
+simulate). Layers with ``wbits > 8`` or ``abits > 8`` are excluded and stay
+float. 4-bit weights become int4 QDQ (opset 21) where this ONNX Runtime can
+run them, else int8. The :class:`Int8Report` reads the realised bits back from
+the written artifact, so it says exactly which requests are only simulated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from autocompress.errors import AutocompressError
+from autocompress.export.onnx import export_onnx
+
+FLOAT = 32
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+_INT_BITS = {2: 8, 3: 8, 21: 16, 4: 16, 22: 4, 23: 4}  # ONNX TensorProto dtypes: (U)INT8, (U)INT16, (U)INT4
+
+
+@dataclass(frozen=True)
+class LayerInt8:
+    """One conv/linear layer: requested (wbits, abits), realised bits in the artifact, ONNX node."""
+
+    path: str
+    node: str | None
+    requested: tuple[int, int]
+    realised: tuple[int, int]
+
+    @property
+    def simulated_only(self) -> bool:
+        """True when the artifact stores this layer at other bits than requested."""
+        return self.requested != self.realised
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.path, "onnx_node": self.node, "requested": {"wbits": self.requested[0],
+                "abits": self.requested[1]}, "realised": {"wbits": self.realised[0], "abits": self.realised[1]},
+                "simulated_only": self.simulated_only}
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    path: Path
+    fp32_path: Path
+    layers: tuple[LayerInt8, ...]
+    int4_supported: bool
+    excluded_nodes: tuple[str, ...]
+
+    @property
+    def simulated_only(self) -> list[str]:
+        return [l.path for l in self.layers if l.simulated_only]
+
+    @property
+    def quantised(self) -> list[str]:
+        return [l.path for l in self.layers if l.realised[0] < FLOAT]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "fp32_path": str(self.fp32_path), "int4_supported": self.int4_supported,
+                "excluded_nodes": list(self.excluded_nodes), "layers": [l.to_json() for l in self.layers]}
+
+
+def module_path_of_node(name: str) -> str | None:
+    """Best-effort module path from an exported node name, by joining its scopes.
+
+    ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``: a scope that extends
+    the previous one (``layer1`` -> ``layer1.0``) replaces it, any other is a child.
+    """
+    scopes = [p for p in name.split("/") if p][:-1]
+    if not scopes:
+        return None
+    path, prev = scopes[0], scopes[0]
+    for s in scopes[1:]:
+        path = path + s[len(prev):] if s.startswith(prev + ".") else f"{path}.{s}"
+        prev = s
+    return path
+
+
+def call_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Module paths of the conv/linear layers in the order one forward pass calls them."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, a, o, name=name: order.append(name))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def _matches(path: str, node_name: str) -> bool:
+    last = [p for p in node_name.split("/") if p][-2:-1]
+    return bool(last) and (path == last[0] or path.endswith("." + last[0]))
+
+
+def layer_nodes(model_proto: Any, order: list[str] | None = None) -> dict[str, Any]:
+    """Module path -> the conv/linear ONNX node exported for it (first call of a shared module).
+
+    With the layers' call ``order`` the n-th conv/linear node is the n-th call:
+    an exporter that drops the parent scopes (as it does for torch.fx
+    GraphModules, ``/branch1.0/Conv``) cannot make two layers collide. Without
+    it, or when the counts disagree, paths are read from the node names.
+    """
+    nodes = [n for n in model_proto.graph.node if n.op_type in _LAYER_OPS]
+    out: dict[str, Any] = {}
+    if order is not None and len(order) == len(nodes) and all(_matches(p, n.name) for p, n in zip(order, nodes)):
+        for path, node in zip(order, nodes):
+            out.setdefault(path, node)
+        return out
+    for node in nodes:
+        path = module_path_of_node(node.name)
+        if path is not None:
+            out.setdefault(path, node)
+    return out
+
+
+def fold_identities(model_proto: Any) -> Any:
+    """Drop Identity nodes that only forward an initializer, so biases are initializers again.
+
+    The exporter's constant folding leaves some shared constants behind
+    Identity nodes; the quantiser only turns initializer biases into int32.
+    """
+    inits = {t.name for t in model_proto.graph.initializer}
+    outputs = {o.name for o in model_proto.graph.output}
+    rename = {}
+    keep = []
+    for node in model_proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    if not rename:
+        return model_proto
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model_proto.graph.node[:]
+    model_proto.graph.node.extend(keep)
+    return model_proto
+
+
+class _BatchReader:
+    """A CalibrationDataReader over in-memory tensors, in chunks of at most 64 samples."""
+
+    def __init__(self, batches: Iterable[torch.Tensor], input_name: str = "input", chunk: int = 64) -> None:
+        self._items = []
+        for b in batches:
+            b = b.detach().float().cpu()
+            for i in range(0, len(b), chunk):
+                self._items.append({input_name: b[i:i + chunk].numpy()})
+        self._it = iter(self._items)
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _int4_supported() -> bool:
+    """Whether this ONNX Runtime has int4 DequantizeLinear, needed to run int4 QDQ weights."""
+    import onnxruntime
+
+    major, minor = (int(p) for p in onnxruntime.__version__.split(".")[:2])
+    return (major, minor) >= (1, 18)
+
+
+def _producers(model_proto: Any) -> dict[str, Any]:
+    return {o: n for n in model_proto.graph.node for o in n.output}
+
+
+def _dq_bits(dq: Any, inits: Mapping[str, Any], producers: Mapping[str, Any]) -> int:
+    """Integer bits of the tensor a DequantizeLinear reads (its zero point or initializer's dtype)."""
+    for name in (dq.input[2] if len(dq.input) > 2 else "", dq.input[0]):
+        if name in inits:
+            return _INT_BITS.get(inits[name].data_type, FLOAT)
+        src = producers.get(name)
+        if src is not None and src.op_type == "QuantizeLinear" and len(src.input) > 2 and src.input[2] in inits:
+            return _INT_BITS.get(inits[src.input[2]].data_type, FLOAT)
+    return 8
+
+
+def realised_bits(model_proto: Any, nodes: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Module path -> (weight bits, input bits) as stored in a (QDQ) ONNX model; float is 32.
+
+    ``nodes`` maps module paths to nodes of the float model; the quantiser keeps node names.
+    """
+    inits = {t.name: t for t in model_proto.graph.initializer}
+    producers = _producers(model_proto)
+    by_name = {n.name: n for n in model_proto.graph.node}
+    out = {}
+    for path, float_node in nodes.items():
+        node = by_name.get(float_node.name)
+        if node is None:
+            continue
+        bits = []
+        for i in (1, 0):  # weight, then input activation
+            src = producers.get(node.input[i]) if len(node.input) > i else None
+            bits.append(_dq_bits(src, inits, producers) if src is not None and src.op_type == "DequantizeLinear"
+                        else FLOAT)
+        out[path] = (bits[0], bits[1])
+    return out
+
+
+def _weight_override(node: Any) -> tuple[str, int]:
+    """The weight initializer of a conv/linear node and its output-channel axis."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return node.input[1], 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return node.input[1], 1
+    return node.input[1], 0
+
+
+def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration_batches: Iterable[torch.Tensor] | torch.Tensor,
+                path: str | os.PathLike, layer_bits: Mapping[str, tuple[int, int]], *,
+                fp32_path: str | os.PathLike | None = None, int4: bool = True) -> Int8Report:
+    """Write ``path`` (QDQ int8/int4 ONNX) from ``float_model`` and per-layer ``layer_bits``.
+
+    ``float_model`` is the compressed model without fake quantisation
+    (``compress.quant.strip_fake_quant``); ``layer_bits`` maps module path to
+    (wbits, abits) (``compress.quant.layer_bits``); layers it does not list
+    stay float. The fp32 ONNX goes to ``fp32_path`` (default: next to ``path``
+    as ``*.fp32.onnx``).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = Path(path)
+    fp32 = Path(fp32_path) if fp32_path is not None else path.with_name(path.stem + ".fp32.onnx")
+    if isinstance(calibration_batches, torch.Tensor):
+        calibration_batches = [calibration_batches]
+    export_onnx(float_model, example_input, fp32)
+    proto = fold_identities(onnx.load(str(fp32)))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(fp32))
+    nodes = layer_nodes(proto, call_order(float_model, example_input))
+    use_int4 = int4 and _int4_supported()
+    exclude, overrides = [], {}
+    for mpath, node in nodes.items():
+        wb, ab = layer_bits.get(mpath, (FLOAT, FLOAT))
+        if wb > 8 or ab > 8:
+            exclude.append(node.name)
+        elif wb <= 4 and use_int4:
+            weight, axis = _weight_override(node)
+            overrides[weight] = [{"axis": axis, "quant_type": QuantType.QInt4, "symmetric": True}]
+    quantised = [n.name for n in nodes.values() if n.name not in exclude]
+    reader = _BatchReader(calibration_batches)
+    if len(reader) == 0:
+        raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
+    tmp = path.with_name(path.name + ".tmp")
+    if quantised:
+        try:
+            quantize_static(str(fp32), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           "TensorQuantOverrides": overrides})
+            onnx.checker.check_model(str(tmp))
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise AutocompressError(f"int8 quantisation failed: {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        os.replace(tmp, path)
+    else:  # nothing at 8 bits or fewer: the artifact is the float model
+        onnx.save(proto, str(path))
+    realised = realised_bits(onnx.load(str(path)), nodes)
+    layers = tuple(LayerInt8(mpath, node.name, tuple(layer_bits.get(mpath, (FLOAT, FLOAT))),  # type: ignore[arg-type]
+                             realised.get(mpath, (FLOAT, FLOAT))) for mpath, node in nodes.items())
+    # Layers the exporter did not name after their module cannot be told apart: reported as float.
+    layers += tuple(LayerInt8(mpath, None, tuple(bits), (FLOAT, FLOAT))  # type: ignore[arg-type]
+                    for mpath, bits in layer_bits.items() if mpath not in nodes)
+    return Int8Report(path, fp32, layers, use_int4, tuple(exclude))
