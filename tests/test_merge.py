@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -11,25 +12,25 @@ from torch import nn
 from autocompress.compress import ApplyContext, apply, estimate
 from autocompress.compress.base import modules_under
 from autocompress.compress.merge import RebirthMerge
-from autocompress.models import load_model
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import trace
 from autocompress.space.policy import Policy
 from autocompress.space.space import build_space
+from conftest import small_shape, workspace
 
 ZOO = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
        "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
-SMALL = (1, 3, 64, 64)  # torchvision models at 64x64: the same layers, ten times cheaper than 224x224
-_LOADED: dict[str, tuple] = {}
 
 
 def loaded(spec: str):
-    """(model, graph) of ``spec``, built once per session with seeded weights."""
-    if spec not in _LOADED:
-        torch.manual_seed(0)
-        lm = load_model(spec, input_shape=SMALL if spec.startswith("torchvision:") else None)
-        _LOADED[spec] = (lm.model, trace(lm.model, lm.input_shape))
-    return _LOADED[spec]
+    """(model, graph) of ``spec`` from the session's shared workspaces (torchvision models at 64x64)."""
+    ws = workspace(spec, small_shape(spec))
+    return ws.model, ws.space.graph
+
+
+def fresh(spec: str) -> nn.Module:
+    """A private copy of the shared model, free to change."""
+    return copy.deepcopy(loaded(spec)[0])
 
 
 def lively(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
@@ -99,8 +100,7 @@ def test_pool_fold_offered_where_the_strided_conv_fits():
 
 
 def test_exact_merges_keep_the_function_and_the_paths():
-    model, graph = loaded("builtin:digits-net")
-    model = lively(load_model("builtin:digits-net").model.double(), graph.input_shape)
+    model = lively(fresh("builtin:digits-net").double(), (1, 1, 32, 32))
     space = space_of("builtin:digits-net")
     pol = policy(space, lambda d: 0 if ":pool:" in d.id else 1)
     ctx = ApplyContext(space, torch.randn(1, 1, 32, 32))
@@ -118,7 +118,7 @@ def test_exact_merges_keep_the_function_and_the_paths():
 
 
 def test_exact_merges_in_float32_stay_within_1e_5():
-    model = lively(load_model("builtin:digits-net").model, (1, 1, 32, 32), seed=1)
+    model = lively(fresh("builtin:digits-net"), (1, 1, 32, 32), seed=1)
     space = space_of("builtin:digits-net")
     out = apply(model, policy(space, lambda d: 0 if ":pool:" in d.id else 1), space)
     x = torch.randn(8, 1, 32, 32)
@@ -127,7 +127,7 @@ def test_exact_merges_in_float32_stay_within_1e_5():
 
 
 def test_pool_fold_samples_the_conv_at_the_pool_stride():
-    model = lively(load_model("builtin:digits-net").model.double(), (1, 1, 32, 32))
+    model = lively(fresh("builtin:digits-net").double(), (1, 1, 32, 32))
     space = space_of("builtin:digits-net")
     ctx = ApplyContext(space, torch.randn(1, 1, 32, 32))
     out = apply(model, Policy(space.model, space.fingerprint, {"merge:pool:stem.1.0": 1}), space, ctx=ctx)
@@ -196,7 +196,7 @@ def test_collapse_not_offered_where_it_adds_macs():
 def test_skipped_fold_is_noted():
     space = space_of("builtin:digits-net")
     d = space["merge:bn:stem.0.0"]
-    model = load_model("builtin:digits-net").model
+    model = fresh("builtin:digits-net")
     model.stem[0][1] = nn.Identity()
     ctx = ApplyContext(space, torch.randn(1, 1, 32, 32))
     RebirthMerge().transform(model, [(d, 1)], ctx)
