@@ -1,0 +1,101 @@
+"""``search``: the product's main command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from autocompress.cli.app import app, console, guard
+
+
+@app.command()
+@guard
+def search(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: builtin:digits-net"),
+    data: Optional[str] = typer.Option(None, "--data", help="sklearn:digits, imagefolder:PATH or file.py:factory"),
+    target: str = typer.Option(..., "--target", "-t", help="see `autocompress targets`"),
+    budget: str = typer.Option(..., "--budget", "-b", help="e.g. 5ms, 800us, 2mJ, 4MB, 0.5x, or 5ms,4MB"),
+    trials: int = typer.Option(16, "--trials", "-n", help="candidates fine-tuned at low fidelity"),
+    backend: str = typer.Option("optuna", "--backend", help="optuna (this machine) or ray (a Ray cluster)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL; default: a journal file in --out"),
+    study_name: Optional[str] = typer.Option(None, "--study-name"),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="policy.json to start from"),
+    out: Path = typer.Option(Path("autocompress-out"), "--out", "-o"),
+    seed: int = typer.Option(0, "--seed"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe, nsga2 or random"),
+    low_epochs: float = typer.Option(0.5, "--low-epochs", help="fine-tune epochs per candidate (low fidelity)"),
+    full_epochs: float = typer.Option(3.0, "--full-epochs", help="fine-tune epochs for the finalists"),
+    finalists: int = typer.Option(2, "--finalists"),
+    tie: list[str] = typer.Option([], "--tie", help="decision kind to share one value across layers (repeatable)"),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    no_measure: bool = typer.Option(False, "--no-measure", help="skip ONNX Runtime timing of the result"),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="ray backend"),
+    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="ray backend"),
+    max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="ray backend: shared experiment folder"),
+    resume: bool = typer.Option(False, "--resume", help="ray backend: continue an interrupted sweep"),
+) -> None:
+    """Find the most accurate compressed model that meets the budget on the target."""
+    from autocompress.models.sources import parse_input_shape
+    from autocompress.search.core import SearchConfig
+
+    config = SearchConfig(target=target, budget=budget, trials=trials, sampler=sampler, seed=seed,
+                          low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie))
+    shape = parse_input_shape(input_shape) if input_shape else None
+    if backend == "ray":
+        from autocompress.search.ray_backend import run_ray_search
+
+        result = run_ray_search(config, model=model, data=data, weights=weights, out=out, address=address,
+                                warm_start=warm_start, input_shape=shape, cpus_per_trial=cpus_per_trial,
+                                gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
+                                storage_path=storage_path, resume=resume, measure=not no_measure)
+        _summary(result, out)
+        return
+    if backend != "optuna":
+        from autocompress.errors import UserInputError
+
+        raise UserInputError(f"unknown backend {backend!r}; valid: optuna, ray")
+    from autocompress.search.run import run_search
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("preparing", total=trials, best="-")
+
+        def on_phase(text: str) -> None:
+            progress.update(task, description=text)
+
+        def on_trial(ev) -> None:
+            best = f"{ev.best_accuracy:.4f}" if ev.best_accuracy is not None else "-"
+            progress.update(task, completed=min(ev.done, ev.total), best=best,
+                            description="finalists" if ev.phase == "finalists" else "searching")
+            if ev.state in ("failed", "final"):
+                progress.console.print(f"  trial {ev.number} {ev.state}: {ev.message}", markup=False, highlight=False)
+
+        result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
+                            study_name=study_name, warm_start=warm_start, input_shape=shape,
+                            measure=not no_measure, callback=on_trial, on_phase=on_phase)
+        progress.update(task, description="done", completed=trials)
+    _summary(result, out)
+
+
+def _summary(result: dict, out: Path) -> None:
+    b, s = result["baseline"], result["best"]
+    table = Table(title=f"{result['model']} on {result['target']}, budget {result['budget']}")
+    for col in ("", "accuracy", "latency ms (pred.)", "local ms (ORT)", "energy mJ", "size MB", "MACs"):
+        table.add_column(col, justify="right")
+    for name, r in (("baseline", b), ("chosen", s)):
+        local = r.get("measured_latency_ms_local")
+        table.add_row(name, f"{r.get('accuracy', float('nan')):.4f}", f"{r['latency_ms']:.3f}",
+                      f"{local:.3f}" if local is not None else "-", f"{r['energy_mj']:.4f}",
+                      f"{r['size_bytes'] / 1e6:.3f}", f"{r['macs']:,}")
+    console.print(table)
+    t = result["trials"]
+    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned']} screened out, "
+                  f"{t['failed']} failed; results in {out}/ (report.md, policy.json, model.onnx)")

@@ -1,0 +1,155 @@
+"""The search's output folder: artifacts, result.json, report.md, pareto.png, trials.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_trials_csv(study: Any, path: Path) -> None:
+    keys = ["latency_ms", "energy_mj", "size_bytes", "macs", "params", "seconds", "accuracy_full_select", "origin",
+            "reason", "fail_reason"]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["number", "state", "accuracy_select", *keys, "policy"])
+        for t in study.get_trials(deepcopy=False):
+            acc = t.values[0] if t.values else ""
+            full = study.user_attrs.get(f"full:{t.number}", "")
+            w.writerow([t.number, t.state.name, acc, *[full if k == "accuracy_full_select" else t.user_attrs.get(k, "")
+                                                        for k in keys],
+                        json.dumps(t.user_attrs.get("policy", {k: v for k, v in t.params.items()}))])
+
+
+def pareto_front(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """(latency, accuracy, number) points not dominated by a faster-and-more-accurate one."""
+    front, best = [], -1.0
+    for lat, acc, n in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc, n))
+            best = acc
+    return front
+
+
+def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number: int, path: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pts = [(t.user_attrs["latency_ms"], t.values[0], t.number) for t in done]
+    screened = [t.user_attrs["latency_ms"] for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                if "latency_ms" in t.user_attrs]
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.6, label="evaluated (low fidelity)")
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="C1", ms=4, label="Pareto front")
+    if screened:
+        ax.scatter(screened, [min(p[1] for p in pts) if pts else 0] * len(screened), marker="|", color="grey",
+                   alpha=0.5, label="screened out (over budget)")
+    if budget_ms:
+        ax.axvline(budget_ms, color="red", ls="--", label=f"budget {budget_ms:.3g} ms")
+    ax.axvline(baseline["latency_ms"], color="black", ls=":", label="baseline")
+    chosen = [p for p in pts if p[2] == best_number]
+    if chosen:
+        ax.scatter([chosen[0][0]], [chosen[0][1]], s=120, marker="*", color="green", zorder=5, label="chosen")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("selection accuracy after short fine-tune")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return front
+
+
+def write_report(path: Path, result: dict, search: Any, front: list, decisions: dict) -> None:
+    b, s = result["baseline"], result["best"]
+    lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
+             f"Budget: {json.dumps(result['budget'])}. Feasible: **{result['feasible']}**. "
+             f"Trials: {result['trials']['complete']} evaluated, {result['trials']['pruned']} screened out by the "
+             f"analytic model, {result['trials']['failed']} failed.", "",
+             "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
+    rows = [("accuracy (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
+            ("measured latency, local ONNX Runtime fp32 (ms)", "measured_latency_ms_local", 3),
+            ("predicted energy (mJ)", "energy_mj", 4), ("weights (bytes)", "size_bytes", 0), ("MACs", "macs", 0),
+            ("params", "params", 0)]
+    for label, key, nd in rows:
+        bv, sv = b.get(key), s.get(key)
+        if bv is None or sv is None:
+            continue
+        change = f"{sv / bv:.2f}x" if isinstance(bv, (int, float)) and bv else ""
+        lines.append(f"| {label} | {_fmt(bv, nd)} | {_fmt(sv, nd)} | {change} |")
+    if "measured_latency_ms_local_int8" in s:
+        lines.append(f"| measured latency, local ONNX Runtime int8 (ms) | | {_fmt(s['measured_latency_ms_local_int8'])} | |")
+    lines += ["", "## Chosen decisions", "", "Decisions not listed keep their identity.", "",
+              "| decision | kind | choice |", "|---|---|---|"]
+    for k, v in sorted(decisions.items()):
+        lines.append(f"| `{k}` | {k.split(':')[0]} | {v} |")
+    if result.get("int8"):
+        lines += ["", "## Bit-widths: realised vs simulated", "", "```", json.dumps(result["int8"], indent=1)[:4000], "```"]
+    lines += ["", "## Pareto front (low-fidelity accuracy vs predicted latency)", "",
+              "| trial | latency (ms) | accuracy |", "|---:|---:|---:|"]
+    lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
+    lines += ["", "Finalists re-trained at full fidelity:", ""]
+    for t in search.finalists:
+        lines.append(f"- trial {t.number}: selection accuracy {t.values[0]:.4f} (short) -> "
+                     f"{search.study.user_attrs.get(f'full:{t.number}', float('nan')):.4f} (full)")
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    lines += ["", "![Pareto front](pareto.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_search_outputs(search: Any, evaluator: Any, base_acc: dict, out: Path, *, model: str, data: str,
+                         measure: bool = True) -> dict[str, Any]:
+    from autocompress.api import measure_local
+    from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
+    from autocompress.export.onnx import export_onnx
+
+    policy = search.best_policy
+    best_costs = dict(search.costs(policy))
+    baseline = dict(search.baseline_costs)
+    baseline["accuracy"] = base_acc["accuracy"]
+    best_costs["accuracy"] = evaluator.held_out(search.best_model)
+    best_costs["accuracy_select"] = search.best_scored.accuracy
+    counts = search.counts()
+    feasible = not search.violations(best_costs)
+
+    def build(folder: Path) -> dict[str, Any]:
+        info = write_model_files(search.best_model, evaluator.example, folder, evaluator.calibration)
+        if measure:
+            best_costs["measured_latency_ms_local"] = measure_local(folder / "model.onnx")
+            if (folder / "model.int8.onnx").exists():
+                best_costs["measured_latency_ms_local_int8"] = measure_local(folder / "model.int8.onnx")
+            base_onnx = export_onnx(evaluator.teacher, evaluator.example, folder / ".baseline.onnx")
+            baseline["measured_latency_ms_local"] = measure_local(base_onnx)
+            base_onnx.unlink()
+        result = {"target": search.config.target, "budget": search.budget.to_json(), "baseline": baseline,
+                  "best": best_costs, "trials": counts, "feasible": feasible, "model": model, "data": data,
+                  "fingerprint": search.space.fingerprint, "study": search.study.study_name,
+                  "best_trial": search.best_trial.number, "lowest_reachable": search.lowest,
+                  "fidelity": {"low_epochs": search.config.low_epochs, "full_epochs": search.config.full_epochs},
+                  "boosted": search.best_scored.boosted, "notes": search.best_scored.notes, **info}
+        write_policy_and_result(folder, policy, result)
+        write_trials_csv(search.study, folder / "trials.csv")
+        front = plot_pareto(search.study, search.budget.latency_ms, baseline, search.best_trial.number,
+                            folder / "pareto.png")
+        write_report(folder / "report.md", result, search, front, dict(policy.decisions))
+        return result
+
+    return commit_folder(out, build)

@@ -1,0 +1,146 @@
+"""Mapping between a search space and sampler parameters; cost screening and repair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from autocompress.compress import estimate
+from autocompress.compress.apply import base_table
+from autocompress.space.policy import Policy
+from autocompress.space.space import Decision, SearchSpace
+
+# Choices ordered from least to most compressing, per kind.
+_MORE = {
+    "prune": lambda cs: sorted(cs),
+    "rank": lambda cs: sorted(cs, reverse=True),
+    "wbits": lambda cs: sorted(cs, reverse=True),
+    "abits": lambda cs: sorted(cs, reverse=True),
+    "merge": lambda cs: sorted(cs),
+    "branch": lambda cs: sorted(cs),
+}
+
+
+def ordered(d: Decision) -> list[Any]:
+    return _MORE[d.kind](d.choices)
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """Sampler parameters: one per decision, or one per kind for tied kinds."""
+
+    space: SearchSpace
+    tie: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, tuple[Any, ...]]:
+        out: dict[str, tuple[Any, ...]] = {}
+        for d in self.space.decisions:
+            if d.kind in self.tie:
+                key = f"{d.kind}:*"
+                out[key] = tuple(sorted(set(out.get(key, ())) | set(d.choices), key=float))
+            else:
+                out[d.id] = tuple(d.choices)
+        return out
+
+    def to_policy(self, params: dict[str, Any]) -> Policy:
+        choices = {}
+        for d in self.space.decisions:
+            v = params.get(f"{d.kind}:*" if d.kind in self.tie else d.id, d.identity)
+            if v not in d.choices:  # a tied value outside this decision's domain: nearest valid choice
+                v = min(d.choices, key=lambda c: abs(float(c) - float(v)))
+            if v != d.identity:
+                choices[d.id] = v
+        return Policy(self.space.model, self.space.fingerprint, choices, self.space.options)
+
+    def to_params(self, policy: Policy) -> dict[str, Any]:
+        resolved = policy.resolved(self.space)
+        out: dict[str, Any] = {}
+        for d in self.space.decisions:
+            key = f"{d.kind}:*" if d.kind in self.tie else d.id
+            out.setdefault(key, resolved[d.id])
+        return out
+
+
+CostFn = Callable[[Policy], dict[str, Any]]
+
+
+def cost_fn(space: SearchSpace, target: str) -> CostFn:
+    from autocompress.hwmodels import get_target, predict
+
+    tgt = get_target(target)
+    base = base_table(space)
+
+    def costs(policy: Policy) -> dict[str, Any]:
+        table = estimate(space, policy, base)
+        pred = predict(table, tgt)
+        totals = table.totals()
+        return {"latency_ms": pred.latency_ms, "energy_mj": pred.energy_mj,
+                "size_bytes": int(totals["weight_bytes"]), "macs": int(totals["macs"]), "params": int(totals["params"])}
+
+    return costs
+
+
+def _with(space: SearchSpace, policy: Policy, updates: dict[str, Any]) -> Policy:
+    merged = {**policy.decisions, **updates}
+    merged = {k: v for k, v in merged.items() if v != space[k].identity}
+    return Policy(policy.model, policy.fingerprint, merged, policy.options)
+
+
+def extreme_policies(space: SearchSpace) -> list[Policy]:
+    """Corners of the space that bound the lowest reachable cost."""
+    most = {d.id: ordered(d)[-1] for d in space.decisions}
+    groups = {
+        "prune": {k: v for k, v in most.items() if space[k].kind == "prune"},
+        "rank": {k: v for k, v in most.items() if space[k].kind == "rank"},
+        "bits8": {d.id: 8 for d in space.of_kind("wbits", "abits") if 8 in d.choices},
+        "bitsmin": {k: v for k, v in most.items() if space[k].kind in ("wbits", "abits")},
+        "merge": {k: v for k, v in most.items() if space[k].kind == "merge" and ":bn:" in k},
+    }
+    combos = [("prune",), ("prune", "bits8"), ("prune", "rank"), ("prune", "rank", "bits8"),
+              ("prune", "bitsmin"), ("prune", "rank", "bitsmin"), ("prune", "merge", "bits8"),
+              ("prune", "rank", "merge", "bits8")]
+    base = Policy.identity(space)
+    out = []
+    for combo in combos:
+        upd: dict[str, Any] = {}
+        for g in combo:
+            upd.update(groups[g])
+        out.append(_with(space, base, upd))
+    return out
+
+
+def repair(space: SearchSpace, policy: Policy, feasible: Callable[[Policy], bool], max_steps: int = 10) -> Policy | None:
+    """Make an over-budget policy feasible, cheapest accuracy loss first.
+
+    First every layer above 8 bits goes to 8 bits (nearly free in accuracy),
+    then every prune ratio is pushed one notch further, until the budget is met.
+    Returns None when even that cannot meet it.
+    """
+    current = policy
+    for _ in range(max_steps):
+        if feasible(current):
+            return current
+        resolved = current.resolved(space)
+        upd = {d.id: 8 for d in space.of_kind("wbits", "abits") if 8 in d.choices and resolved[d.id] > 8}
+        if not upd:
+            for d in space.of_kind("prune"):
+                chain = ordered(d)
+                nxt = chain[min(chain.index(resolved[d.id]) + 1, len(chain) - 1)]
+                if nxt != resolved[d.id]:
+                    upd[d.id] = nxt
+        if not upd:
+            return None
+        current = _with(space, current, upd)
+    return current if feasible(current) else None
+
+
+def uniform_policies(space: SearchSpace, ratios: Iterable[float] = (0.125, 0.25, 0.5), bits: int | None = 8) -> list[Policy]:
+    """Hand-made starting points: one prune ratio everywhere, optionally every layer at ``bits``."""
+    base = Policy.identity(space)
+    out = []
+    for r in ratios:
+        upd: dict[str, Any] = {d.id: r for d in space.of_kind("prune") if r in d.choices}
+        if bits:
+            upd.update({d.id: bits for d in space.of_kind("wbits", "abits") if bits in d.choices})
+        out.append(_with(space, base, upd))
+    return out
