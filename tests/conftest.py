@@ -63,24 +63,14 @@ def seed_pretrained_digits(cache: Path) -> Path:
     return path
 
 
-@dataclass
-class CachedWorkspace:
-    """What ``autocompress.api.open_model`` returns, memoised for the session."""
-
-    spec: str
-    ws: object
-
-    @property
-    def model(self):
-        return self.ws.model
-
-    @property
-    def space(self):
-        return self.ws.space
-
-    @property
-    def graph(self):
-        return self.ws.space.graph
+@pytest.fixture(scope="session", autouse=True)
+def single_thread_torch():
+    """One intra-op thread: small tensors gain nothing from more, and OpenMP threads that spin while
+    other processes hold the cores make a run tens of times slower. Results are also reproducible."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 _WORKSPACES: dict[tuple, object] = {}
