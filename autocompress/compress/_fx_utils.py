@@ -76,15 +76,9 @@ def position(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil: bool = False) -> int:
-    """Output length of a conv or pool along one axis (PyTorch's formula)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    if ceil:
-        out = -(-span // stride) + 1
-        if (out - 1) * stride >= size + padding:  # the last window must start inside the input
-            out -= 1
-        return out
-    return span // stride + 1
+def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a conv along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def pair(v: int | Iterable[int]) -> tuple[int, int]:

@@ -51,8 +51,9 @@ def _prod(xs) -> int:
     return n
 
 
-def _decision(pattern: str, first: str, layers: list[str], info: dict[str, Any]) -> Decision:
-    return Decision(id=f"merge:{pattern}:{first}", kind="merge", layers=tuple(layers), choices=(0, 1),
+def _decision(pattern: str, name: str, first: str, layers: list[str], info: dict[str, Any]) -> Decision:
+    """``pattern`` picks the transform (bn, pool, chain); ``name`` is the id's middle part."""
+    return Decision(id=f"merge:{name}:{first}", kind="merge", layers=tuple(layers), choices=(0, 1),
                     identity=0, info={"pattern": pattern, **info})
 
 
@@ -69,7 +70,7 @@ def _bn_decision(graph: ModelGraph, name: str, mods: dict, calls: Counter) -> De
         return None
     if a["op"] == "linear" and not (isinstance(bn, nn.BatchNorm1d) and len(a["out_shape"] or ()) == 2):
         return None
-    return _decision("bn", a["target"], [a["target"], g.nodes[s]["target"]],
+    return _decision("bn", "bn", a["target"], [a["target"], g.nodes[s]["target"]],
                      {"layer": name, "bn": s, "path": a["target"], "bn_path": g.nodes[s]["target"]})
 
 
@@ -105,7 +106,7 @@ def _pool_decision(graph: ModelGraph, name: str, mods: dict) -> Decision | None:
         return None
     paths = [g.nodes[b]["target"] for b in between if g.nodes[b]["module_type"]]
     bn_paths = [g.nodes[b]["target"] for b in between if g.nodes[b]["op"] == "bn"]
-    return _decision("pool", a["target"], [a["target"], *paths, g.nodes[s]["target"]],
+    return _decision("pool", "pool", a["target"], [a["target"], *paths, g.nodes[s]["target"]],
                      {"layer": name, "between": tuple(between), "pool": s, "path": a["target"],
                       "pool_path": g.nodes[s]["target"], "bn_paths": tuple(bn_paths), "in_hw": in_hw,
                       "pool_hw": pool_hw, "pool_stride": ps})
@@ -140,8 +141,8 @@ def _chain_decision(graph: ModelGraph, name: str, mods: dict, calls: Counter) ->
     if merged_macs > a["macs"] + b["macs"]:
         return None
     paths = [g.nodes[m]["target"] for m in mids if g.nodes[m]["module_type"]]
-    return _decision(a["op"], a["target"], [a["target"], *paths, b["target"]],
-                     {"pattern": "chain", "layer": name, "mids": tuple(mids), "second": s, "path": a["target"],
+    return _decision("chain", a["op"], a["target"], [a["target"], *paths, b["target"]],
+                     {"layer": name, "mids": tuple(mids), "second": s, "path": a["target"],
                       "second_path": b["target"], "absorbs": bool(mids)})
 
 
