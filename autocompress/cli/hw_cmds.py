@@ -22,13 +22,17 @@ def targets(as_json: bool = typer.Option(False, "--json", help="print a JSON lis
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="hardware targets")
-    for col in ("name", "fp32/int8 GMAC/s", "DRAM GB/s", "kernel us", "threads", "calibrated"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("description", no_wrap=True, overflow="ellipsis")
+    cells = []
     for r in rows:
         cal = {None: "published", False: "no (defaults)", True: "yes"}[r["calibrated"]]
-        table.add_row(r["name"], f"{r['peak_gmacs']['fp32']:g} / {r['peak_gmacs']['int8']:g}", f"{r['dram_gbs']:g}",
-                      f"{r['kernel_overhead_us']:g}", str(r["threads"]), cal, r["description"])
+        cells.append((r["name"], f"{r['peak_gmacs']['fp32']:g}/{r['peak_gmacs']['int8']:g}", f"{r['dram_gbs']:g}",
+                      f"{r['kernel_overhead_us']:g}", str(r["threads"]), cal, r["description"]))
+    headers = ("name", "fp32/int8 GMAC/s", "DRAM GB/s", "kernel us", "threads", "calibrated")
+    for i, col in enumerate(headers):
+        table.add_column(col, no_wrap=True, min_width=max([len(col)] + [len(c[i]) for c in cells]))
+    table.add_column("description", no_wrap=True, overflow="ellipsis", max_width=60)
+    for c in cells:
+        table.add_row(*c)
     console.print(table)
 
 

@@ -250,7 +250,7 @@ def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path
 CSV_COLUMNS = ("op", "in_ch", "out_ch", "kernel", "stride", "groups", "hw", "latency_ms")
 
 
-def _layer_table(row: dict[str, str], where: str) -> tuple[CostTable, int]:
+def layer_table(row: dict[str, str], where: str) -> tuple[CostTable, int]:
     """A one-kernel cost table for a CSV row: conv(+BN+ReLU), dwconv, linear, add or pool."""
     def num(key: str, default: int | None = None) -> int:
         v = (row.get(key) or "").strip()
@@ -301,7 +301,7 @@ def read_csv_samples(path: str | Path) -> list[Sample]:
     samples = []
     for i, row in enumerate(reader, start=2):
         where = f"{path}:{i}"
-        table, batch = _layer_table(row, where)
+        table, batch = layer_table(row, where)
         try:
             ms = float(row["latency_ms"])
         except (TypeError, ValueError):

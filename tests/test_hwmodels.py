@@ -1,0 +1,271 @@
+import json
+import math
+
+import pytest
+from torch import nn
+from typer.testing import CliRunner
+
+import autocompress.cli.hw_cmds  # noqa: F401  (registers the commands)
+from autocompress.cli.app import app
+from autocompress.errors import UnknownNameError, UserInputError
+from autocompress.hwmodels import TARGETS, Target, get_target, predict, target_names
+from autocompress.hwmodels.calibrate import calibrate_from_csv, fit_target, layer_table, read_csv_samples
+from autocompress.hwmodels.published import PUBLISHED, TOLERANCE
+from autocompress.hwmodels.target import KERNEL_CLASSES
+from autocompress.models import load_model
+from autocompress.space.costs import CostTable
+from autocompress.space.graph import trace
+
+BUILTIN = ("mobile", "rpi4", "x86-server", "gpu", "local")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """No calibrated file from the user's cache may change what the built-ins predict."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+
+
+def table_of(model: nn.Module, shape) -> CostTable:
+    return CostTable.from_graph(trace(model.eval(), shape))
+
+
+_TABLES: dict[str, CostTable] = {}
+
+
+def spec_table(spec: str) -> CostTable:
+    if spec not in _TABLES:
+        lm = load_model(spec)
+        _TABLES[spec] = table_of(lm.model, lm.input_shape)
+    return _TABLES[spec].copy()
+
+
+def with_bits(table: CostTable, bits: int) -> CostTable:
+    t = table.copy()
+    for r in t:
+        if r.op in ("conv", "linear"):
+            r.wbits = r.abits = bits
+    return t
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(16, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU())
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+def test_builtin_targets_are_documented_data():
+    assert set(BUILTIN) <= set(TARGETS.names())
+    for name in TARGETS.names():
+        t = get_target(name)
+        assert t.name == name and t.description and t.sources
+        assert set(KERNEL_CLASSES) <= set(t.efficiency)
+        assert all(v > 0 for v in t.peak_gmacs.values())
+        assert Target.from_json(json.loads(json.dumps(t.to_json()))) == t
+
+
+def test_unknown_target_lists_the_valid_names():
+    with pytest.raises(UnknownNameError) as err:
+        get_target("tpu-v9")
+    assert all(n in str(err.value) for n in BUILTIN)
+
+
+def test_uncalibrated_local_says_so():
+    local = get_target("local")
+    assert local.calibrated is False and "uncalibrated" in local.description
+    assert local.threads == 1
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def test_conv_bn_relu_is_one_kernel():
+    fused = table_of(small_cnn()[:3], (1, 16, 28, 28))
+    conv_only = table_of(nn.Sequential(nn.Conv2d(16, 64, 3, padding=1, bias=False)), (1, 16, 28, 28))
+    for name in BUILTIN:
+        p = predict(fused, name)
+        by_op = {l.op: l for l in p.layers}
+        assert by_op["bn"].latency_ms == 0 and by_op["act"].latency_ms == 0
+        assert by_op["bn"].fused_into == by_op["conv"].name == by_op["act"].fused_into
+        # Same total as the conv alone: no extra kernel overheads or BN/ReLU passes.
+        assert p.latency_ms == pytest.approx(predict(conv_only, name).latency_ms, rel=1e-9)
+        assert p.latency_ms == pytest.approx(by_op["conv"].latency_ms + get_target(name).call_overhead_us / 1e3)
+
+
+def test_an_activation_with_a_second_reader_is_not_fused():
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.act(y) + y  # the conv output is read twice: no fusion, the add pays too
+
+    p = predict(table_of(TwoReaders(), (1, 8, 16, 16)), "mobile")
+    by_op = {l.op: l for l in p.layers}
+    assert by_op["act"].latency_ms > 0 and by_op["add"].latency_ms > 0
+
+
+def test_unfused_elementwise_ops_cost_traffic_and_overhead():
+    t = spec_table("builtin:digits-net")
+    p = predict(t, "mobile")
+    mobile = get_target("mobile")
+    concat = [l for l in p.layers if l.op == "concat"]
+    pools = [l for l in p.layers if l.op == "pool"]
+    assert concat and pools
+    assert all(l.latency_ms > mobile.elementwise_overhead_us / 1e3 for l in concat + pools)
+
+
+def test_int8_is_faster_only_where_the_isa_has_fast_int8():
+    t = spec_table("torchvision:resnet18")
+    speedup = {n: predict(t, n).latency_ms / predict(with_bits(t, 8), n).latency_ms for n in BUILTIN}
+    assert speedup["mobile"] > 1.5
+    assert speedup["x86-server"] > 1.5
+    assert 0.9 <= speedup["rpi4"] <= 1.2  # no dot product: only the smaller tensors help
+
+
+def test_pruning_half_the_channels_lowers_the_layer_latency():
+    from autocompress.compress import estimate
+    from autocompress.space.policy import Policy
+    from autocompress.space.space import build_space
+
+    lm = load_model("builtin:digits-net")
+    space = build_space(trace(lm.model, lm.input_shape), "builtin:digits-net")
+    decision = next(d for d in space.of_kind("prune") if 0.5 in d.choices)
+    base = estimate(space, Policy.identity(space))
+    pruned = estimate(space, Policy(space.model, space.fingerprint, {decision.id: 0.5}))
+    layer = base.by_target(decision.layers[0]).name
+    assert pruned[layer].out_ch < base[layer].out_ch
+    for name in BUILTIN:
+        before, after = predict(base, name), predict(pruned, name)
+        assert after.layer(layer).latency_ms < before.layer(layer).latency_ms
+        assert after.latency_ms < before.latency_ms
+
+
+def test_energy_decreases_with_bit_width():
+    t = spec_table("builtin:digits-net")
+    for name in BUILTIN:
+        energies = [predict(with_bits(t, b), name).energy_mj for b in (32, 16, 8, 4)]
+        assert all(a > b for a, b in zip(energies, energies[1:])), (name, energies)
+
+
+def test_four_bit_weights_cut_weight_memory_not_compute_class():
+    t = spec_table("builtin:digits-net")
+    w8, w4 = with_bits(t, 8), with_bits(t, 8)
+    for r in w4:
+        if r.op in ("conv", "linear"):
+            r.wbits = 4
+    p8, p4 = predict(w8, "mobile"), predict(w4, "mobile")
+    assert p4.weight_bytes < p8.weight_bytes
+    assert p4.latency_ms <= p8.latency_ms
+
+
+def test_depthwise_runs_at_a_lower_fraction_of_peak():
+    dense = table_of(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), (1, 64, 28, 28))
+    dw = table_of(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64)), (1, 64, 28, 28))
+    for name in BUILTIN:
+        rate = lambda tb: sum(r.macs for r in tb) / predict(tb, name).latency_ms  # noqa: E731
+        assert rate(dw) < rate(dense)
+
+
+def test_memory_footprint_comes_from_the_cost_table():
+    t = spec_table("builtin:digits-net")
+    totals = t.totals()
+    p = predict(t, "mobile")
+    assert p.weight_bytes == totals["weight_bytes"]
+    assert p.peak_activation_bytes == totals["peak_activation_bytes"]
+    assert len(p.layers) == len(t) and [l.name for l in p.layers] == [r.name for r in t]
+    assert sum(l.latency_ms for l in p.layers) + get_target("mobile").call_overhead_us / 1e3 == pytest.approx(p.latency_ms)
+    assert sum(l.energy_mj for l in p.layers) == pytest.approx(p.energy_mj)
+
+
+def test_gpu_batch_amortises_launch_overhead():
+    t = spec_table("torchvision:resnet18")
+    one, many = predict(t, "gpu", batch=1), predict(t, "gpu", batch=64)
+    assert many.latency_ms < 64 * one.latency_ms / 4  # small batches are overhead-bound
+    assert many.latency_ms > one.latency_ms
+    launches = sum(l.latency_ms > 0 for l in one.layers) * get_target("gpu").kernel_overhead_us / 1e3
+    assert launches > 0.3 * one.latency_ms
+
+
+@pytest.mark.parametrize("ref", PUBLISHED, ids=lambda r: f"{r.target}-{r.model.split(':')[1]}")
+def test_builtin_targets_match_published_measurements(ref):
+    t = with_bits(spec_table(ref.model), ref.bits)
+    pred = predict(t, ref.target, batch=ref.batch).latency_ms
+    assert abs(pred / ref.latency_ms - 1) <= TOLERANCE, (pred, ref.latency_ms, ref.source)
+
+
+def test_published_checks_cover_the_four_fixed_targets():
+    assert {r.target for r in PUBLISHED} == {"mobile", "rpi4", "x86-server", "gpu"}
+
+
+# ---- calibration from measured numbers ---------------------------------------------------------------
+
+def test_calibrate_from_csv_recovers_a_known_device(tmp_path):
+    truth = get_target("mobile").with_(
+        efficiency={"conv": 0.6, "pointwise": 0.5, "depthwise": 0.2, "grouped": 0.3, "linear": 0.4},
+        kernel_overhead_us=25.0, dram_gbs=7.0)
+    rows = ["op,in_ch,out_ch,kernel,stride,groups,hw,latency_ms"]
+    configs = [("conv", c, c, 3, s, 1, hw) for c, hw in ((16, 112), (32, 56), (64, 28), (128, 14), (256, 7)) for s in (1, 2)]
+    configs += [("conv", c, 2 * c, 1, 1, 1, hw) for c, hw in ((16, 112), (32, 56), (64, 28), (128, 14), (256, 7))]
+    configs += [("dwconv", c, c, 3, s, c, hw) for c, hw in ((64, 112), (128, 56), (256, 28), (512, 14)) for s in (1, 2)]
+    configs += [("linear", 1024, 1000, 1, 1, 1, 1), ("linear", 256, 10, 1, 1, 1, 1), ("add", 64, 64, 1, 1, 1, 56),
+                ("pool", 64, 64, 1, 2, 1, 112), ("concat", 32, 64, 1, 1, 1, 28)]
+    header = rows[0].split(",")
+    lines = [rows[0]]
+    for cfg in configs:
+        row = dict(zip(header, map(str, cfg)))
+        table, batch = layer_table(row, "test")
+        lines.append(",".join(map(str, cfg)) + f",{predict(table, truth, batch).latency_ms:.6f}")
+    csv_path = tmp_path / "measured.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    fitted, path = calibrate_from_csv(csv_path, name="mynpu", base="mobile")
+    assert path.is_file() and "mynpu" in target_names()
+    assert get_target("mynpu") == fitted and fitted.calibrated is True
+    assert fitted.fit["within_5"] >= 0.9
+    for s in read_csv_samples(csv_path):
+        assert predict(s.table, "mynpu").latency_ms == pytest.approx(s.measured_ms, rel=0.1)
+    assert fitted.efficiency["depthwise"] == pytest.approx(0.2, rel=0.25)
+    assert fitted.kernel_overhead_us == pytest.approx(25.0, rel=0.25)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("op,in_ch\nconv,3\n", "missing columns"),
+    ("op,in_ch,out_ch,kernel,stride,groups,hw,latency_ms\nmatmul,3,3,1,1,1,8,1.0\n", "not one of"),
+    ("op,in_ch,out_ch,kernel,stride,groups,hw,latency_ms\nconv,3,8,3,1,1,8,fast\n", "not a number"),
+])
+def test_bad_csv_is_a_user_error(tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(UserInputError, match=match):
+        calibrate_from_csv(p, name="bad", base="mobile")
+
+
+def test_fit_needs_enough_samples():
+    with pytest.raises(UserInputError, match="at least 4"):
+        fit_target(get_target("mobile"), [])
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+def test_targets_json_lists_the_five_names():
+    result = CliRunner().invoke(app, ["targets", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    names = [d["name"] for d in data]
+    assert set(BUILTIN) <= set(names)
+    assert all(d["description"] for d in data)
+    local = next(d for d in data if d["name"] == "local")
+    assert local["threads"] == 1 and local["calibrated"] is False
+    assert math.isclose(next(d for d in data if d["name"] == "rpi4")["dram_gbs"], 5.5)
+
+
+def test_targets_table_and_bad_calibrate_target():
+    runner = CliRunner()
+    table = runner.invoke(app, ["targets"])
+    assert table.exit_code == 0 and "x86-server" in table.output
+    bad = runner.invoke(app, ["calibrate", "--target", "mynpu"])
+    assert bad.exit_code == 2
+    assert "--from-csv" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -1,0 +1,81 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.errors import UserInputError
+from autocompress.export.onnx import export_onnx
+from autocompress.hwmodels import Measurement, measure_model, measure_onnx
+
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    return export_onnx(_tiny(), torch.randn(1, 3, 16, 16), tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+def _check(m: Measurement, runs: int, threads: int = 1) -> None:
+    assert m.runs == runs and m.threads == threads
+    assert 0 < m.min_ms <= m.median_ms <= m.p90_ms
+    assert m.mean_ms > 0 and m.cv >= 0
+    assert m.cpu_median_ms > 0
+
+
+def test_measure_onnx_statistics(tiny_onnx):
+    m = measure_onnx(tiny_onnx, threads=1, warmup=10, runs=50)
+    _check(m, 50)
+    assert m.median_ms < 50  # a 16x16 conv runs in well under 50 ms even on a busy machine
+    assert set(m.to_json()) >= {"median_ms", "p90_ms", "mean_ms", "cv", "runs", "threads"}
+
+
+def test_measure_batch_and_threads(tiny_onnx):
+    m = measure_onnx(tiny_onnx, threads=2, warmup=2, runs=12, batch=4)
+    _check(m, 12, threads=2)
+    assert m.batch == 4
+
+
+def test_measure_int8_qdq_file(tiny_onnx, tmp_path):
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"input": np.random.randn(1, 3, 16, 16).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    out = tmp_path / "tiny.int8.onnx"
+    quantize_static(str(tiny_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _check(measure_onnx(out, warmup=10, runs=20), 20)
+
+
+def test_measure_model_exports_and_times():
+    m = measure_model(_tiny(), torch.randn(1, 3, 16, 16), warmup=3, runs=15)
+    _check(m, 15)
+    assert m.batch == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"threads": 0}, {"warmup": -1}, {"batch": 0}])
+def test_bad_arguments_are_user_errors(tiny_onnx, kwargs):
+    with pytest.raises(UserInputError):
+        measure_onnx(tiny_onnx, **kwargs)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        measure_onnx(tmp_path / "nope.onnx")
+
+
+def test_importing_hwmodels_does_not_import_onnxruntime_or_ray():
+    code = ("import sys, autocompress, autocompress.hwmodels; "
+            "print('onnxruntime' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
