@@ -14,6 +14,7 @@ the written artifact, so it says exactly which requests are only simulated.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -101,8 +102,12 @@ def call_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 
 def _matches(path: str, node_name: str) -> bool:
+    """Whether the node's innermost scope names ``path`` (the exporter may add ``_1`` to repeated scopes)."""
     last = [p for p in node_name.split("/") if p][-2:-1]
-    return bool(last) and (path == last[0] or path.endswith("." + last[0]))
+    if not last:
+        return False
+    names = {last[0], re.sub(r"_\d+$", "", last[0])}
+    return any(path == n or path.endswith("." + n) for n in names)
 
 
 def layer_nodes(model_proto: Any, order: list[str] | None = None) -> dict[str, Any]:

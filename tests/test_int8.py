@@ -1,0 +1,103 @@
+"""int8 ONNX export: checker, ONNX Runtime, excluded layers stay float, accuracy close to fp32."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from autocompress.compress.quant import layer_bits
+from autocompress.evaluators import load_data, train
+from autocompress.export.int8 import export_int8, layer_nodes, module_path_of_node
+from autocompress.models.digits import DigitsNet
+from autocompress.space.graph import symbolic_trace
+
+SHAPE = (1, 1, 32, 32)
+SMALL = (1, 1, 16, 16)  # digits-net is fully convolutional; 16x16 trains 4x faster for the fixture
+
+
+@pytest.fixture(scope="module")
+def trained():
+    bundle = load_data("sklearn:digits", SMALL)
+    torch.manual_seed(0)
+    model = train(DigitsNet(), bundle, epochs=1, lr=3e-3, seed=0)
+    return model.eval(), bundle
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.numpy()})[0]
+
+
+def _feeding(proto, node):
+    """Op types producing a node's (input, weight)."""
+    prod = {o: n.op_type for n in proto.graph.node for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    return tuple("initializer" if i in inits else prod.get(i, "graph-input") for i in node.input[:2])
+
+
+def test_all_layers_int8_accuracy_within_one_point(trained, tmp_path):
+    model, bundle = trained
+    xv, yv = bundle.val.tensors
+    calib = bundle.train.tensors[0][:256]
+    bits = {p: (8, 8) for p in layer_bits(model)}
+    report = export_int8(model, calib[:1], calib, tmp_path / "m.int8.onnx", bits)
+    onnx.checker.check_model(str(report.path))
+    acc_fp32 = float((np.argmax(_run(report.fp32_path, xv), 1) == yv.numpy()).mean())
+    acc_int8 = float((np.argmax(_run(report.path, xv), 1) == yv.numpy()).mean())
+    assert acc_fp32 > 0.9  # the fixture model has learnt the task
+    assert abs(acc_int8 - acc_fp32) <= 0.01
+    assert all(l.realised == (8, 8) and not l.simulated_only for l in report.layers)
+    assert len(report.layers) == 18 and report.simulated_only == []
+
+
+def test_excluded_layers_stay_float_and_int4_is_reported(trained, tmp_path):
+    model, bundle = trained
+    calib = bundle.train.tensors[0][:128]
+    bits = {p: (8, 8) for p in layer_bits(model)}
+    bits.update({"inception1.branch1.0": (16, 8), "res.conv2": (8, 32), "fc2": (32, 32),
+                 "inception2.branch2.1.0": (4, 8)})
+    report = export_int8(model, calib[:1], calib, tmp_path / "mixed.onnx", bits)
+    proto = onnx.load(str(report.path))
+    onnx.checker.check_model(proto)
+    nodes = layer_nodes(proto)
+    by_path = {l.path: l for l in report.layers}
+    for path in ("inception1.branch1.0", "res.conv2", "fc2"):
+        assert nodes[path].name in report.excluded_nodes
+        assert _feeding(proto, nodes[path])[1] == "initializer"  # float weight, no DequantizeLinear
+        # the input is still 8-bit where the producing layer is quantised (its output carries Q/DQ)
+        assert by_path[path].realised == (32, 8) and by_path[path].simulated_only
+    assert _feeding(proto, nodes["res.conv1"]) == ("DequantizeLinear", "DequantizeLinear")
+    assert by_path["res.conv1"].realised == (8, 8)
+    int4 = by_path["inception2.branch2.1.0"]
+    assert int4.realised == ((4, 8) if report.int4_supported else (8, 8))
+    assert int4.simulated_only == (not report.int4_supported)
+    # three layers keep float weights: 18 - 3 weight DequantizeLinear nodes
+    weight_dq = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and _feeding(proto, n)[1] == "DequantizeLinear"]
+    assert len(weight_dq) == 15
+    xv = bundle.val.tensors[0][:200]
+    ref, out = _run(report.fp32_path, xv), _run(report.path, xv)
+    assert (np.argmax(ref, 1) == np.argmax(out, 1)).mean() >= 0.97
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_node_names_of_a_graph_module_map_to_their_modules(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    gm = symbolic_trace(model)
+    calib = torch.randn(8, *SHAPE[1:])
+    bits = {p: (8, 8) for p in layer_bits(gm)}
+    bits["inception2.branch1.0"] = (32, 32)  # its name collides with inception1's in the exported graph
+    report = export_int8(gm, calib[:1], calib, tmp_path / "gm.onnx", bits)
+    by_path = {l.path: l for l in report.layers}
+    assert by_path["inception2.branch1.0"].realised[0] == 32
+    assert by_path["inception1.branch1.0"].realised == (8, 8)
+    assert len({l.node for l in report.layers}) == 18
+
+
+def test_module_path_of_node_joins_scopes():
+    assert module_path_of_node("/layer1/layer1.0/conv1/Conv") == "layer1.0.conv1"
+    assert module_path_of_node("/inception1/branch2/branch2.0/branch2.0.0/Conv") == "inception1.branch2.0.0"
+    assert module_path_of_node("/fc1/Gemm") == "fc1"
+    assert module_path_of_node("Conv_0") is None
