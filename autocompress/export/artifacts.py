@@ -9,6 +9,7 @@ previous run left there, beyond replacing the same names).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -80,9 +81,18 @@ def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Pat
         from autocompress.export.int8 import export_int8
 
         calib = calibration if calibration is not None else torch.randn(16, *example_input.shape[1:])
-        report = export_int8(float_model, example_input, [calib[i:i + 8] for i in range(0, len(calib), 8)],
-                             folder / "model.int8.onnx", bits)
-        info["int8"] = report.to_json() if hasattr(report, "to_json") else str(report)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
+        try:
+            report = export_int8(float_model, example_input, [calib[i:i + 8] for i in range(0, len(calib), 8)],
+                                 folder / "model.int8.onnx", bits, fp32_path=folder / "model.onnx")
+        finally:
+            root.setLevel(level)
+        data = report.to_json()
+        for key in ("path", "fp32_path"):  # staging paths mean nothing once the folder is moved
+            data.pop(key, None)
+        info["int8"] = data
     save_pytorch(model, example_input, folder)
     return info
 

@@ -1,0 +1,198 @@
+"""The search end to end on a tiny model: outputs, resume after SIGKILL, impossible budgets, failing trials."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_cli
+
+TINY = textwrap.dedent('''
+    import os
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    INPUT_SHAPE = (1, 1, 16, 16)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.pool = nn.MaxPool2d(2)
+            self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(32)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            if os.environ.get("TINY_RAISE") and self.conv2.out_channels <= 16:
+                raise RuntimeError("this candidate cannot run")
+            x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+            x = torch.relu(self.bn2(self.conv2(x)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def model():
+        torch.manual_seed(0)
+        return Tiny()
+
+    def data():
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 4, (320,), generator=g)
+        x = torch.randn(320, 1, 16, 16, generator=g) * 0.5
+        x[:, :, : 8, : 8] += (y == 0).float()[:, None, None, None]
+        x[:, :, 8:, 8:] += (y == 1).float()[:, None, None, None]
+        x[:, :, :8, 8:] += (y == 2).float()[:, None, None, None]
+        return TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+
+    def failing_data():
+        # A data set whose labels break training for some candidates: out-of-range labels after index 200.
+        train, val = data()
+        if os.environ.get("TINY_FAIL"):
+            x, y = train.tensors
+            y = y.clone(); y[200:] = 99
+            return TensorDataset(x, y), val
+        return train, val
+''')
+
+FAST = ["--low-epochs", "0.5", "--full-epochs", "0.5", "--finalists", "1", "--no-measure"]
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    return path
+
+
+def _search_args(tiny: Path, out: Path, trials: int, budget: str = "0.9x", data: str = "data") -> list[str]:
+    return ["search", "--model", f"{tiny}:model", "--data", f"{tiny}:{data}", "--target", "mobile",
+            "--budget", budget, "--trials", str(trials), "--out", str(out), *FAST]
+
+
+def test_tiny_search_writes_every_output(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = run_cli(*_search_args(tiny, out, trials=4))
+    assert res.exit_code == 0, res.output
+    for name in ("policy.json", "model.onnx", "model.pt2", "model.state.pt", "result.json", "report.md",
+                 "pareto.png", "trials.csv"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "result.json").read_text())
+    assert result["target"] == "mobile"
+    assert result["feasible"] is True
+    assert result["best"]["latency_ms"] <= result["budget"]["latency_ms"] + 1e-9
+    assert result["budget"]["latency_ms"] == pytest.approx(0.9 * result["baseline"]["latency_ms"], rel=1e-6)
+    assert result["trials"]["complete"] == 4
+    for key in ("accuracy", "latency_ms", "energy_mj", "size_bytes", "macs"):
+        assert key in result["baseline"] and key in result["best"]
+    assert 0.0 <= result["best"]["accuracy"] <= 1.0
+    policy = json.loads((out / "policy.json").read_text())
+    assert policy["format"] == "autocompress.policy/1" and policy["fingerprint"] == result["fingerprint"]
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert sum(r["state"] == "COMPLETE" for r in rows) == 4
+    # The saved policy re-applies to the model through `apply`, with the same predicted latency.
+    res2 = run_cli("apply", "--model", f"{tiny}:model", "--policy", str(out / "policy.json"), "--out",
+                   str(tmp_path / "applied"))
+    assert res2.exit_code == 0, res2.output
+    applied = json.loads((tmp_path / "applied" / "result.json").read_text())
+    assert applied["best"]["latency_ms"] == pytest.approx(result["best"]["latency_ms"], rel=1e-9)
+
+
+def test_impossible_budget_names_the_lowest_reachable_cost(tiny: Path, tmp_path: Path) -> None:
+    res = run_cli(*_search_args(tiny, tmp_path / "out", trials=2, budget="1us"))
+    line = assert_one_line_error(res, "cannot be met", "lowest", "latency")
+    assert " ms" in line
+
+
+def test_bad_budget_and_target_are_one_line_errors(tiny: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli(*_search_args(tiny, tmp_path / "o1", 2, budget="fast")), "budget")
+    args = _search_args(tiny, tmp_path / "o2", 2)
+    args[args.index("mobile")] = "toaster"
+    assert_one_line_error(run_cli(*args), "toaster", "mobile")
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TINY_FAIL", "1")
+    out = tmp_path / "out"
+    res = run_cli(*_search_args(tiny, out, trials=3, data="failing_data"))
+    # Every candidate fails on the corrupt labels: the search says so instead of inventing a result.
+    assert res.exit_code == 1, res.output
+    assert "no candidate could be evaluated" in res.stderr
+    from autocompress.search.core import make_storage
+    import optuna
+
+    storage = make_storage(None, out)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 3
+    assert all("fail_reason" in t.user_attrs and t.user_attrs["fail_reason"] for t in failed)
+
+
+def test_a_raising_trial_is_failed_with_its_reason_and_the_search_goes_on(tiny: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setenv("TINY_RAISE", "1")
+    out = tmp_path / "out"
+    res = run_cli(*_search_args(tiny, out, trials=6))
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["trials"]["failed"] >= 1 and result["trials"]["complete"] >= 1
+    assert result["trials"]["failed"] + result["trials"]["complete"] == 6
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    reasons = [r["fail_reason"] for r in rows if r["state"] == "FAIL"]
+    assert reasons and all("cannot run" in r for r in reasons)
+    chosen = json.loads((out / "policy.json").read_text())["decisions"]
+    assert chosen.get("prune:conv2", 0.0) < 0.5
+
+
+def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "autocompress.cli.main", *_search_args(tiny, out, trials=6)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    import optuna
+    from autocompress.search.core import make_storage
+
+    deadline = time.time() + 240
+    done_before: dict[int, dict] = {}
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if not (out / "study.journal").exists():
+                continue
+            storage = make_storage(None, out)
+            names = optuna.get_all_study_names(storage)
+            if not names:
+                continue
+            study = optuna.load_study(study_name=names[0], storage=storage)
+            complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+            if len(complete) >= 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        else:
+            pytest.fail("the search did not complete two trials in time")
+    finally:
+        proc.wait(timeout=30)
+    study = optuna.load_study(study_name=names[0], storage=make_storage(None, out))
+    done_before = {t.number: t.params for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(done_before) >= 2
+    assert not (out / "result.json").exists()
+
+    res = run_cli(*_search_args(tiny, out, trials=6))
+    assert res.exit_code == 0, res.output
+    study = optuna.load_study(study_name=names[0], storage=make_storage(None, out))
+    after = {t.number: t.params for t in study.trials if t.state.name == "COMPLETE"}
+    for number, params in done_before.items():
+        assert after[number] == params  # nothing completed before the kill was lost or redone
+    result = json.loads((out / "result.json").read_text())
+    evaluated = result["trials"]["complete"] + result["trials"]["failed"]
+    assert evaluated >= 6 and result["trials"]["complete"] >= 6 - result["trials"]["failed"]
