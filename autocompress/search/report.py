@@ -77,6 +77,30 @@ def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number
     return front
 
 
+def per_layer_table(space: Any, decisions: dict) -> list[str]:
+    """Markdown rows: one per layer that any chosen decision touches, one column per kind."""
+    kinds = ("prune", "rank", "wbits", "abits", "merge", "branch")
+    rows: dict[str, dict[str, str]] = {}
+    for d in space.decisions:
+        if d.id not in decisions:
+            continue
+        value = str(decisions[d.id])
+        if d.kind in ("merge", "branch"):
+            value = d.id.split(":")[1] if d.kind == "merge" else {1: "fuse", 2: "absorb"}.get(decisions[d.id], value)
+        if d.kind == "prune":
+            root = d.info.get("root", d.layers[0])
+            for layer, side, _ in d.info.get("deps", [(p, "out", 1.0) for p in d.layers]):
+                text = value if layer == root else (f"in {value}" if side == "in" else f"({value})")
+                cell = rows.setdefault(layer, {})
+                cell["prune"] = ", ".join(x for x in (cell.get("prune"), text) if x)
+            continue
+        rows.setdefault(d.layers[0], {})[d.kind] = value
+    out = ["| layer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for layer, cells in rows.items():
+        out.append(f"| `{layer}` | " + " | ".join(cells.get(k, "") for k in kinds) + " |")
+    return out
+
+
 def write_report(path: Path, result: dict, search: Any, front: list, decisions: dict) -> None:
     b, s = result["baseline"], result["best"]
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
@@ -96,12 +120,19 @@ def write_report(path: Path, result: dict, search: Any, front: list, decisions: 
         lines.append(f"| {label} | {_fmt(bv, nd)} | {_fmt(sv, nd)} | {change} |")
     if "measured_latency_ms_local_int8" in s:
         lines.append(f"| measured latency, local ONNX Runtime int8 (ms) | | {_fmt(s['measured_latency_ms_local_int8'])} | |")
-    lines += ["", "## Chosen decisions", "", "Decisions not listed keep their identity.", "",
-              "| decision | kind | choice |", "|---|---|---|"]
-    for k, v in sorted(decisions.items()):
-        lines.append(f"| `{k}` | {k.split(':')[0]} | {v} |")
+    lines += ["", "## Chosen decisions per layer", "",
+              "Prune ratios apply to a layer's coupled channel group (all layers that must keep the same "
+              "width); blank cells keep the identity.", ""]
+    lines += per_layer_table(search.space, decisions)
+    lines += ["", "The root layer of a coupled channel group shows its prune ratio; the other members show it in "
+              "brackets, or after `in` where only their input channels shrink."]
     if result.get("int8"):
-        lines += ["", "## Bit-widths: realised vs simulated", "", "```", json.dumps(result["int8"], indent=1)[:4000], "```"]
+        lines += ["", "## Bit-widths: realised in model.int8.onnx vs simulated", "",
+                  "| layer | requested w/a | realised w/a | simulated only |", "|---|---|---|---|"]
+        for row in result["int8"].get("layers", []):
+            req, real = row.get("requested", {}), row.get("realised", {})
+            lines.append(f"| `{row.get('layer')}` | {req.get('wbits')}/{req.get('abits')} | "
+                         f"{real.get('wbits')}/{real.get('abits')} | {'yes' if row.get('simulated_only') else 'no'} |")
     lines += ["", "## Pareto front (low-fidelity accuracy vs predicted latency)", "",
               "| trial | latency (ms) | accuracy |", "|---:|---:|---:|"]
     lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
