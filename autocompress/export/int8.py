@@ -13,6 +13,7 @@ the written artifact, so it says exactly which requests are only simulated.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -271,6 +272,9 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
     tmp = path.with_name(path.name + ".tmp")
     if quantised:
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger; the library stays quiet
         try:
             quantize_static(str(fp32), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -282,6 +286,8 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
             tmp.unlink(missing_ok=True)
             raise AutocompressError(f"int8 quantisation failed: {type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        finally:
+            root.setLevel(level)
         os.replace(tmp, path)
     else:  # nothing at 8 bits or fewer: the artifact is the float model
         onnx.save(proto, str(path))
