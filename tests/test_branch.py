@@ -162,3 +162,14 @@ def test_onnx_export_matches_pytorch(spec, choices, tmp_path):
     with torch.no_grad():
         want = out(x).numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("choice", [1, 2])
+def test_merged_models_train(choice):
+    """Fine-tuning runs backward through fused slices read by in-place ReLUs and trains every folded bias."""
+    space = space_of(DIGITS, kinds=("merge", "branch"))
+    out = apply(fresh(DIGITS), policy(space, lambda d: choice if d.kind == "branch" else 1), space).train()
+    loss = out(torch.randn(4, 1, 32, 32)).square().mean()
+    loss.backward()
+    grads = [p.grad for p in out.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from autocompress.space.costs import CostTable, LayerCost
 from autocompress.space.graph import symbolic_trace
@@ -54,6 +55,14 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
 
 
+def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """``layer`` with ``bn`` folded in (eval-mode statistics); the new bias trains like the weight."""
+    fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval
+    fused = fuse(layer.eval(), bn.eval())
+    fused.bias.requires_grad_(fused.weight.requires_grad)  # torch leaves a bias it created frozen
+    return fused
+
+
 def set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
@@ -63,6 +72,18 @@ def bypass(gm: fx.GraphModule, node: fx.Node) -> None:
     """Remove a one-input node, its users reading its input instead."""
     node.replace_all_uses_with(node.all_input_nodes[0])
     gm.graph.erase_node(node)
+
+
+def not_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make ``node``'s readers compute out of place (same values; a view's base stays intact)."""
+    for user in list(node.users):
+        mod = module_of(gm, user)
+        if mod is not None and getattr(mod, "inplace", False):
+            mod.inplace = False
+        elif user.op == "call_function" and user.kwargs.get("inplace"):
+            user.kwargs = {**user.kwargs, "inplace": False}
+        elif user.op == "call_method" and str(user.target).endswith("_") and not str(user.target).startswith("_"):
+            user.target = str(user.target)[:-1]
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

@@ -9,7 +9,7 @@ shared by the block's layers. Choices, offered only where they apply:
 - 0: identity.
 - 1: exact horizontal fusion. The branches' first convs that read the shared
   tensor with the same kernel, stride, padding and dilation (groups 1) become
-  one wider conv at the first member's path, whose output is split back into
+  one wider conv at the first member's path, whose output is sliced back into
   the branches. Each member's BatchNorm is folded into the fused conv first
   (exact in eval mode); the other members' paths disappear.
 - 2: DeepRebirth branch absorption (lossy, concat blocks only). Small branches
@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from autocompress.compress import _fx_utils as fxu
 from autocompress.compress.base import ApplyContext, Chosen, Primitive
@@ -221,21 +220,23 @@ def _fuse(gm: fx.GraphModule, d: Decision, group: tuple, ctx: ApplyContext) -> N
     for i, (m, (_, path, _, _)) in enumerate(zip(members, group)):
         bn = fxu.only_user(m)
         if bn is not None and isinstance(fxu.module_of(gm, bn), nn.BatchNorm2d):
-            convs[i] = fuse_conv_bn_eval(convs[i].eval(), fxu.module_of(gm, bn).eval())
+            convs[i] = fxu.fold_bn(convs[i], fxu.module_of(gm, bn))
             fxu.bypass(gm, bn)
     fxu.set_module(gm, group[0][1], _wide_conv(convs))
     source = members[0].all_input_nodes[0]
     graph = gm.graph
     with graph.inserting_after(source):
         fused = graph.call_module(group[0][1], (source,))
-    with graph.inserting_after(fused):
-        split = graph.call_function(torch.split, (fused, [c.out_channels for c in convs]), {"dim": 1})
-    prev = split
-    for i, m in enumerate(members):
+    # The slices share one tensor: an in-place activation on one of them would invalidate what
+    # autograd saved for the others, so their readers are made to work out of place.
+    prev, start = fused, 0
+    for m, conv in zip(members, convs):
         with graph.inserting_after(prev):
-            prev = graph.call_function(operator.getitem, (split, i))
+            prev = graph.call_function(operator.getitem, (fused, (slice(None), slice(start, start + conv.out_channels))))
+        start += conv.out_channels
         m.replace_all_uses_with(prev)
         graph.erase_node(m)
+        fxu.not_in_place(gm, prev)
 
 
 def _wide_conv(convs: list[nn.Conv2d]) -> nn.Conv2d:

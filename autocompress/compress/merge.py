@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from autocompress.compress import _fx_utils as fxu
 from autocompress.compress.base import ApplyContext, Chosen, Primitive
@@ -242,8 +241,7 @@ def _fold_bn(gm: fx.GraphModule, d: Decision, ctx: ApplyContext) -> None:
         ctx.notes.append(f"{d.id}: skipped, the layer is no longer followed by its BatchNorm")
         return
     mod, bn_mod = fxu.module_of(gm, layer), fxu.module_of(gm, bn)
-    fuse = fuse_conv_bn_eval if isinstance(mod, nn.Conv2d) else fuse_linear_bn_eval
-    fxu.set_module(gm, d.info["path"], fuse(mod.eval(), bn_mod.eval()))
+    fxu.set_module(gm, d.info["path"], fxu.fold_bn(mod, bn_mod))
     fxu.bypass(gm, bn)
 
 
