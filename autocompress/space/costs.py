@@ -8,7 +8,6 @@ Hardware models (``hwmodels``) read the same table to predict latency and energy
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -118,7 +117,11 @@ class CostTable:
         return cls(rows, input_numel)
 
     def copy(self) -> "CostTable":
-        return copy.deepcopy(self)
+        """An independent copy; one per candidate policy, so it is a flat per-row copy, not a deepcopy."""
+        new = CostTable.__new__(CostTable)
+        new.__dict__.update(self.__dict__)
+        new._layers = {name: _copy_row(l) for name, l in self._layers.items()}
+        return new
 
     def __iter__(self) -> Iterator[LayerCost]:
         return iter(self._layers.values())
@@ -149,22 +152,35 @@ class CostTable:
 
     def insert_after(self, after: str, row: LayerCost) -> None:
         """Insert ``row`` behind ``after``; consumers of ``after`` now read ``row``."""
+        if after not in self._layers:
+            raise ValueError(f"{after!r} is not a row of the table")
         for l in self._layers.values():
-            l.inputs = [row.name if x == after else x for x in l.inputs]
+            if after in l.inputs:
+                l.inputs = [row.name if x == after else x for x in l.inputs]
         row.inputs = [after]
-        items = list(self._layers.items())
-        i = [k for k, _ in items].index(after)
-        items.insert(i + 1, (row.name, row))
-        self._layers = dict(items)
+        layers: dict[str, LayerCost] = {}
+        for name, l in self._layers.items():
+            layers[name] = l
+            if name == after:
+                layers[row.name] = row
+        self._layers = layers
 
     def consumers(self, name: str) -> list[LayerCost]:
         return [l for l in self._layers.values() if name in l.inputs]
 
     def totals(self) -> dict[str, float]:
+        macs = params = 0
+        weight_bytes = 0.0
+        for l in self._layers.values():  # one pass: this runs once per candidate policy
+            macs += l.macs
+            p = l.params
+            params += p
+            n = l.weight_numel
+            weight_bytes += n * l.wbits / 8 + (p - n) * 4
         return {
-            "macs": sum(l.macs for l in self),
-            "params": sum(l.params for l in self),
-            "weight_bytes": int(sum(l.weight_bytes for l in self)),
+            "macs": macs,
+            "params": params,
+            "weight_bytes": int(weight_bytes),
             "peak_activation_bytes": self.peak_activation_bytes(),
         }
 
@@ -179,20 +195,27 @@ class CostTable:
 
     def peak_activation_bytes(self) -> int:
         """Largest sum of live tensors over the execution order (a tensor lives until its last reader)."""
-        order = list(self._layers)
-        pos = {n: i for i, n in enumerate(order)}
+        rows = list(self._layers.values())
         last_use: dict[str, int] = {}
-        for i, l in enumerate(self):
+        for i, l in enumerate(rows):
             for src in l.inputs:
-                last_use[src] = max(last_use.get(src, -1), i)
+                last_use[src] = i  # rows run in order, so the last assignment is the last reader
         bits = self.activation_bits()
-        live: dict[str, int] = {}
-        peak = 0
-        for i, l in enumerate(self):
+        dies: dict[int, int] = {}  # step -> bytes freed after it
+        live = peak = 0
+        for i, l in enumerate(rows):
             size = int(l.out_numel * bits.get(l.name, FLOAT_BITS) / 8)
-            live[l.name] = size
-            peak = max(peak, sum(live.values()))
-            for src in list(live):
-                if last_use.get(src, pos[src]) <= i:
-                    del live[src]
+            live += size
+            peak = max(peak, live)
+            end = max(i, last_use.get(l.name, i))
+            dies[end] = dies.get(end, 0) + size
+            live -= dies.pop(i, 0)
         return peak
+
+
+def _copy_row(row: LayerCost) -> LayerCost:
+    """A copy of ``row`` sharing only immutable values (tuples, strings, numbers)."""
+    new = object.__new__(LayerCost)
+    new.__dict__.update(row.__dict__)
+    new.inputs = list(row.inputs)
+    return new
