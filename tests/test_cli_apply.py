@@ -135,6 +135,15 @@ def test_same_policy_on_another_checkpoint(applied, tmp_path):
     assert any(torch.equal(kept[:, 0], other.fc2.weight.detach()[:, j]) for j in range(128))
 
 
+def test_no_int8_file_without_8_bit_layers(tmp_path):
+    space = workspace(SPEC).space
+    policy = Policy(space.model, space.fingerprint, {"prune:fc1": 0.5, "wbits:fc2": 16}, space.options)
+    result = _apply(tmp_path, tmp_path / "out", policy=policy)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "model.onnx" in names and not any("int8" in n for n in names)
+
+
 def _state_of(folder: Path) -> dict[str, bytes] | None:
     if not folder.exists():
         return None

@@ -90,6 +90,19 @@ def test_profile_under_a_policy(tmp_path):
     assert bits["layer1.0.conv1"] == (8, 32)
 
 
+def test_space_at_the_default_shape():
+    result = run_cli("space", "--model", "torchvision:resnet18", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["input_shape"] == [1, 3, 224, 224]
+    assert data["fingerprint"] == workspace("torchvision:resnet18").space.fingerprint
+    small = workspace("torchvision:resnet18", SMALL_SHAPE).space
+    assert data["fingerprint"] != small.fingerprint  # the input size is part of the architecture
+    # ids do not depend on the input size where the decision does not
+    ids = {d["id"] for d in data["decisions"] if d["kind"] in ("prune", "rank", "wbits", "abits")}
+    assert ids == {d.id for d in small.decisions if d.kind in ("prune", "rank", "wbits", "abits")}
+
+
 def test_human_readable_tables():
     result = run_cli("profile", "--model", "builtin:digits-net")
     assert result.exit_code == 0 and "total" in result.stdout and "stem.0.0" in result.stdout
