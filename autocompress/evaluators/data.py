@@ -153,9 +153,23 @@ def _from_file(path: str, factory: str, input_shape: tuple[int, ...]) -> DataBun
     if tuple(torch.as_tensor(x0).shape) != want:
         raise DataError(f"{spec_text}: samples have shape {list(torch.as_tensor(x0).shape)} but the model "
                         f"takes {list(want)}; resize in the factory or pass --input-shape")
-    labels = {int(train[i][1]) for i in range(len(train))} | {int(val[i][1]) for i in range(len(val))}
-    num_classes = int(getattr(train, "num_classes", 0) or max(labels) + 1)
-    return DataBundle(train, val, num_classes, spec_text)
+    return DataBundle(train, val, _num_classes(train, val), spec_text)
+
+
+def _num_classes(train: Dataset, val: Dataset) -> int:
+    """From a ``num_classes`` or ``classes`` attribute, else the largest label + 1 (reads every label)."""
+    for ds in (train, val):
+        if getattr(ds, "num_classes", None):
+            return int(ds.num_classes)
+        if getattr(ds, "classes", None):
+            return len(ds.classes)
+    top = 0
+    for ds in (train, val):
+        if isinstance(ds, TensorDataset):
+            top = max(top, int(ds.tensors[1].max()))
+        else:
+            top = max(top, max(int(ds[i][1]) for i in range(len(ds))))
+    return top + 1
 
 
 def load_data(spec: str, input_shape: tuple[int, ...]) -> DataBundle:
