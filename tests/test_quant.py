@@ -163,3 +163,21 @@ def test_calibration_sets_min_max_and_training_widens_it():
     model.eval()
     model(torch.full((1, 4), 9.0))
     assert layer.act_max.item() == 5.0
+
+
+def test_fake_quant_model_exports_to_onnx_in_eval_mode(tmp_path):
+    import onnxruntime as ort
+
+    from autocompress.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d(3, 8, 3, wbits=4, abits=8), nn.ReLU(), nn.Flatten(),
+                          QuantLinear(8 * 6 * 6, 5, wbits=16, abits=16)).eval()
+    calibrate_activations(model, [torch.randn(16, 3, 8, 8)])
+    x = torch.randn(4, 3, 8, 8)
+    path = export_onnx(model, x[:1], tmp_path / "fq.onnx")
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    # rounding ties may land one step apart between the two runtimes: allow a few quantisation steps
+    assert abs(out - ref).max() <= 0.05 * abs(ref).max()
