@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from autocompress.errors import InfeasibleBudgetError, TrialFailed, UserInputError
+from autocompress.search import workers
 from autocompress.search.space_params import ParamSpace, cost_fn, extreme_policies, repair, uniform_policies
 from autocompress.space.policy import Policy
 
@@ -91,7 +94,7 @@ def study_name_for(space_fp: str, config: SearchConfig) -> str:
 def make_storage(storage: str | None, out: Path) -> Any:
     if storage:
         if storage.startswith(("sqlite:", "postgresql", "mysql")):
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+            return workers.rdb_storage(storage)
         if storage.endswith(".journal") or storage.endswith(".log"):
             return _journal(Path(storage))
         raise UserInputError(f"bad --storage {storage!r}: give sqlite:///FILE, postgresql://..., or FILE.journal")
@@ -122,7 +125,8 @@ class Search:
     """One search over a workspace; ``run`` drives Optuna through ask/tell."""
 
     def __init__(self, ws: Any, evaluator: Any, config: SearchConfig, *, storage: Any, study_name: str | None = None,
-                 warm_start: Policy | None = None, callback: Callable[[TrialEvent], None] | None = None) -> None:
+                 warm_start: Policy | None = None, callback: Callable[[TrialEvent], None] | None = None,
+                 worker: str | None = None) -> None:
         from autocompress.hwmodels import parse_budget
 
         self.ws, self.evaluator, self.config, self.callback = ws, evaluator, config, callback or (lambda e: None)
@@ -142,6 +146,26 @@ class Search:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(list(config.objectives))
         self.warm_start = warm_start
+        # Who owns a RUNNING trial: a restarted worker (same host, same output folder) knows its dead
+        # predecessor's trials by this name and fails them at once instead of waiting for heartbeats.
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- several workers on one RDB study (see workers.py) ------------------------------------------
+    def _rdb(self) -> Any:
+        return workers.rdb_backend(self.study)
+
+    def _fresh_trials(self) -> list[optuna.trial.FrozenTrial]:
+        return workers.fresh_trials(self.study)
+
+    def _claim(self, trial: optuna.Trial) -> bool:
+        """Take one of the ``trials`` slots for this candidate; False when other workers took the last ones."""
+        if self._rdb() is None:
+            return True
+        with workers.study_lock(self.study):
+            if workers.taken(self._fresh_trials()) >= self.config.trials:
+                return False
+            trial.set_user_attr("claimed", True)
+            return True
 
     # -- budget -------------------------------------------------------------------------------
     def violations(self, c: dict[str, Any]) -> dict[str, float]:
@@ -173,7 +197,7 @@ class Search:
 
     # -- the loop -----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self._fresh_trials()
         return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
                 "failed": sum(t.state == TrialState.FAIL for t in trials),
                 "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
@@ -183,23 +207,32 @@ class Search:
         return c["complete"] + c["failed"]
 
     def _recover_stale(self) -> None:
-        """Trials left RUNNING by a killed process are marked failed, so the count stays honest."""
+        """Trials left RUNNING by a killed process are marked failed, so the count stays honest.
+
+        A journal file belongs to one process, so every RUNNING trial in it is stale. An RDB study may
+        be shared by live workers: there only trials whose heartbeats stopped are failed."""
+        rdb = self._rdb() is not None
+        if rdb:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("owner") != id(self):
+            if not rdb or t.user_attrs.get("owner") == self.worker:
                 try:
+                    self.study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
                     self.study.tell(t.number, state=TrialState.FAIL)
-                    self.study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "interrupted")
                 except Exception:
                     pass
 
     def _enqueue_starts(self) -> None:
-        if self.study.get_trials(deepcopy=False):
-            return
-        starts = [self.warm_start] if self.warm_start else []
-        if self.config.seeds:
-            starts += uniform_policies(self.space)
-        for p in starts:
-            self.study.enqueue_trial(self.params.to_params(p), user_attrs={"origin": "warm-start" if p is self.warm_start else "uniform"})
+        with workers.study_lock(self.study):  # two workers starting together enqueue the seeds once
+            if self._fresh_trials():
+                return
+            starts = [self.warm_start] if self.warm_start else []
+            if self.config.seeds:
+                starts += uniform_policies(self.space)
+            for p in starts:
+                self.study.enqueue_trial(self.params.to_params(p), user_attrs={"origin": "warm-start" if p is self.warm_start else "uniform"})
 
     def best_accuracy(self) -> float | None:
         accs = [t.values[0] for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -211,9 +244,15 @@ class Search:
         total = self.config.trials
         asks = 0
         while self._evaluated() < total and asks < 50 * total:
+            if self._rdb() is not None and self._evaluated() + workers.in_flight(self._fresh_trials(), self.worker) >= total:
+                time.sleep(min(5.0, workers.heartbeat_interval(self.study) or 5))  # others fine-tune the last slots
+                self._recover_stale()
+                continue
             asks += 1
-            trial = self.study.ask(self.distributions)
-            trial.set_user_attr("owner", id(self))
+            with warnings.catch_warnings():  # heartbeats are sent by workers.heartbeat below, not by ``optimize``
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask(self.distributions)
+            trial.set_user_attr("owner", self.worker)
             policy = self.params.to_policy(trial.params)
             costs = self.costs(policy)
             if self.violations(costs):
@@ -226,7 +265,12 @@ class Search:
                     self.study.enqueue_trial(self.params.to_params(fixed), user_attrs={"origin": f"repair of {trial.number}"})
                 self.callback(TrialEvent(trial.number, "pruned", self._evaluated(), total, self.best_accuracy(), "screen"))
                 continue
-            self._evaluate(trial, policy, costs)
+            if not self._claim(trial):
+                trial.set_user_attr("reason", f"not fine-tuned: other workers took the last of the {total} trials")
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            with workers.heartbeat(self.study, trial):
+                self._evaluate(trial, policy, costs)
         self._finalise()
 
     def _evaluate(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:

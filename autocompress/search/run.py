@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +47,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     evaluator = CandidateEvaluator(ws, bundle, seed=config.seed)
     out = Path(out)
     search = Search(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
-                    warm_start=warm, callback=callback)
+                    warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
     phase("measuring the baseline")
     base_acc = evaluator.baseline()
     phase("searching")

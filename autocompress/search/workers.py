@@ -1,0 +1,137 @@
+"""Several search processes on one Optuna study in an RDB (Optuna's distributed mode).
+
+Each worker asks and tells on the shared storage. What Optuna leaves to the
+caller lives here: a PostgreSQL advisory lock around the few check-then-act
+steps (enqueueing the seeds once, taking one of the ``trials`` slots), reads
+that bypass the per-process trial cache, and heartbeats for ask/tell trials
+(Optuna records them only inside ``Study.optimize``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import random
+import threading
+import time
+from typing import Any, Iterator
+
+import optuna
+
+from autocompress.errors import UserInputError
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between heartbeats on RDB storage (``AUTOCOMPRESS_HEARTBEAT_S``, default 60); stale after three."""
+    raw = os.environ.get("AUTOCOMPRESS_HEARTBEAT_S", "60")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserInputError(f"AUTOCOMPRESS_HEARTBEAT_S must be a whole number of seconds, got {raw!r}") from None
+    if value < 1:
+        raise UserInputError(f"AUTOCOMPRESS_HEARTBEAT_S must be at least 1, got {value}")
+    return value
+
+
+def pg_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads ``postgresql://`` as psycopg 3; use psycopg2 where only that is installed."""
+    if url.startswith("postgresql://") and not importlib.util.find_spec("psycopg") and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats; tolerant of workers that create the schema of a fresh database together."""
+    import warnings
+
+    beat = heartbeat_seconds()
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(pg_driver(url), heartbeat_interval=beat, grace_period=3 * beat)
+        except Exception as exc:  # sqlalchemy IntegrityError/ProgrammingError from the concurrent CREATE TABLEs
+            if attempt == 4 or "already exists" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def rdb_backend(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    backend = getattr(study._storage, "_backend", study._storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
+def fresh_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every trial as the database holds it now, other workers' attributes included."""
+    rdb = rdb_backend(study)
+    if rdb is None:
+        return study.get_trials(deepcopy=False)
+    return rdb.get_all_trials(study._study_id, deepcopy=False)
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study) -> Iterator[None]:
+    """Serialise a check-then-act step between processes sharing a PostgreSQL study.
+
+    A session-level advisory lock: PostgreSQL releases it if the holder dies.
+    Other storages have one process per study, so nothing needs locking.
+    """
+    rdb = rdb_backend(study)
+    if rdb is None or rdb.engine.dialect.name != "postgresql":
+        yield
+        return
+    from sqlalchemy import text
+
+    key = int(hashlib.sha1(study.study_name.encode()).hexdigest()[:15], 16)
+    with rdb.engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+
+def heartbeat_interval(study: optuna.Study) -> int | None:
+    storage = study._storage
+    return storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat every interval while the block runs, so others see it is alive."""
+    interval = heartbeat_interval(study)
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat only risks a late stale check
+                study._storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def in_flight(trials: list[Any], owner: str) -> int:
+    """Trials other workers have claimed for fine-tuning and not yet told."""
+    return sum(t.state == optuna.trial.TrialState.RUNNING and bool(t.user_attrs.get("claimed"))
+               and t.user_attrs.get("owner") != owner for t in trials)
+
+
+def taken(trials: list[Any]) -> int:
+    """Slots of the ``trials`` total used so far: evaluated, or claimed and being fine-tuned."""
+    state = optuna.trial.TrialState
+    return sum(t.state in (state.COMPLETE, state.FAIL) or (t.state == state.RUNNING and bool(t.user_attrs.get("claimed")))
+               for t in trials)

@@ -1,0 +1,238 @@
+"""Helpers for the cluster tests: a tiny model and data set, a real PostgreSQL server, a real Ray cluster.
+
+Everything binds to 127.0.0.1 and keeps its files in folders the caller owns,
+so the tests never touch a shared /tmp/ray or a system database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "autocompress")
+RAY = str(VENV_BIN / "ray")
+
+TINY_MODEL = '''
+import os
+
+import torch
+from torch import nn
+
+INPUT_SHAPE = (1, 1, 16, 16)
+
+
+def probe(x):
+    """Identity on the full model; with AC_FAULT set, conv2 pruned to half or less fails the candidate."""
+    mode = os.environ.get("AC_FAULT", "")
+    if mode and x.shape[1] <= 8:
+        if mode == "raise":
+            raise RuntimeError("injected fault: conv2 pruned to half")
+        if mode == "nan":
+            return x * float("nan")
+    return x
+
+
+torch.fx.wrap("probe")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = probe(torch.relu(self.bn2(self.conv2(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Tiny()
+'''
+
+TINY_DATA = '''
+import torch
+from torch.utils.data import TensorDataset
+
+
+def blobs():
+    """Four classes of 16x16 images: a bright quadrant plus noise (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 320
+    y = torch.arange(n) % 4
+    x = 0.3 * torch.randn(n, 1, 16, 16, generator=gen)
+    for i in range(n):
+        r, c = divmod(int(y[i]), 2)
+        x[i, 0, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 1.0
+    return TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+'''
+
+
+def write_factories(folder: Path) -> tuple[str, str]:
+    """The tiny model and data files; returns their ``--model`` and ``--data`` specs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_model.py").write_text(TINY_MODEL)
+    (folder / "tiny_data.py").write_text(TINY_DATA)
+    return f"{folder / 'tiny_model.py'}:tiny", f"{folder / 'tiny_data.py'}:blobs"
+
+
+def search_args(model: str, data: str, out: Path, trials: int, *extra: str) -> list[str]:
+    """A fast ``autocompress search`` command line for the tiny model."""
+    return [CLI, "search", "--model", model, "--data", data, "--target", "mobile", "--budget", "0.0008MB",
+            "--trials", str(trials), "--low-epochs", "0.5", "--full-epochs", "0.5", "--finalists", "1",
+            "--no-measure", "--out", str(out), *extra]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("AUTOCOMPRESS_CACHE", tempfile.mkdtemp(prefix="ac-cache-"))
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything it spawned."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _pg_user() -> list[str]:
+    """PostgreSQL refuses to run as root: run its binaries as the ``postgres`` user then."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+class Postgres:
+    """A throwaway server: initdb in a private folder, TCP on 127.0.0.1 only, socket in that folder."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="ac-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/autocompress"
+
+    @staticmethod
+    def _pg(name: str) -> Path:
+        return PG_BIN / name
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*_pg_user(), *cmd], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> "Postgres":
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        data = self.root / "data"
+        self._run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=50"
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(self.root / "log"), "-o", opts, "-w", "start")
+        self._run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "autocompress")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- Ray ------------------------------------------------------------------------------------------
+class RayCluster:
+    """A head node and worker nodes started with ``ray start`` on 127.0.0.1.
+
+    Session files go to a private short folder (Unix socket paths must stay
+    under ~100 characters); the dashboard is off. Each worker node runs
+    ``ray start --block`` in its own process group, so killing that group
+    kills exactly that node.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.temp = Path(tempfile.mkdtemp(prefix="acray-", dir="/tmp"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        token = self.temp / "auth_token"  # a private token instead of the shared ~/.ray/auth_token
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env = dict(env, RAY_TMPDIR=str(self.temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        self.workers: list[subprocess.Popen] = []
+        self.head: subprocess.Popen | None = None
+
+    def _common(self) -> list[str]:
+        return ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000", "--block"]
+
+    def start(self, workers: int = 1) -> "RayCluster":
+        self.head = subprocess.Popen(
+            [RAY, "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false",
+             "--disable-usage-stats", *self._common()],
+            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_nodes(1)
+        for _ in range(workers):
+            self.add_worker()
+        return self
+
+    def add_worker(self) -> subprocess.Popen:
+        proc = subprocess.Popen([RAY, "start", f"--address={self.address}", *self._common()], env=self.env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.workers.append(proc)
+        self._wait_nodes(1 + len(self.workers))
+        return proc
+
+    def alive_nodes(self) -> int:
+        code = ("import ray, json; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
+                "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))" % self.address)
+        res = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        try:
+            return int(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return 0
+
+    def _wait_nodes(self, n: int) -> None:
+        wait_for(lambda: self.alive_nodes() >= n, 120, f"{n} Ray nodes", poll=1.0)
+
+    def kill_worker(self, proc: subprocess.Popen) -> None:
+        kill_group(proc)
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.head]:
+            if proc is not None and proc.poll() is None:
+                kill_group(proc)
+        shutil.rmtree(self.temp, ignore_errors=True)
