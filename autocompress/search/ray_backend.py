@@ -1,0 +1,365 @@
+"""The search on a Ray cluster: Ray Tune schedules, Optuna samples, ASHA stops weak candidates.
+
+The same space, objectives and budget as :class:`autocompress.search.core.Search`:
+
+- ``OptunaSearch`` (multi-objective, the same sampler) proposes parameters;
+- each trial screens its candidate analytically first: over budget, it reports
+  ``status="infeasible"`` with accuracy 0 and stops (recorded as pruned);
+- a feasible candidate is fine-tuned in ``chunks`` slices of ``low_epochs``,
+  reporting selection accuracy after each, so ``ASHAScheduler`` halts weak ones;
+- a candidate that raises or diverges reports ``status="failed"`` with its
+  reason and the sweep goes on; a worker or node that dies has its trial
+  retried (``FailureConfig(max_failures=...)``).
+
+Workers receive only specs (model, data, weights path, config, parameters)
+and rebuild the workspace once per worker process. The driver rebuilds it
+too, turns Tune's results into an Optuna study, fine-tunes the finalists and
+writes the same output folder as the Optuna backend.
+
+This module imports ray at the top: only the CLI's ``--backend ray`` path imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import torch
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from autocompress.errors import TrialFailed, UserInputError
+from autocompress.search.core import OBJECTIVES, Search, SearchConfig, _sampler, study_name_for
+from autocompress.search.space_params import repair, uniform_policies
+from autocompress.space.policy import Policy
+
+METRICS = ("accuracy", "latency_ms", "energy_mj", "size_bytes")
+MAX_FAILURES = 3  # retries of a trial whose worker or node died
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to rebuild the workspace: specs and paths, never models."""
+
+    model: str
+    data: str
+    config: SearchConfig
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    chunks: int = 3
+    teacher_digest: str = ""
+    threads: int = 1
+
+
+@dataclass
+class _Context:
+    search: Search
+    evaluator: Any
+    digest: str
+
+
+_CONTEXTS: dict[str, _Context] = {}  # one workspace per worker process and job
+
+
+def _digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_context(job: JobSpec) -> _Context:
+    """The workspace, evaluator and screening of one job, seeded so every node builds the same teacher."""
+    key = repr((job.model, job.data, job.weights, job.input_shape, sorted(job.options.items()), job.config))
+    if key in _CONTEXTS:
+        return _CONTEXTS[key]
+    from autocompress.api import open_model
+    from autocompress.evaluators.data import load_data
+    from autocompress.search.evaluate import CandidateEvaluator
+
+    torch.manual_seed(job.config.seed)  # a model file without --weights starts from the same random init everywhere
+    ws = open_model(job.model, weights=job.weights, input_shape=job.input_shape, options=job.options or None,
+                    pretrained=True)
+    bundle = load_data(job.data, ws.space.input_shape)
+    torch.manual_seed(job.config.seed)
+    evaluator = CandidateEvaluator(ws, bundle, seed=job.config.seed)
+    search = Search(ws, evaluator, job.config, storage=optuna.storages.InMemoryStorage())
+    _CONTEXTS[key] = ctx = _Context(search, evaluator, _digest(evaluator.teacher))
+    return ctx
+
+
+# -- the trainable (runs on workers) -------------------------------------------------------------
+def evaluate_trial(params: dict[str, Any], job: JobSpec) -> None:
+    """One Tune trial: screen, then fine-tune in chunks, reporting after each; never raises for a bad candidate."""
+    torch.set_num_threads(max(1, job.threads))
+    node = ray.get_runtime_context().get_node_id()
+    ctx = build_context(job)
+    search = ctx.search
+    policy = search.params.to_policy({k: v for k, v in params.items() if k in search.distributions})
+    costs = search.costs(policy)
+    base = {"latency_ms": costs["latency_ms"], "energy_mj": costs["energy_mj"], "size_bytes": costs["size_bytes"],
+            "macs": costs.get("macs", 0), "params": costs.get("params", 0), "node": node, "pid": os.getpid()}
+    if search.violations(costs):
+        tune.report({**base, "accuracy": 0.0, "status": "infeasible", "reason": "over budget"})
+        return
+    if job.teacher_digest and ctx.digest != job.teacher_digest:
+        tune.report({**base, "accuracy": 0.0, "status": "failed",
+                     "fail_reason": f"the model on node {node} differs from the driver's (weights digest "
+                                    f"{ctx.digest} != {job.teacher_digest}); give every node the same --weights"})
+        return
+    try:
+        for chunk, acc in _finetune_in_chunks(ctx.evaluator, policy, job):
+            if not math.isfinite(acc):
+                raise TrialFailed(f"non-finite accuracy after chunk {chunk}")
+            tune.report({**base, "accuracy": acc, "status": "ok", "chunk": chunk})
+    except Exception as exc:  # a candidate that cannot be built or trained fails alone
+        reason = str(exc) if isinstance(exc, TrialFailed) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        tune.report({**base, "accuracy": 0.0, "status": "failed", "fail_reason": reason[:300]})
+
+
+def _finetune_in_chunks(evaluator: Any, policy: Policy, job: JobSpec):
+    from autocompress.evaluators.accuracy import evaluate
+    from autocompress.evaluators.finetune import finetune
+
+    model, cctx = evaluator.build(policy)
+    per_chunk = job.config.low_epochs / job.chunks
+    for i in range(job.chunks):
+        finetune(model, evaluator.teacher, evaluator.finetune_bundle, epochs=per_chunk, lr=evaluator.lr,
+                 boosted=cctx.boosted, seed=evaluator.seed + i, teacher_logits=evaluator.teacher_logits)
+        yield i + 1, evaluate(model, evaluator.select)
+
+
+def trial_dirname(trial: Any) -> str:
+    """``trial_00003_<id>``: folders sort in the order the searcher proposed the trials."""
+    return f"trial_{int(trial.experiment_tag.split('_')[0]):05d}_{trial.trial_id}"
+
+
+def _order(result: Any) -> tuple[int, str]:
+    name = Path(result.path).name if result.path else ""
+    parts = name.split("_")
+    return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 1 << 30, name)
+
+
+class ScreeningOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells Optuna screened candidates as pruned and broken ones as failed.
+
+    Without this a screened or failed candidate's placeholder accuracy of 0 would be
+    told as a real objective value and mislead the sampler.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        status = (result or {}).get("status")
+        if status in ("infeasible", "failed"):
+            return super().on_trial_complete(trial_id, None, error=status == "failed")
+        return super().on_trial_complete(trial_id, result, error)
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def _start_points(search: Search, warm: Policy | None, limit: int) -> list[dict[str, Any]]:
+    """Warm start and uniform seeds, repaired into the budget on the driver (milliseconds each)."""
+    starts = ([warm] if warm else []) + (uniform_policies(search.space) if search.config.seeds else [])
+    points: list[dict[str, Any]] = []
+    for p in starts:
+        if not search.feasible(p):
+            p = repair(search.space, p, search.feasible)
+        if p is None:
+            continue
+        point = search.params.to_params(p)
+        if point not in points:
+            points.append(point)
+    return points[:limit]
+
+
+def _connect(address: str | None, cpus: float) -> tuple[bool, str | None, dict[str, str | None]]:
+    """Join ``address`` or start a private local instance.
+
+    Returns (started here, its temp folder, environment variables to restore afterwards).
+    """
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if ray.is_initialized():
+        return False, None, {}
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UserInputError(f"cannot join the Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
+                                 "start it with `ray start --head` and check the address and RAY_AUTH_TOKEN_PATH") from exc
+        return True, None, {}
+    # Unix socket paths must stay short, so the session folder goes to a private folder in the
+    # system temp dir rather than under --out; never the shared default /tmp/ray.
+    temp = tempfile.mkdtemp(prefix="acray-")
+    saved: dict[str, str | None] = {}
+    if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        # A private token for this instance, instead of Ray writing one to the shared ~/.ray.
+        token = Path(temp) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        for k, v in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", str(token))):
+            saved[k] = os.environ.get(k)
+            os.environ[k] = v
+        _reload_ray_auth()
+    ray.init(num_cpus=max(int(cpus), os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
+             object_store_memory=200 * 1024 * 1024, **quiet)
+    return True, temp, saved
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads its authentication settings once per process; make it read them again."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if saved:
+        _reload_ray_auth()
+
+
+def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: Path, resume: bool,
+           cpus: float, gpus: float, max_concurrent: int) -> tune.Tuner:
+    resources = {"cpu": cpus, "gpu": gpus}
+    trainable = tune.with_resources(tune.with_parameters(evaluate_trial, job=job), resources)
+    experiment = storage / name
+    if tune.Tuner.can_restore(str(experiment)):
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    if resume:
+        raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
+    objectives = list(search.config.objectives)
+    searcher = ScreeningOptunaSearch(space=dict(search.distributions), metric=objectives,
+                                     mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
+                                     points_to_evaluate=points or None, sampler=_sampler(search.config))
+    scheduler = ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration", max_t=job.chunks,
+                              grace_period=1, reduction_factor=2)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                                    scheduler=scheduler, num_samples=search.config.trials,
+                                    max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
+    )
+
+
+def _to_study(search: Search, grid: Any, chunks: int) -> dict[str, Any]:
+    """Copy Tune's trials into the driver's Optuna study; return the Ray-specific summary."""
+    summary = {"screened": 0, "stopped_early": 0, "errored": 0, "nodes": {}}
+    results = sorted(grid, key=_order)
+    for r in results:
+        m = dict(r.metrics or {})
+        params = {k: v for k, v in (r.config or {}).items() if k in search.distributions}
+        dists = {k: search.distributions[k] for k in params}
+        attrs = {k: m[k] for k in ("latency_ms", "energy_mj", "size_bytes", "macs", "params", "node") if k in m}
+        attrs["policy"] = dict(search.params.to_policy(params).decisions)
+        attrs["ray_trial"] = Path(r.path).name if r.path else ""
+        if "node" in m:
+            summary["nodes"][m["node"]] = summary["nodes"].get(m["node"], 0) + 1
+        status = m.get("status")
+        values, state = None, TrialState.FAIL
+        if r.error is not None and not (status == "ok" and m.get("chunk", 0) >= chunks):
+            summary["errored"] += 1
+            attrs["fail_reason"] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:200]}"
+        elif status == "failed":
+            attrs["fail_reason"] = m.get("fail_reason", "failed")
+        elif status == "infeasible":
+            state, attrs["reason"] = TrialState.PRUNED, "over budget"
+            summary["screened"] += 1
+        elif status == "ok" and m.get("chunk", 0) < chunks:
+            state = TrialState.PRUNED
+            attrs["reason"] = f"stopped by ASHA after {m['chunk']} of {chunks} chunks (accuracy {m['accuracy']:.4f})"
+            summary["stopped_early"] += 1
+        elif status == "ok":
+            state = TrialState.COMPLETE
+            values = [m["accuracy"] if o == "accuracy" else m[o] for o in search.config.objectives]
+            attrs["fidelity_epochs"] = search.config.low_epochs
+        else:
+            attrs["fail_reason"] = "no result reported"
+        trial = optuna.trial.create_trial(state=state, values=values, params=params, distributions=dists,
+                                          user_attrs=attrs)
+        search.study.add_trial(trial)
+    return summary
+
+
+def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str | None = None,
+                   weights: str | os.PathLike | None = None, out: str | os.PathLike = "autocompress-out",
+                   address: str | None = None, warm_start: str | os.PathLike | None = None,
+                   input_shape: tuple[int, ...] | None = None, cpus_per_trial: float = 1.0,
+                   gpus_per_trial: float = 0.0, max_concurrent: int = 2, storage_path: str | os.PathLike | None = None,
+                   resume: bool = False, measure: bool = True, chunks: int = 3) -> dict[str, Any]:
+    """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
+    from autocompress.hwmodels import get_target, parse_budget
+    from autocompress.search.report import write_search_outputs
+    from autocompress.search.run import DEFAULT_DATA, DEFAULT_MODEL
+
+    get_target(config.target)
+    parse_budget(config.budget)
+    if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
+        raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "
+                             f"{gpus_per_trial} (>= 0), --max-concurrent {max_concurrent} (>= 1)")
+    model = model or DEFAULT_MODEL
+    data = data or DEFAULT_DATA.get(model)
+    if data is None:
+        raise UserInputError(f"--data is needed to search {model}: give imagefolder:PATH, sklearn:digits or file.py:factory")
+    warm = Policy.load(warm_start) if warm_start else None
+    out = Path(out).resolve()
+    job = JobSpec(model=model, data=data, config=config, weights=str(Path(weights).resolve()) if weights else None,
+                  input_shape=tuple(input_shape) if input_shape else None, options=dict(warm.options) if warm else {},
+                  chunks=chunks, threads=max(1, int(cpus_per_trial)))
+    ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
+    if warm is not None:
+        warm.validate(ctx.search.space)
+    job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest})
+    search = ctx.search
+    name = study_name_for(search.space.fingerprint, config)
+    storage = Path(storage_path).resolve() if storage_path else out / "ray-tune"
+    storage.mkdir(parents=True, exist_ok=True)
+    # Save the experiment state every second, so a killed driver loses at most that on restore.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints no tables; the CLI reports
+    started, temp, saved_env = _connect(address, cpus_per_trial)
+    try:
+        points = _start_points(search, warm, config.trials)
+        tuner = _tuner(job, search, points, name=name, storage=storage, resume=resume, cpus=cpus_per_trial,
+                       gpus=gpus_per_trial, max_concurrent=max_concurrent)
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+        _restore_env(saved_env)
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    # The driver's study is a fresh in-memory copy of Tune's trials; Tune's folder is the durable record.
+    search.study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
+                                       directions=[OBJECTIVES[o] for o in config.objectives])
+    summary = _to_study(search, grid, chunks)
+    base_acc = ctx.evaluator.baseline()
+    search._finalise()
+    result = write_search_outputs(search, ctx.evaluator, base_acc, out, model=model, data=data, measure=measure)
+    result["ray"] = {**summary, "experiment": str(storage / name), "address": address or "local",
+                     "chunks": chunks, "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
+                     "gpus_per_trial": gpus_per_trial}
+    from autocompress.export.artifacts import write_json
+
+    write_json(out / "result.json", result)
+    return result
