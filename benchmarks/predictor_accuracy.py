@@ -113,8 +113,13 @@ def _worker(job: tuple[list[str], argparse.Namespace]) -> tuple[list[dict], list
 
 def collect(args: argparse.Namespace) -> dict:
     """Measure variants with ``--jobs`` processes (each times with one ORT thread; CPU time is the measure)."""
-    groups = [args.models[i::args.jobs] for i in range(args.jobs)]
+    from autocompress.hwmodels.calibrate import _suite, measure_samples
+
     started = time.time()
+    torch.set_num_threads(1)
+    suite = measure_samples(_suite(False), threads=args.threads)
+    print(f"designed layer set: {len(suite)} measured, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    groups = [args.models[i::args.jobs] for i in range(args.jobs)]
     if args.jobs == 1:
         results = [measure_models(groups[0], args)]
     else:
@@ -124,7 +129,7 @@ def collect(args: argparse.Namespace) -> dict:
             results = pool.map(_worker, [(g, args) for g in groups if g])
     records = [r for rec, _ in results for r in rec]
     failures = [f for _, fail in results for f in fail]
-    return {"records": records, "failures": failures, "seconds": round(time.time() - started),
+    return {"records": records, "suite": suite, "failures": failures, "seconds": round(time.time() - started),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python", "benchmarks/predictor_accuracy.py", *sys.argv[1:]]),
             "threads": args.threads, "warmup": args.warmup, "runs": args.runs, "jobs": args.jobs}
@@ -136,10 +141,13 @@ def score(raw: dict, models: list[str]) -> dict:
     base = get_target("local")
     calib = [Sample(f"{r['model']}#{r['index']}", r["table"], r["measured_ms"]) for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
-    fitted = fit_target(base, calib, "local") if len(calib) >= 4 else base
-    out = {k: v for k, v in raw.items() if k != "records"}
+    suite = raw.get("suite", [])
+    # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
+    fitted = fit_target(base, suite + calib, "local") if len(calib) >= 4 else base
+    base = fit_target(base, suite, "local") if len(suite) >= 4 else base  # what `autocompress calibrate` gives
+    out = {k: v for k, v in raw.items() if k not in ("records", "suite")}
     out.update({"variants": len(records), "calibration_variants": len(calib), "scored_variants": len(scored),
-                "base_target_calibrated": base.calibrated})
+                "suite_samples": len(suite), "base_target_calibrated": base.calibrated})
     for label, target in (("suite_only", base), ("suite_plus_calib_variants", fitted)):
         preds = [predict(r["table"], target).latency_ms for r in scored]
         meas = [r["measured_ms"] for r in scored]

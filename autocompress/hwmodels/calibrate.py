@@ -49,13 +49,14 @@ class _Problem:
         self.meas = np.array([s.measured_ms * 1e3 for s in samples])
         self.rows = []
         used_cls: set[str] = set()
-        used_int8 = False
+        int8_cls: set[str] = set()
+        has_qpool = False
         for s in samples:
             st = structure(s.table, base, s.batch)
             cls = np.array([KERNEL_CLASSES.index(k[1]) for k in st.kernels], dtype=int)
             dt = np.array([DTYPES.index(k[2]) for k in st.kernels], dtype=int)
             used_cls.update(k[1] for k in st.kernels)
-            used_int8 |= any(k[2] == "int8" for k in st.kernels)
+            int8_cls.update(k[1] for k in st.kernels if k[2] == "int8")
             self.rows.append((cls, dt, np.array([k[3] for k in st.kernels], dtype=float),
                               np.array([k[5] for k in st.kernels], dtype=float),
                               np.array([k[6] for k in st.kernels], dtype=int),
@@ -63,11 +64,16 @@ class _Problem:
                               np.array([e[2] for e in st.elems], dtype=int), len(st.elems),
                               np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in st.kernels],
                                        dtype=float),
-                              np.array([k[10] if k[1] != "linear" else 1e12 for k in st.kernels], dtype=float)))
+                              np.array([k[10] if k[1] != "linear" else 1e12 for k in st.kernels], dtype=float),
+                              np.array([k[11] for k in st.kernels], dtype=float),
+                              sum(k[12] for k in st.kernels) + sum(e[5] for e in st.elems),
+                              sum(e[6] for e in st.elems)))
+            has_qpool |= any(e[6] for e in st.elems)
         self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
         llc = ["llc_gbs"] if base.llc_bytes else []
-        self.names = ([f"efficiency.{c}" for c in self.classes] + (["int8_efficiency"] if used_int8 else [])
-                      + list(_GLOBAL) + llc)
+        self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
+        self.names = ([f"efficiency.{c}" for c in self.classes] + [f"int8_class_efficiency.{c}" for c in self.int8_classes]
+                      + list(_GLOBAL) + llc + (["int8_pool_ns"] if has_qpool else []))
         self.peak = np.array([base.peak_gmacs[d] for d in DTYPES])
 
     def x0(self) -> list[float]:
@@ -77,6 +83,8 @@ class _Problem:
     def _value(t: Target, name: str) -> float:
         if name.startswith("efficiency."):
             return t.efficiency[name.split(".", 1)[1]]
+        if name.startswith("int8_class_efficiency."):
+            return t.int8_class_efficiency.get(name.split(".", 1)[1], 1.0)
         return max(float(getattr(t, name)), 1e-3)
 
     def target(self, x: Sequence[float], **extra: Any) -> Target:
@@ -84,24 +92,28 @@ class _Problem:
         eff = dict(self.base.efficiency)
         for c in self.classes:
             eff[c] = vals.pop(f"efficiency.{c}")
-        return self.base.with_(efficiency=eff, **vals, **extra)
+        i8 = dict(self.base.int8_class_efficiency)
+        for c in self.int8_classes:
+            i8[c] = vals.pop(f"int8_class_efficiency.{c}")
+        return self.base.with_(efficiency=eff, int8_class_efficiency=i8, **vals, **extra)
 
     def predicted_us(self, x: Sequence[float]) -> Any:
         import numpy as np
 
         t = self.target(x)
         eff = np.array([t.efficiency[c] for c in KERNEL_CLASSES])
-        i8 = np.array([1.0, 1.0, t.int8_efficiency])
+        i8c = np.array([t.int8_efficiency * t.int8_class_efficiency.get(c, 1.0) for c in KERNEL_CLASSES])
         inv_d = 1.0 / (t.dram_gbs * 1e3)
         inv = np.array([1.0 / (t.cache_gbs * 1e3), 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_d, inv_d])
         out = np.empty(len(self.rows))
-        for i, (cls, dt, macs, nbytes, lvl, ebytes, elvl, n_el, k_len, spatial) in enumerate(self.rows):
+        for i, (cls, dt, macs, nbytes, lvl, ebytes, elvl, n_el, k_len, spatial, cv_b, cv_n, qpool) in enumerate(self.rows):
             slow = (1.0 + t.gemm_k0 / k_len) * (1.0 + t.gemm_s0 / spatial)
-            comp = macs * slow / (self.peak[dt] * eff[cls] * i8[dt] * 1e3)
+            comp = macs * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
             mem = nbytes * inv[lvl]
             emem = ebytes * inv[elvl]
             out[i] = (np.maximum(comp, mem).sum() + len(cls) * t.kernel_overhead_us + emem.sum()
-                      + n_el * t.elementwise_overhead_us + t.call_overhead_us)
+                      + (cv_b * inv[lvl]).sum() + (n_el + cv_n) * t.elementwise_overhead_us + t.call_overhead_us
+                      + qpool * t.int8_pool_ns / 1e3)
         return out
 
     def residuals(self, x: Sequence[float]) -> Any:
@@ -135,7 +147,7 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
     x0 = np.array(prob.x0())
     # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
     lo = np.full(len(x0), math.log(1e-3))
-    hi = np.array([math.log(3.0) if n.startswith("efficiency") or n == "int8_efficiency" else math.log(1e6)
+    hi = np.array([math.log(3.0) if n.startswith("efficiency") or n.startswith("int8_") else math.log(1e6)
                    for n in prob.names])
     x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
     res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
@@ -176,6 +188,10 @@ def _suite(quick: bool) -> list[tuple[str, Callable[[], Any], tuple[int, ...]]]:
             ("grouped3x3 g4 128@28", cbr(128, 128, 3, g=4), (1, 128, 28, 28))]
     for cin, cout in ([(512, 1000), (1280, 1000), (256, 128)] if not quick else [(512, 1000)]):
         out.append((f"linear {cin}->{cout}", lambda cin=cin, cout=cout: nn.Sequential(nn.Linear(cin, cout)), (1, cin)))
+    int8 = [(f"int8 conv3x3 {c}@{hw}", cbr(c, c, 3), (1, c, hw, hw)) for hw, c in ((56, 64), (28, 128), (14, 256))]
+    int8 += [(f"int8 conv1x1 {c}->{2 * c}@{hw}", cbr(c, 2 * c, 1), (1, c, hw, hw)) for hw, c in ((56, 32), (28, 96), (7, 320))]
+    int8 += [(f"int8 dw3x3 {c}@{hw}", cbr(c, c, 3, g=c), (1, c, hw, hw)) for hw, c in ((56, 144), (14, 576))]
+    out += int8[::3] if quick else int8
     out += [("maxpool3x3s2 64@112", lambda: nn.MaxPool2d(3, 2, 1), (1, 64, 112, 112)),
             ("avgpool global 512@7", lambda: nn.AdaptiveAvgPool2d(1), (1, 512, 7, 7))]
     nets = [("digits-net", "builtin:digits-net", None), ("resnet18@112", "torchvision:resnet18", (1, 3, 112, 112)),
@@ -184,6 +200,8 @@ def _suite(quick: bool) -> list[tuple[str, Callable[[], Any], tuple[int, ...]]]:
             ("shufflenet_v2_x0_5", "torchvision:shufflenet_v2_x0_5", None)]
     for name, spec, shape in (nets[:2] if quick else nets):
         out.append((name, _net_factory(spec), shape or _default_shape(spec)))
+    if not quick:
+        out.append(("int8 resnet18@112", _net_factory("torchvision:resnet18"), (1, 3, 112, 112)))
     return out
 
 
@@ -215,20 +233,56 @@ def robust_ms(m: Any) -> float:
 
 def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
                     warmup: int = 5, runs: int = 20) -> list[Sample]:
-    """Export, time and trace each configuration."""
+    """Export, time and trace each configuration; a name starting with "int8 " is timed as a QDQ file."""
+    import tempfile
+
     import torch
 
-    from autocompress.hwmodels.measure import measure_model
+    from autocompress.export.onnx import export_onnx
+    from autocompress.hwmodels.measure import measure_onnx
     from autocompress.space.graph import trace
 
     samples = []
-    for name, make, shape in configs:
-        model = make().eval()
-        x = torch.randn(*shape)
-        m = measure_model(model, x, threads=threads, warmup=warmup, runs=runs)
-        table = CostTable.from_graph(trace(model, shape))
-        samples.append(Sample(name, table, robust_ms(m)))
+    with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
+        for i, (name, make, shape) in enumerate(configs):
+            model = make().eval()
+            x = torch.randn(*shape)
+            path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
+            table = CostTable.from_graph(trace(model, shape))
+            if name.startswith("int8 "):
+                path = quantize_qdq(path, x)
+                for r in table:
+                    if r.op in ("conv", "linear"):
+                        r.wbits = r.abits = 8
+            m = measure_onnx(path, threads=threads, warmup=warmup, runs=runs)
+            samples.append(Sample(name, table, robust_ms(m)))
     return samples
+
+
+def quantize_qdq(path: Path, example: Any) -> Path:
+    """Static QDQ quantisation (per-channel symmetric int8 weights, uint8 activations), as deployed int8 models are."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": np.random.randn(*example.shape).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self) -> Any:
+            return next(self.batches, None)
+
+    import logging
+
+    out = path.with_name(path.stem + ".int8.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs pre-processing advice through the root logger
+    try:
+        quantize_static(str(path), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return out
 
 
 def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path]:

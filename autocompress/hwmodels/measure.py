@@ -55,6 +55,7 @@ def session(path: str | os.PathLike, threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # keep ORT's graph-cleanup notices off the user's terminal
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -66,6 +66,8 @@ class Target:
     fast_fp16: bool = False
     threads: int = 1
     int8_efficiency: float = 1.0  # extra factor on int8 kernels (quantise/requantise work)
+    int8_class_efficiency: Mapping[str, float] = field(default_factory=dict)  # per-class factor on top (default 1)
+    int8_pool_ns: float = 0.0  # extra ns per input element of a windowed pool in a quantised graph
     llc_bytes: int = 0  # a last-level cache between ``cache_bytes`` and DRAM (0: none)
     llc_gbs: float = 0.0
     gemm_k0: float = 0.0  # a short reduction (cin/groups * kh * kw = K) runs at K / (K + gemm_k0) of the rate
@@ -76,7 +78,7 @@ class Target:
     fit: Mapping[str, Any] = field(default_factory=dict)  # calibration statistics
 
     def __post_init__(self) -> None:
-        for name in ("peak_gmacs", "efficiency", "energy_pj", "sources", "fit"):
+        for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "energy_pj", "sources", "fit"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         missing = [d for d in DTYPES if d not in self.peak_gmacs]
         if missing:
@@ -141,6 +143,8 @@ class Target:
             "peak_gmacs": dict(self.peak_gmacs), "efficiency": dict(self.efficiency),
             "dram_gbs": self.dram_gbs, "cache_gbs": self.cache_gbs, "cache_bytes": self.cache_bytes,
             "llc_gbs": self.llc_gbs, "llc_bytes": self.llc_bytes, "gemm_k0": self.gemm_k0, "gemm_s0": self.gemm_s0,
+            "int8_efficiency": self.int8_efficiency, "int8_class_efficiency": dict(self.int8_class_efficiency),
+            "int8_pool_ns": self.int8_pool_ns,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),
