@@ -116,3 +116,21 @@ def test_apply_runs_exports_and_matches_estimate(case, index, tmp_path):
     base = estimate(space, Policy.identity(space)).totals()
     if any(space[k].kind in ("prune", "rank") for k in policy.decisions):
         assert predicted["macs"] < base["macs"]
+
+
+def test_apply_and_estimate_are_deterministic_and_pure():
+    ws = workspace("builtin:digits-net")
+    space = ws.space
+    dense = random_policies(space, POLICIES_PER_MODEL, seed=7)[-1]
+    from autocompress.compress.apply import base_table
+
+    before = base_table(space).totals()
+    first = estimate(space, dense).totals()
+    assert estimate(space, dense).totals() == first
+    assert base_table(space).totals() == before  # estimates edit a copy
+    example = torch.randn(1, *space.input_shape[1:])
+    a = apply(ws.model, dense, space, ctx=ApplyContext(space, example))
+    b = apply(ws.model, dense, space, ctx=ApplyContext(space, example))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
