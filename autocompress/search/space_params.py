@@ -25,16 +25,29 @@ def ordered(d: Decision) -> list[Any]:
     return _MORE[d.kind](d.choices)
 
 
+# Folding BN into the preceding conv is exact and every runtime does it when it loads the model
+# (our ONNX export folds it too), so it changes no predicted cost; folded early, it only takes BN's
+# conditioning away from the fine-tune. The search leaves these decisions at their identity.
+COST_NEUTRAL = ("merge:bn:",)
+
+
 @dataclass(frozen=True)
 class ParamSpace:
-    """Sampler parameters: one per decision, or one per kind for tied kinds."""
+    """Sampler parameters: one per decision, or one per kind for tied kinds.
+
+    Decisions whose id starts with a prefix in ``exclude`` are not searched (they keep their identity).
+    """
 
     space: SearchSpace
     tie: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = COST_NEUTRAL
+
+    def searched(self) -> list[Decision]:
+        return [d for d in self.space.decisions if not d.id.startswith(self.exclude)]
 
     def params(self) -> dict[str, tuple[Any, ...]]:
         out: dict[str, tuple[Any, ...]] = {}
-        for d in self.space.decisions:
+        for d in self.searched():
             if d.kind in self.tie:
                 key = f"{d.kind}:*"
                 out[key] = tuple(sorted(set(out.get(key, ())) | set(d.choices), key=float))
@@ -44,7 +57,7 @@ class ParamSpace:
 
     def to_policy(self, params: dict[str, Any]) -> Policy:
         choices = {}
-        for d in self.space.decisions:
+        for d in self.searched():
             v = params.get(f"{d.kind}:*" if d.kind in self.tie else d.id, d.identity)
             if v not in d.choices:  # a tied value outside this decision's domain: nearest valid choice
                 v = min(d.choices, key=lambda c: abs(float(c) - float(v)))
@@ -55,7 +68,7 @@ class ParamSpace:
     def to_params(self, policy: Policy) -> dict[str, Any]:
         resolved = policy.resolved(self.space)
         out: dict[str, Any] = {}
-        for d in self.space.decisions:
+        for d in self.searched():
             key = f"{d.kind}:*" if d.kind in self.tie else d.id
             out.setdefault(key, resolved[d.id])
         return out
