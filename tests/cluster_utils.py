@@ -125,8 +125,28 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def session_members(sid: int) -> list[int]:
+    """Processes in session ``sid`` (Ray gives each worker process its own process group, not session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            found.append(int(stat.parent.name))
+    return found
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with ``start_new_session=True`` and everything it spawned."""
+    for _ in range(3):
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -205,6 +225,7 @@ class RayCluster:
              "--disable-usage-stats", *self._common()],
             env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_nodes(1)
+        self.head_id = self.alive_node_ids()[0]
         for _ in range(workers):
             self.add_worker()
         return self
@@ -216,14 +237,17 @@ class RayCluster:
         self._wait_nodes(1 + len(self.workers))
         return proc
 
-    def alive_nodes(self) -> int:
+    def alive_node_ids(self) -> list[str]:
         code = ("import ray, json; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
-                "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))" % self.address)
+                "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.address)
         res = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         try:
-            return int(res.stdout.strip().splitlines()[-1])
+            return json.loads(res.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            return 0
+            return []
+
+    def alive_nodes(self) -> int:
+        return len(self.alive_node_ids())
 
     def _wait_nodes(self, n: int) -> None:
         wait_for(lambda: self.alive_nodes() >= n, 120, f"{n} Ray nodes", poll=1.0)

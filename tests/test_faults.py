@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
+
+import pytest
 
 from cluster_utils import cli_env, kill_group, read_result, search_args, wait_for, write_factories
 
@@ -29,6 +34,14 @@ def tune_results(out: Path) -> dict[str, list[dict]]:
         if lines:
             found[f.parent.name] = lines
     return found
+
+
+@pytest.fixture()
+def short_tmp():
+    """A short private TMPDIR for the local Ray instance (its socket paths must stay short)."""
+    folder = tempfile.mkdtemp(prefix="acT", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_diverging_candidates_fail_with_their_reason(tmp_path, monkeypatch):
@@ -51,12 +64,13 @@ def test_diverging_candidates_fail_with_their_reason(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "policy.json").read_text())["decisions"].get("prune:conv2", 0.0) < 0.5
 
 
-def test_ray_backend_screens_and_records_failures(tmp_path):
+def test_ray_backend_screens_and_records_failures(tmp_path, short_tmp):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"
     trials = 8
-    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), AC_FAULT="raise")
-    cmd = search_args(model, data, out, trials, "--backend", "ray", "--max-concurrent", "2")
+    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), AC_FAULT="raise", TMPDIR=short_tmp)
+    # One trial at a time: the sampler sees every result before its next proposal, so the run is reproducible.
+    cmd = search_args(model, data, out, trials, "--backend", "ray", "--max-concurrent", "1", "--seed", "2")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Trial status" not in res.stdout  # Tune's own tables stay quiet; the CLI prints the summary
@@ -77,11 +91,11 @@ def test_ray_backend_screens_and_records_failures(tmp_path):
     assert (out / "model.onnx").exists() and result["feasible"] is True
 
 
-def test_killed_ray_driver_resumes_the_sweep(tmp_path):
+def test_killed_ray_driver_resumes_the_sweep(tmp_path, short_tmp):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"
     trials = 6
-    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"))
+    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), TMPDIR=short_tmp)
     cmd = search_args(model, data, out, trials, "--backend", "ray", "--max-concurrent", "1", "--low-epochs", "12")
     first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -93,8 +107,6 @@ def test_killed_ray_driver_resumes_the_sweep(tmp_path):
 
     try:
         wait_for(finished, 240, "two finished Ray trials")
-        import time
-
         time.sleep(1.5)  # the experiment state is saved every second
     finally:
         kill_group(first)  # SIGKILL the driver and the local Ray instance it started

@@ -56,7 +56,10 @@ def test_two_workers_share_one_study(tmp_path, postgres):
     assert len(numbers) == len(set(numbers))  # no duplicated trial numbers
     evaluated = [t for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert len(evaluated) == trials  # the total counts both workers together, no overshoot
-    assert not [t for t in all_trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert not [t for t in all_trials if t.state == TrialState.RUNNING]
+    # Only repairs enqueued after the last slot was taken may be left waiting, as on one machine.
+    assert all(t.user_attrs.get("origin", "").startswith("repair of")
+               for t in all_trials if t.state == TrialState.WAITING)
     owners = {t.user_attrs["owner"] for t in evaluated}
     assert len(owners) == 2  # both workers fine-tuned candidates
     # The uniform seeds were enqueued once and each was taken by one worker only.

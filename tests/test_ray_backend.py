@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,11 @@ def trial_results(experiment_root: Path) -> dict[str, list[dict]]:
 
 @pytest.fixture()
 def cluster(tmp_path):
-    c = RayCluster(cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"))).start(workers=1)
-    yield c
-    c.stop()
+    c = RayCluster(cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache")))
+    try:
+        yield c.start(workers=1)
+    finally:
+        c.stop()
 
 
 def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
@@ -39,37 +40,40 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     out = tmp_path / "out"
     trials = 8
     cmd = search_args(model, data, out, trials, "--backend", "ray", "--address", cluster.address,
-                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "24")
+                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "60")
     proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def nodes_seen():
+    def fine_tuning_on_worker():
+        """A trial that reported a first chunk from the worker node and is still fine-tuning there."""
         rows = trial_results(out / "ray-tune")
-        return {r[-1]["node"] for r in rows.values()} if len(rows) >= 2 else set()
+        busy = [name for name, r in rows.items()
+                if r[-1]["node"] != cluster.head_id and r[-1]["status"] == "ok" and r[-1]["chunk"] < 3]
+        return busy[0] if busy and any(r[-1]["node"] == cluster.head_id for r in rows.values()) else None
 
     try:
-        wait_for(lambda: len(nodes_seen()) >= 2, 240, "trials on both nodes")
-        worker = cluster.workers[0]
-        cluster.kill_worker(worker)  # SIGKILL to the worker node's raylet and its workers
-        killed_at = time.time()
+        victim = wait_for(fine_tuning_on_worker, 240, "trials on both nodes, one mid-fine-tune on the worker", 0.2)
+        victim_node = trial_results(out / "ray-tune")[victim][-1]["node"]
+        cluster.kill_worker(cluster.workers[0])  # SIGKILL to the worker node's raylet and its workers
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert cluster.alive_nodes() == 1
+    wait_for(lambda: cluster.alive_nodes() == 1, 90, "Ray to notice the dead node", poll=2.0)
 
     result = read_result(out)
     counts = result["trials"]
     assert counts["complete"] + counts["failed"] + counts["pruned"] == trials
     assert counts["complete"] >= 1
-    assert len(result["ray"]["nodes"]) == 2  # trials ran on both nodes
-    assert sum(result["ray"]["nodes"].values()) == trials - result["ray"]["errored"]
+    assert trials - result["ray"]["errored"] <= sum(result["ray"]["nodes"].values()) <= trials
     assert result["ray"]["address"] == cluster.address
-    # After the kill, every result came from the surviving head node.
     rows = trial_results(out / "ray-tune")
     assert len(rows) == trials
-    late = {r["node"] for rs in rows.values() for r in rs if r["timestamp"] > killed_at + 5}
-    assert len(late) <= 1
+    assert {r["node"] for rs in rows.values() for r in rs} == {cluster.head_id, victim_node}  # both nodes ran trials
+    # The trial cut off on the killed node was retried on the head node and finished there.
+    assert rows[victim][0]["node"] != cluster.head_id
+    assert rows[victim][-1]["node"] == cluster.head_id, [(r["node"][:6], r["status"], r.get("chunk"), r["pid"], r["timestamp"]) for r in rows[victim]]
+    assert rows[victim][-1]["status"] in ("ok", "failed")
     for name in ("policy.json", "model.onnx", "report.md", "trials.csv", "pareto.png"):
         assert (out / name).exists(), name
     assert 0.0 <= result["best"]["accuracy"] <= 1.0
