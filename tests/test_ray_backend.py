@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,20 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
         assert (out / name).exists(), name
     assert 0.0 <= result["best"]["accuracy"] <= 1.0
     assert result["feasible"] is True
+
+
+def test_ray_stays_out_of_the_import_path_and_resume_needs_a_sweep(tmp_path):
+    code = ("import sys, autocompress, autocompress.cli.main, autocompress.search.run; "
+            "print('ray' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "False", res.stderr[-2000:]
+
+    model, data = write_factories(tmp_path)
+    out = tmp_path / "out"
+    res = subprocess.run(search_args(model, data, out, 2, "--backend", "ray", "--resume"),
+                         env=cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "no interrupted sweep" in lines[0], res.stderr
+    assert not (out / "result.json").exists()

@@ -245,7 +245,7 @@ class Search:
         asks = 0
         while self._evaluated() < total and asks < 50 * total:
             if self._rdb() is not None and self._evaluated() + workers.in_flight(self._fresh_trials(), self.worker) >= total:
-                time.sleep(min(5.0, workers.heartbeat_interval(self.study) or 5))  # others fine-tune the last slots
+                time.sleep(1.0)  # other workers are fine-tuning the last slots; wait for their results
                 self._recover_stale()
                 continue
             asks += 1

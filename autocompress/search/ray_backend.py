@@ -243,8 +243,6 @@ def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: 
     experiment = storage / name
     if tune.Tuner.can_restore(str(experiment)):
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    if resume:
-        raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
     objectives = list(search.config.objectives)
     searcher = ScreeningOptunaSearch(space=dict(search.distributions), metric=objectives,
                                      mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
@@ -337,6 +335,8 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     # Save the experiment state every second, so a killed driver loses at most that on restore.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints no tables; the CLI reports
+    if resume and not tune.Tuner.can_restore(str(storage / name)):
+        raise UserInputError(f"--resume: no interrupted sweep under {storage / name}; run without --resume to start one")
     started, temp, saved_env = _connect(address, cpus_per_trial)
     try:
         points = _start_points(search, warm, config.trials)
