@@ -162,6 +162,7 @@ def score(raw: dict, models: list[str]) -> dict:
             out["rows"] = [{"model": r["model"], "int8": r["int8"], "kinds": r["kinds"], "cpu_s": r["cpu_s"],
                             "measured_ms": r["measured_ms"], "wall_median_ms": r["wall_median_ms"],
                             "predicted_ms": p} for r, p in zip(scored, preds)]
+    out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
     out["int8_variants"] = sum(r["int8"] for r in records)
     out["fitted_target"] = fitted.to_json()
