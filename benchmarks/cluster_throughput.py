@@ -3,7 +3,7 @@
 The search: a 2-conv CNN on 16x16 images (the test model), 256 training
 images, every candidate feasible (a 4 MB size budget, so nothing is
 screened and both backends fine-tune every trial), ``--low-epochs 40`` per
-candidate (about 2 s of fine-tuning each), 12 trials. Configurations:
+candidate (about 1 s of fine-tuning each), 12 trials. Configurations:
 
 - ``optuna-1``: the Optuna backend, one process, journal storage.
 - ``optuna-2-postgres``: two Optuna processes on one study in a local

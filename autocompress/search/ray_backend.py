@@ -236,13 +236,13 @@ def _restore_env(saved: dict[str, str | None]) -> None:
         _reload_ray_auth()
 
 
-def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: Path, resume: bool,
+def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: str,
            cpus: float, gpus: float, max_concurrent: int) -> tune.Tuner:
     resources = {"cpu": cpus, "gpu": gpus}
     trainable = tune.with_resources(tune.with_parameters(evaluate_trial, job=job), resources)
-    experiment = storage / name
-    if tune.Tuner.can_restore(str(experiment)):
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    experiment = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     objectives = list(search.config.objectives)
     searcher = ScreeningOptunaSearch(space=dict(search.distributions), metric=objectives,
                                      mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
@@ -255,7 +255,7 @@ def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: 
                                     scheduler=scheduler, num_samples=search.config.trials,
                                     max_concurrent_trials=max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
 
@@ -330,17 +330,20 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest})
     search = ctx.search
     name = study_name_for(search.space.fingerprint, config)
-    storage = Path(storage_path).resolve() if storage_path else out / "ray-tune"
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = str(storage_path or out / "ray-tune")
+    if "://" not in storage:  # s3://, gs://... go to Ray's storage layer as given
+        storage = str(Path(storage).resolve())
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    experiment = f"{storage.rstrip('/')}/{name}"
     # Save the experiment state every second, so a killed driver loses at most that on restore.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints no tables; the CLI reports
-    if resume and not tune.Tuner.can_restore(str(storage / name)):
-        raise UserInputError(f"--resume: no interrupted sweep under {storage / name}; run without --resume to start one")
+    if resume and not tune.Tuner.can_restore(experiment):
+        raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
     started, temp, saved_env = _connect(address, cpus_per_trial)
     try:
         points = _start_points(search, warm, config.trials)
-        tuner = _tuner(job, search, points, name=name, storage=storage, resume=resume, cpus=cpus_per_trial,
+        tuner = _tuner(job, search, points, name=name, storage=storage, cpus=cpus_per_trial,
                        gpus=gpus_per_trial, max_concurrent=max_concurrent)
         grid = tuner.fit()
     finally:
@@ -356,7 +359,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     base_acc = ctx.evaluator.baseline()
     search._finalise()
     result = write_search_outputs(search, ctx.evaluator, base_acc, out, model=model, data=data, measure=measure)
-    result["ray"] = {**summary, "experiment": str(storage / name), "address": address or "local",
+    result["ray"] = {**summary, "experiment": experiment, "address": address or "local",
                      "chunks": chunks, "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
                      "gpus_per_trial": gpus_per_trial}
     from autocompress.export.artifacts import write_json
