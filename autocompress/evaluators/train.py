@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autocompress.cache import cache_dir  # noqa: F401  (re-exported)
 from autocompress.errors import DataError, TrialFailed
 from autocompress.evaluators.data import DataBundle, as_tensors, load_data
 
@@ -101,12 +102,6 @@ def train(model: nn.Module, bundle: DataBundle, epochs: int = DIGITS_EPOCHS, lr:
             sched.step()
     recalibrate_bn(model, x)
     return model.eval()
-
-
-def cache_dir() -> Path:
-    """``$AUTOCOMPRESS_CACHE`` if set, else ``~/.cache/autocompress``."""
-    env = os.environ.get("AUTOCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "autocompress"
 
 
 def _save_atomic(state: dict, path: Path) -> None:

@@ -8,9 +8,9 @@ precedence over the built-in of the same name, so ``autocompress calibrate
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from autocompress.cache import cache_dir  # noqa: F401  (re-exported)
 from autocompress.errors import UnknownNameError
 from autocompress.hwmodels.target import Target
 from autocompress.registry import Registry
@@ -110,12 +110,6 @@ TARGETS.register("local", Target(
     calibrated=False,
     sources={"all": "generic defaults for a ~3 GHz AVX-512 core; run `autocompress calibrate --target local` to fit them"},
 ))
-
-
-def cache_dir() -> Path:
-    """``$AUTOCOMPRESS_CACHE`` if set, else ``~/.cache/autocompress``."""
-    env = os.environ.get("AUTOCOMPRESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "autocompress"
 
 
 def target_dir() -> Path:
