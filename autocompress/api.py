@@ -64,7 +64,8 @@ def profile(ws: Workspace, target: str = "mobile", policy: Policy | None = None,
         lp = per_layer.get(row.name)
         layers.append({"name": row.target if row.op in ("conv", "linear", "bn") else row.name, "op": row.op,
                        "macs": row.macs * batch, "params": row.params, "wbits": row.wbits, "abits": row.abits,
-                       "latency_ms": lp.latency_ms if lp else 0.0, "energy_mj": lp.energy_mj if lp else 0.0})
+                       "latency_ms": lp.latency_ms if lp else 0.0, "energy_mj": lp.energy_mj if lp else 0.0,
+                       "fused_into": getattr(lp, "fused_into", None) if lp else None})
     return {
         "model": ws.space.model, "target": tgt.name, "batch": batch,
         "policy": policy.to_json()["decisions"] if policy else None,

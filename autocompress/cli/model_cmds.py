@@ -66,6 +66,7 @@ def profile(model: str = ModelOpt, target: str = typer.Option("mobile", "--targe
         return
     t = data["totals"]
     table = Table(title=f"{model} on {data['target']} (batch {batch})")
+    table.caption = "BN, activations and adds that run fused into a conv's kernel are counted in its row"
     for col in ("layer", "op", "MACs", "params", "bits w/a", "latency ms", "energy mJ"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right")
     for row in data["layers"]:
