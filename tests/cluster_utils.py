@@ -155,7 +155,16 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+def _pg_bin() -> Path:
+    """The PostgreSQL server binaries: on PATH, else the newest Debian/Ubuntu install."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    return versions[-1] if versions else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def _pg_user() -> list[str]:
