@@ -4,7 +4,8 @@ For each model (default: torchvision ResNet-18 and MobileNetV2 at 224x224,
 random initialisation; latency does not depend on the weights' values) this
 applies one policy per variant, exports it to ONNX and times it in ONNX
 Runtime with one intra-op thread and with every core
-(``hwmodels.measure_onnx``: median of ``--runs`` runs after ``--warmup``):
+(``hwmodels.measure_onnx``: median of ``--runs`` runs after ``--warmup``,
+in ``--rounds`` rounds that interleave the variants; the median over rounds):
 
 - ``original``: the model as given;
 - ``prune-25/50/75``: every prune decision at 0.25 / 0.5 / 0.75;
@@ -16,7 +17,7 @@ The efficiency of a variant is (measured speed-up) / (MAC reduction): 1.0
 means latency fell exactly as much as MACs did.
 
     python benchmarks/compression_speedup.py [--models torchvision:resnet18,torchvision:mobilenet_v2]
-        [--runs 50] [--warmup 10] [--max-minutes 15] [--json results.json]
+        [--runs 50] [--warmup 10] [--rounds 5] [--max-minutes 15] [--json results.json]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--models", default="torchvision:resnet18,torchvision:mobilenet_v2")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per thread count")
     ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     ap.add_argument("--max-minutes", type=float, default=15.0, help="stop measuring new variants after this")
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -80,6 +83,7 @@ def main() -> None:
     torch.set_num_threads(1)  # building variants; ONNX Runtime threads are set per measurement
     threads = sorted({int(t) for t in args.threads.split(",")})
     start = time.perf_counter()
+    print(f"load average at the start {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     results = []
     for spec in args.models.split(","):
         ws = open_model(spec)
@@ -91,22 +95,34 @@ def main() -> None:
                 t = time.perf_counter()
                 built[name] = build(ws, name, choices, Path(tmp), calibration)
                 print(f"{spec} {name}: built in {time.perf_counter() - t:.1f} s, {len(choices)} decisions", flush=True)
-            names = list(built) + ["original"]  # the original again at the end shows the drift of the machine
+            # Rounds interleave the variants, so a change in the machine's load hits all of them alike;
+            # each round times every variant (median of --runs after --warmup), the table takes the
+            # median over rounds.
             for th in threads:
-                for i, name in enumerate(names):
+                per: dict[str, list] = {name: [] for name in built}
+                for rnd in range(args.rounds):
                     if (time.perf_counter() - start) / 60 > args.max_minutes:
-                        print(f"time cap of {args.max_minutes} min reached; {spec} {name} at {th} threads not measured")
+                        print(f"time cap of {args.max_minutes} min reached after {rnd} rounds at {th} threads")
                         break
-                    path, macs, params = built[name]
-                    m = measure_onnx(path, threads=th, warmup=args.warmup, runs=args.runs)
-                    results.append({"model": spec, "variant": name if i < len(names) - 1 else "original (again)",
-                                    "threads": th, "macs": macs, "params": params, **m.to_json()})
-                    print(f"{spec} {name} threads={th}: median {m.median_ms:.2f} ms, min {m.min_ms:.2f} ms, "
-                          f"cpu {m.cpu_median_ms:.2f} ms, cv {m.cv:.2f}", flush=True)
+                    for name, (path, _, _) in built.items():
+                        per[name].append(measure_onnx(path, threads=th, warmup=args.warmup, runs=args.runs))
+                    print(f"{spec} threads={th} round {rnd + 1}: " + ", ".join(
+                        f"{n} {ms[-1].median_ms:.2f}" for n, ms in per.items()), flush=True)
+                for name, ms in per.items():
+                    if not ms:
+                        continue
+                    _, macs, params = built[name]
+                    medians = sorted(m.median_ms for m in ms)
+                    results.append({"model": spec, "variant": name, "threads": th, "macs": macs, "params": params,
+                                    "rounds": len(ms), "runs_per_round": args.runs, "warmup": args.warmup,
+                                    "median_ms": statistics.median(medians), "round_min_ms": medians[0],
+                                    "round_max_ms": medians[-1],
+                                    "cpu_median_ms": statistics.median(m.cpu_median_ms for m in ms)})
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"total {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min; load average at the end "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 
 def print_table(results: list[dict]) -> None:
@@ -117,8 +133,8 @@ def print_table(results: list[dict]) -> None:
     sums their work, so it shows efficiency rather than latency.
     """
     print("\n| model | variant | threads | MACs (M) | MAC reduction | median ms | speed-up | speed-up / MAC reduction "
-          "| CPU ms | CPU speed-up / MAC reduction |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| rounds' range ms | CPU ms | CPU speed-up / MAC reduction |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = {(r["model"], r["threads"]): r for r in results if r["variant"] == "original"}
     for r in results:
         b = base.get((r["model"], r["threads"]))
@@ -129,7 +145,8 @@ def print_table(results: list[dict]) -> None:
         cpu_speedup = b["cpu_median_ms"] / r["cpu_median_ms"]
         print(f"| {r['model'].partition(':')[2]} | {r['variant']} | {r['threads']} | {r['macs'] / 1e6:.0f} "
               f"| {reduction:.2f}x | {r['median_ms']:.2f} | {speedup:.2f}x | {speedup / reduction:.2f} "
-              f"| {r['cpu_median_ms']:.2f} | {cpu_speedup / reduction:.2f} |")
+              f"| {r['round_min_ms']:.2f}-{r['round_max_ms']:.2f} | {r['cpu_median_ms']:.2f} "
+              f"| {cpu_speedup / reduction:.2f} |")
 
 
 if __name__ == "__main__":
