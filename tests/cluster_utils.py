@@ -1,6 +1,6 @@
 """Helpers for the cluster tests: a tiny model and data set, a real PostgreSQL server, a real Ray cluster.
 
-Everything binds to 127.0.0.1 and keeps its files in folders the caller owns,
+Everything talks over loopback (127.0.0.0/8) and keeps its files in folders the caller owns,
 so the tests never touch a shared /tmp/ray or a system database.
 """
 
@@ -206,7 +206,11 @@ class Postgres:
 
 # -- Ray ------------------------------------------------------------------------------------------
 class RayCluster:
-    """A head node and worker nodes started with ``ray start`` on 127.0.0.1.
+    """A head node and worker nodes started with ``ray start`` on loopback addresses.
+
+    Ray replaces 127.0.0.1 by the machine's outward address, so the head uses
+    127.0.0.2 and each worker node the next loopback address (127.0.0.3, ...):
+    every connection stays inside 127.0.0.0/8.
 
     Session files go to a private short folder (Unix socket paths must stay
     under ~100 characters); the dashboard is off. Each worker node runs
@@ -217,7 +221,7 @@ class RayCluster:
     def __init__(self, env: dict[str, str]) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="acray-", dir="/tmp"))
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.2:{self.port}"
         token = self.temp / "auth_token"  # a private token instead of the shared ~/.ray/auth_token
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
@@ -225,13 +229,13 @@ class RayCluster:
         self.workers: list[subprocess.Popen] = []
         self.head: subprocess.Popen | None = None
 
-    def _common(self) -> list[str]:
-        return ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000", "--block"]
+    def _common(self, ip: str) -> list[str]:
+        return ["--num-cpus=1", f"--node-ip-address={ip}", "--object-store-memory=100000000", "--block"]
 
     def start(self, workers: int = 1) -> "RayCluster":
         self.head = subprocess.Popen(
             [RAY, "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}", "--include-dashboard=false",
-             "--disable-usage-stats", *self._common()],
+             "--disable-usage-stats", *self._common("127.0.0.2")],
             env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_nodes(1)
         self.head_id = self.alive_node_ids()[0]
@@ -240,7 +244,8 @@ class RayCluster:
         return self
 
     def add_worker(self) -> subprocess.Popen:
-        proc = subprocess.Popen([RAY, "start", f"--address={self.address}", *self._common()], env=self.env,
+        ip = f"127.0.0.{3 + len(self.workers)}"
+        proc = subprocess.Popen([RAY, "start", f"--address={self.address}", *self._common(ip)], env=self.env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.workers.append(proc)
         self._wait_nodes(1 + len(self.workers))

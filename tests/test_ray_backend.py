@@ -1,4 +1,4 @@
-"""The Ray Tune backend on a real two-node Ray cluster (two raylets on 127.0.0.1), through the CLI.
+"""The Ray Tune backend on a real two-node Ray cluster (two raylets on loopback addresses), through the CLI.
 
 The sweep must run trials on both nodes, survive the worker node being killed
 mid-sweep (its trial is retried on the head node), and account for every

@@ -193,17 +193,25 @@ def _connect(address: str | None, cpus: float) -> tuple[bool, str | None, dict[s
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if ray.is_initialized():
         return False, None, {}
+    saved: dict[str, str | None] = {}
+    if not address:
+        # Ray swaps 127.0.0.1 for the machine's outward address unless told this is a one-machine
+        # cluster; keep every connection of a private local instance on 127.0.0.1.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        saved["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes ray.init starts
     if address:
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserInputError(f"cannot join the Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
                                  "start it with `ray start --head` and check the address and RAY_AUTH_TOKEN_PATH") from exc
-        return True, None, {}
+        return True, None, saved
     # Unix socket paths must stay short, so the session folder goes to a private folder in the
     # system temp dir rather than under --out; never the shared default /tmp/ray.
     temp = tempfile.mkdtemp(prefix="acray-")
-    saved: dict[str, str | None] = {}
     if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         # A private token for this instance, instead of Ray writing one to the shared ~/.ray.
         token = Path(temp) / "auth_token"
