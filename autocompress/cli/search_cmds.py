@@ -32,6 +32,9 @@ def search(
     full_epochs: float = typer.Option(3.0, "--full-epochs", help="fine-tune epochs for the finalists"),
     finalists: int = typer.Option(2, "--finalists"),
     tie: list[str] = typer.Option([], "--tie", help="decision kind to share one value across layers (repeatable)"),
+    objectives: str = typer.Option("accuracy", "--objectives",
+                                   help="comma-separated: accuracy plus any of latency_ms, energy_mj, size_bytes "
+                                        "(more than one makes the study multi-objective)"),
     weights: Optional[Path] = typer.Option(None, "--weights"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     no_measure: bool = typer.Option(False, "--no-measure", help="skip ONNX Runtime timing of the result"),
@@ -46,7 +49,8 @@ def search(
     from autocompress.search.core import SearchConfig
 
     config = SearchConfig(target=target, budget=budget, trials=trials, sampler=sampler, seed=seed,
-                          low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie))
+                          low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
+                          objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray":
         from autocompress.search.ray_backend import run_ray_search

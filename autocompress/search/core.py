@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from autocompress.errors import InfeasibleBudgetError, TrialFailed, UserInputError
 from autocompress.search import workers
-from autocompress.search.space_params import ParamSpace, cost_fn, extreme_policies, repair, uniform_policies
+from autocompress.search.space_params import ParamSpace, cost_fn, extreme_policies, repair, starting_points
 from autocompress.space.policy import Policy
 
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_bytes": "minimize"}
@@ -47,7 +47,9 @@ class SearchConfig:
     low_epochs: float = 0.5
     full_epochs: float = 3.0
     finalists: int = 2
-    objectives: tuple[str, ...] = ("accuracy", "latency_ms", "energy_mj", "size_bytes")
+    # Accuracy alone under the budget by default: the product's question. Adding cost objectives
+    # makes the study multi-objective (a Pareto front), which pulls candidates below the budget.
+    objectives: tuple[str, ...] = ("accuracy",)
     tie: tuple[str, ...] = ()
     seeds: bool = True  # enqueue uniform starting points in a fresh study
 
@@ -228,11 +230,20 @@ class Search:
         with workers.study_lock(self.study):  # two workers starting together enqueue the seeds once
             if self._fresh_trials():
                 return
-            starts = [self.warm_start] if self.warm_start else []
+            starts = [(self.warm_start, "warm-start")] if self.warm_start else []
             if self.config.seeds:
-                starts += uniform_policies(self.space)
-            for p in starts:
-                self.study.enqueue_trial(self.params.to_params(p), user_attrs={"origin": "warm-start" if p is self.warm_start else "uniform"})
+                starts += [(p, "uniform") for p in starting_points(self.space, self.feasible)]
+            seen: list[dict] = []
+            for p, origin in starts:
+                params = self.params.to_params(p)
+                if params not in seen:
+                    seen.append(params)
+                    self.study.enqueue_trial(params, user_attrs={"origin": origin})
+
+    def _known(self, params: dict) -> bool:
+        """Whether a trial with these parameters is already evaluated, running or queued."""
+        return any(t.params == params for t in self.study.get_trials(deepcopy=False)
+                   if t.state != TrialState.PRUNED and t.params)
 
     def best_accuracy(self) -> float | None:
         accs = [t.values[0] for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -261,7 +272,7 @@ class Search:
                 for k, v in costs.items():
                     trial.set_user_attr(k, v)
                 self.study.tell(trial, state=TrialState.PRUNED)
-                if fixed is not None:
+                if fixed is not None and not self._known(self.params.to_params(fixed)):
                     self.study.enqueue_trial(self.params.to_params(fixed), user_attrs={"origin": f"repair of {trial.number}"})
                 self.callback(TrialEvent(trial.number, "pruned", self._evaluated(), total, self.best_accuracy(), "screen"))
                 continue
@@ -312,7 +323,11 @@ class Search:
         if not done:
             raise TrialFailed("no candidate could be evaluated; see the failed trials' reasons in trials.csv")
         ranked = sorted(done, key=lambda t: (-t.values[0], t.user_attrs.get("latency_ms", 0.0)))
-        self.finalists = ranked[: max(1, self.config.finalists)]
+        distinct: list = []
+        for t in ranked:  # the same policy twice would spend two full fine-tunes on one candidate
+            if all(t.params != f.params for f in distinct):
+                distinct.append(t)
+        self.finalists = distinct[: max(1, self.config.finalists)]
         self.best_model = None
         self.best_trial = None
         best_acc = -1.0

@@ -43,7 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.errors import TrialFailed, UserInputError
 from autocompress.search.core import OBJECTIVES, Search, SearchConfig, _sampler, study_name_for
-from autocompress.search.space_params import repair, uniform_policies
+from autocompress.search.space_params import repair, starting_points
 from autocompress.space.policy import Policy
 
 METRICS = ("accuracy", "latency_ms", "energy_mj", "size_bytes")
@@ -172,7 +172,7 @@ class ScreeningOptunaSearch(OptunaSearch):
 # -- the driver ----------------------------------------------------------------------------------
 def _start_points(search: Search, warm: Policy | None, limit: int) -> list[dict[str, Any]]:
     """Warm start and uniform seeds, repaired into the budget on the driver (milliseconds each)."""
-    starts = ([warm] if warm else []) + (uniform_policies(search.space) if search.config.seeds else [])
+    starts = ([warm] if warm else []) + (starting_points(search.space, search.feasible) if search.config.seeds else [])
     points: list[dict[str, Any]] = []
     for p in starts:
         if not search.feasible(p):

@@ -157,3 +157,17 @@ def uniform_policies(space: SearchSpace, ratios: Iterable[float] = (0.125, 0.25,
             upd.update({d.id: bits for d in space.of_kind("wbits", "abits") if bits in d.choices})
         out.append(_with(space, base, upd))
     return out
+
+
+def starting_points(space: SearchSpace, feasible: Callable[[Policy], bool]) -> list[Policy]:
+    """Uniform policies on the budget's edge: the least pruning that meets it, in float and at 8 bits.
+
+    Each is the uniform-compression baseline the search has to beat, plus the next, more pruned
+    int8 point; the search then refines per layer from there.
+    """
+    ratios = sorted({r for d in space.of_kind("prune") for r in d.choices})
+    out: list[Policy] = []
+    for bits in (None, 8):
+        fits = [p for p in uniform_policies(space, ratios, bits=bits) if feasible(p)]
+        out += fits[: 2 if bits else 1]
+    return out
