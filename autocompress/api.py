@@ -106,7 +106,10 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
     from autocompress.hwmodels import get_target
 
-    get_target(target)  # fail on an unknown target before any work
+    from autocompress.export.artifacts import check_out
+
+    get_target(target)  # fail on an unknown target or a bad --out before any work
+    check_out(out)
     policy = Policy.load(policy_path)
     ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=dict(policy.options),
                     pretrained=True)

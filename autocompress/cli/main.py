@@ -20,8 +20,27 @@ def _register() -> None:
 
 
 def main() -> None:
+    from autocompress.cli.app import err_console
+
     _register()
-    app(prog_name="autocompress")
+    try:
+        code = app(prog_name="autocompress", standalone_mode=False)
+    except Exception as exc:  # click's own (typer vendors click, so match by shape, not by class)
+        name = type(exc).__name__
+        if name == "NoArgsIsHelpError":
+            code = 0
+        elif name == "Abort":
+            code = 130
+        elif hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == 2:
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else "autocompress"
+            message = " ".join(exc.format_message().split())
+            err_console.print(f"error: {message} (see {command} --help)", markup=False, highlight=False,
+                              soft_wrap=True)
+            code = 2
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ scale) or ``random``. ``prune_round_to`` rounds kept widths to a multiple
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import networkx as nx
@@ -32,6 +33,11 @@ from autocompress.space.graph import ModelGraph
 from autocompress.space.space import Decision, SearchSpace
 
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+IMPORTANCE = ("l2", "l1", "bn", "random")
+# Layers whose channel surgery we cost exactly, plus Torch-Pruning's parameter-free graph ops.
+_SURGERY_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, tp.ops._ElementWiseOp, tp.ops._ConcatOp,
+                  tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._SliceOp, tp.ops._OutputOp, tp.ops._UnbindOp,
+                  tp.ops._ExpandOp)
 _PASS_OPS = ("bn", "act", "pool", "dropout")
 _BOUNDARY_OPS = ("conv", "linear")
 
@@ -77,10 +83,16 @@ def _tp_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
     model = mg.gm
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *mg.input_shape[1:]))
+    with warnings.catch_warnings():  # Torch-Pruning warns about parameters it cannot map; we skip those groups
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *mg.input_shape[1:]))
     groups = []
     for group in dg.get_all_groups(ignored_layers=[modules[p] for p in ignored],
                                    root_module_types=[nn.Conv2d, nn.Linear]):
+        if any(not isinstance(dep.target.module, _SURGERY_TYPES) for dep, _ in group):
+            # A group that reaches LayerNorms, free parameters (class tokens, position embeddings) or
+            # custom layers can break fixed reshapes and is not costed exactly: leave it unpruned.
+            continue
         items = [(dep, idxs) for dep, idxs in group if dep.target.module in names]
         if not items:
             continue

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from autocompress.errors import UserInputError
 from autocompress.export.onnx import export_onnx
 from autocompress.space.policy import Policy
 
@@ -54,12 +55,22 @@ def save_pytorch(model: nn.Module, example_input: torch.Tensor, folder: Path) ->
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model.eval(), (example_input,))
+            program = _export_program(model.eval(), example_input)
             torch.export.save(program, str(folder / "model.pt2"))
         paths.append(folder / "model.pt2")
     except Exception as exc:  # the state dict above still carries the weights
         (folder / "model.pt2.txt").write_text(f"torch.export failed: {type(exc).__name__}: {exc}\n")
     return paths
+
+
+def _export_program(model: nn.Module, example_input: torch.Tensor):
+    """torch.export with a dynamic batch dimension where the model allows it, else at the example's batch."""
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        return torch.export.export(model, (example_input.expand(2, *example_input.shape[1:]).contiguous(),),
+                                   dynamic_shapes=({0: batch},))
+    except Exception:
+        return torch.export.export(model, (example_input,))
 
 
 def quantised_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -97,9 +108,16 @@ def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Pat
     return info
 
 
+def check_out(out: str | os.PathLike) -> None:
+    """Refuse an output path that exists and is not a folder, before any work is done."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+
+
 def commit_folder(out: str | os.PathLike, build: Callable[[Path], Any]) -> Any:
     """Run ``build(staging)`` and move its files into ``out`` only if it succeeds."""
     out = Path(out)
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

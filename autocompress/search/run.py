@@ -30,8 +30,11 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     from autocompress.search.evaluate import CandidateEvaluator
 
     phase = on_phase or (lambda s: None)
+    from autocompress.export.artifacts import check_out
+
     get_target(config.target)
-    parse_budget(config.budget)  # bad budget strings fail before any work
+    parse_budget(config.budget)  # bad budget strings and a bad --out fail before any work
+    check_out(out)
     model = model or DEFAULT_MODEL
     data = data or DEFAULT_DATA.get(model)
     if data is None:

@@ -75,6 +75,21 @@ class SearchSpace:
         return out
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """Raise PolicyError for an unknown space option or a bad value, naming the valid ones."""
+    from autocompress.compress.prune import IMPORTANCE
+    from autocompress.errors import PolicyError
+
+    valid = {"prune_round_to": "a whole number >= 1", "prune_importance": " or ".join(IMPORTANCE)}
+    for key, value in options.items():
+        if key not in valid:
+            raise PolicyError(f"unknown space option {key!r}; valid: {', '.join(valid)}")
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if key == "prune_round_to" \
+            else value in IMPORTANCE
+        if not ok:
+            raise PolicyError(f"space option {key}={value!r} is not valid; expected {valid[key]}")
+
+
 def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = KINDS,
                 options: Mapping[str, Any] | None = None) -> SearchSpace:
     """Collect every primitive's decisions on ``graph``, restricted to ``kinds``.
@@ -84,6 +99,7 @@ def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = 
     """
     from autocompress.compress import PRIMITIVES
 
+    check_options(options or {})
     wanted = set(kinds)
     decisions: list[Decision] = []
     for _, primitive in PRIMITIVES.items():
