@@ -105,6 +105,23 @@ def test_evaluate_and_predict_logits():
     assert predict_logits(model, ds, batch_size=4).shape == (10, 2)
 
 
+def test_an_untrained_cache_file_is_not_trusted(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(model, bundle, epochs, lr, seed):
+        calls.append(epochs)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.num_batches_tracked.fill_(1)
+        return model.eval()
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(train_module, "train", fake_train)
+    torch.save(DigitsNet().state_dict(), tmp_path / "digits-net-v1-e1-s0.pt")  # an initialisation, not trained
+    pretrained_builtin("digits-net", epochs=1)
+    assert calls == [1]
+
+
 def test_short_training_beats_chance(digits16):
     torch.manual_seed(0)
     model = train(DigitsNet(), digits16, epochs=1, lr=3e-3, seed=0)
@@ -119,6 +136,9 @@ def test_pretrained_cache_round_trip(tmp_path, monkeypatch):
         calls.append(epochs)
         with torch.no_grad():
             model.fc2.bias.fill_(0.5 + seed)
+        for m in model.modules():  # as after real training: BatchNorm has seen batches
+            if isinstance(m, nn.BatchNorm2d):
+                m.num_batches_tracked.fill_(1)
         return model.eval()
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))

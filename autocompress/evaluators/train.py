@@ -120,6 +120,12 @@ def _save_atomic(state: dict, path: Path) -> None:
 _RECIPES = {"digits-net": ("sklearn:digits", DIGITS_EPOCHS, DIGITS_LR)}
 
 
+def _was_trained(state: dict) -> bool:
+    """A state dict whose BatchNorms never saw a batch is an initialisation, not a trained model."""
+    counts = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+    return not counts or any(int(c) > 0 for c in counts)
+
+
 def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0) -> nn.Module:
     """The built-in model ``name`` trained on its bundled data; trained once, then read from the cache."""
     from autocompress.models import BUILTIN_MODELS
@@ -133,10 +139,12 @@ def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0) -
     path = cache_dir() / f"{name}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
     if path.is_file():
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            if _was_trained(state):
+                return model.eval()
         except Exception:  # a corrupt or stale cache entry: retrain and overwrite it
-            model = entry.factory()
+            pass
     torch.manual_seed(seed)
     model = entry.factory()  # seeded initialisation
     train(model, load_data(data_spec, entry.input_shape), epochs=epochs, lr=lr, seed=seed)
