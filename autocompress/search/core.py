@@ -41,12 +41,12 @@ OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "mi
 class SearchConfig:
     target: str = "mobile"
     budget: str = "5ms"
-    trials: int = 16
+    trials: int = 32
     sampler: str = "tpe"
     seed: int = 0
     low_epochs: float = 0.5
-    full_epochs: float = 3.0
-    finalists: int = 2
+    full_epochs: float = 4.0
+    finalists: int = 3
     # Accuracy alone under the budget by default: the product's question. Adding cost objectives
     # makes the study multi-objective (a Pareto front), which pulls candidates below the budget.
     objectives: tuple[str, ...] = ("accuracy",)
