@@ -41,7 +41,8 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     out = tmp_path / "out"
     trials = 8
     cmd = search_args(model, data, out, trials, "--backend", "ray", "--address", cluster.address,
-                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "60")
+                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "60",
+                      "--no-early-stop")  # ASHA must not end the victim before the node dies
     proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def fine_tuning_on_worker():

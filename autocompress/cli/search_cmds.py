@@ -43,6 +43,8 @@ def search(
     max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="ray backend: shared experiment folder"),
     resume: bool = typer.Option(False, "--resume", help="ray backend: continue an interrupted sweep"),
+    early_stop: bool = typer.Option(True, "--early-stop/--no-early-stop",
+                                    help="ray backend: ASHA stops weak candidates between fine-tune chunks"),
 ) -> None:
     """Find the most accurate compressed model that meets the budget on the target."""
     from autocompress.models.sources import parse_input_shape
@@ -58,7 +60,8 @@ def search(
         result = run_ray_search(config, model=model, data=data, weights=weights, out=out, address=address,
                                 warm_start=warm_start, input_shape=shape, cpus_per_trial=cpus_per_trial,
                                 gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
-                                storage_path=storage_path, resume=resume, measure=not no_measure)
+                                storage_path=storage_path, resume=resume, measure=not no_measure,
+                                early_stop=early_stop)
         _summary(result, out)
         return
     if backend != "optuna":

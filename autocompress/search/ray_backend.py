@@ -37,7 +37,7 @@ import ray
 import torch
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -244,7 +244,7 @@ def _restore_env(saved: dict[str, str | None]) -> None:
         _reload_ray_auth()
 
 
-def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: str,
+def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: str, early_stop: bool,
            cpus: float, gpus: float, max_concurrent: int) -> tune.Tuner:
     resources = {"cpu": cpus, "gpu": gpus}
     trainable = tune.with_resources(tune.with_parameters(evaluate_trial, job=job), resources)
@@ -255,8 +255,8 @@ def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: 
     searcher = ScreeningOptunaSearch(space=dict(search.distributions), metric=objectives,
                                      mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
                                      points_to_evaluate=points or None, sampler=_sampler(search.config))
-    scheduler = ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration", max_t=job.chunks,
-                              grace_period=1, reduction_factor=2)
+    scheduler = (ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration", max_t=job.chunks,
+                               grace_period=1, reduction_factor=2) if early_stop else FIFOScheduler())
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
@@ -312,7 +312,8 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                    address: str | None = None, warm_start: str | os.PathLike | None = None,
                    input_shape: tuple[int, ...] | None = None, cpus_per_trial: float = 1.0,
                    gpus_per_trial: float = 0.0, max_concurrent: int = 2, storage_path: str | os.PathLike | None = None,
-                   resume: bool = False, measure: bool = True, chunks: int = 3) -> dict[str, Any]:
+                   resume: bool = False, measure: bool = True, chunks: int = 3,
+                   early_stop: bool = True) -> dict[str, Any]:
     """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
     from autocompress.hwmodels import get_target, parse_budget
     from autocompress.search.report import write_search_outputs
@@ -351,7 +352,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     started, temp, saved_env = _connect(address, cpus_per_trial)
     try:
         points = _start_points(search, warm, config.trials)
-        tuner = _tuner(job, search, points, name=name, storage=storage, cpus=cpus_per_trial,
+        tuner = _tuner(job, search, points, name=name, storage=storage, early_stop=early_stop, cpus=cpus_per_trial,
                        gpus=gpus_per_trial, max_concurrent=max_concurrent)
         grid = tuner.fit()
     finally:
