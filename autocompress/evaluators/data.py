@@ -9,8 +9,6 @@ DataLoader workers.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from autocompress.errors import DataError
 from autocompress.registry import Registry
+from autocompress.userfile import call_factory, import_function
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,25 +122,8 @@ def _imagefolder(path: str, input_shape: tuple[int, ...]) -> DataBundle:
 
 def _from_file(path: str, factory: str, input_shape: tuple[int, ...]) -> DataBundle:
     spec_text = f"{path}:{factory}"
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"data file {path!r} does not exist; give path/to/file.py:factory")
-    mod_spec = importlib.util.spec_from_file_location(f"_autocompress_data_{abs(hash(str(file.resolve())))}", file)
-    if mod_spec is None or mod_spec.loader is None:
-        raise DataError(f"cannot import {path!r} as a Python file")
-    mod = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(mod)
-    except Exception as exc:  # the user's file: report, do not crash
-        raise DataError(f"importing {path!r} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
-    fn = getattr(mod, factory, None)
-    if fn is None or not callable(fn):
-        names = [n for n, v in vars(mod).items() if not n.startswith("_") and inspect.isfunction(v)]
-        raise DataError(f"{path!r} has no function {factory!r}; functions there: {', '.join(names) or '(none)'}")
-    try:
-        out = fn()
-    except Exception as exc:
-        raise DataError(f"{spec_text} raised {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    fn, _ = import_function(path, factory, DataError, "data")
+    out = call_factory(fn, spec_text, DataError)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise DataError(f"{spec_text} returned {type(out).__name__}; it must return (train_dataset, val_dataset)")
     train, val = out

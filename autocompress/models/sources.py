@@ -7,8 +7,6 @@ models are built with random initialisation unless a weights file is given.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from torch import nn
 
 from autocompress.errors import SpecError, UserInputError, WeightsError
 from autocompress.registry import Registry
+from autocompress.userfile import call_factory, import_function
 
 
 @dataclass
@@ -80,23 +79,8 @@ def _torchvision(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def _from_file(path: str, factory: str) -> tuple[nn.Module, tuple[int, ...]]:
-    file = Path(path)
-    if not file.is_file():
-        raise SpecError(f"model file {path!r} does not exist; give path/to/file.py:factory")
-    module_name = f"_autocompress_user_{abs(hash(str(file.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
-        raise SpecError(f"cannot import {path!r} as a Python file")
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as exc:  # the user's file: report, do not crash
-        raise SpecError(f"importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
-    fn = getattr(mod, factory, None)
-    if fn is None or not callable(fn):
-        names = [n for n, v in vars(mod).items() if callable(v) and not n.startswith("_") and inspect.isfunction(v)]
-        raise SpecError(f"{path!r} has no function {factory!r}; functions there: {', '.join(names) or '(none)'}")
-    model = fn()
+    fn, mod = import_function(path, factory, SpecError, "model")
+    model = call_factory(fn, f"{path}:{factory}", SpecError)
     if not isinstance(model, nn.Module):
         raise SpecError(f"{path}:{factory} returned {type(model).__name__}, not a torch.nn.Module")
     shape = getattr(mod, "INPUT_SHAPE", None) or getattr(model, "input_shape", None) or (1, 3, 224, 224)
