@@ -109,7 +109,9 @@ class CostTable:
                 row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
             elif a["op"] == "bn":
                 row.in_ch = row.out_ch = a["out_ch"]
-            row.params_fixed = a["params"] - row.params if a["params"] else (0 if a["op"] not in ("conv", "linear", "bn") else -row.params)
+            # What the geometry does not explain; negative for a module's second call, whose
+            # parameters its first call already counted (the graph gives the second call 0).
+            row.params_fixed = a["params"] - row.params
             rows.append(row)
         input_numel = 1
         for s in mg.input_shape[1:]:
