@@ -58,7 +58,7 @@ def test_excluded_layers_stay_float_and_int4_is_reported(trained, tmp_path):
     bits = {p: (8, 8) for p in layer_bits(model)}
     bits.update({"inception1.branch1.0": (16, 8), "res.conv2": (8, 32), "fc2": (32, 32),
                  "inception2.branch2.1.0": (4, 8)})
-    report = export_int8(model, calib[:1], calib, tmp_path / "mixed.onnx", bits)
+    report = export_int8(model, calib[:1], calib, tmp_path / "mixed.onnx", bits, int4=True)
     proto = onnx.load(str(report.path))
     onnx.checker.check_model(proto)
     nodes = layer_nodes(proto)
@@ -101,3 +101,63 @@ def test_module_path_of_node_joins_scopes():
     assert module_path_of_node("/inception1/branch2/branch2.0/branch2.0.0/Conv") == "inception1.branch2.0.0"
     assert module_path_of_node("/fc1/Gemm") == "fc1"
     assert module_path_of_node("Conv_0") is None
+
+
+def _ort_kernels(path, tmp_path):
+    """Op types of the graph ONNX Runtime actually runs (after its optimisations)."""
+    import collections
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort-optimised.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+class _Residual(torch.nn.Module):
+    """conv-bn-relu x3 with a residual add: untrained, so every folded bias is the same zero tensor."""
+
+    def __init__(self):
+        super().__init__()
+        cbr = lambda: torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1, bias=False),
+                                          torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        self.a, self.b, self.c = cbr(), cbr(), cbr()
+        self.pool = torch.nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.pool(self.c(self.b(y) + y))
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_untrained_model_runs_integer_kernels(tmp_path, wbits):
+    """Shared zero biases are copied per layer, and 4-bit weights are stored as int8 by default,
+    so ONNX Runtime fuses every layer into QLinearConv instead of a float conv fed dequantised weights."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(4, 32, 16, 16)
+    bits = {p: (wbits, 8) for p in layer_bits(model)}
+    report = export_int8(model, x[:1], [x], tmp_path / "m.onnx", bits)
+    kernels = _ort_kernels(report.path, tmp_path)
+    assert kernels["QLinearConv"] == 3 and kernels["Conv"] == 0
+    assert [l.realised for l in report.layers] == [(8, 8)] * 3
+    assert all(l.simulated_only == (wbits == 4) for l in report.layers)
+
+
+def test_ops_between_float_layers_stay_float(tmp_path):
+    """One int8 layer in a float model: the add and pool next to float layers are not quantised."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(4, 32, 16, 16)
+    bits = {"a.0": (32, 32), "b.0": (8, 8), "c.0": (32, 32)}
+    report = export_int8(model, x[:1], [x], tmp_path / "m.onnx", bits)
+    kernels = _ort_kernels(report.path, tmp_path)
+    assert kernels["QLinearConv"] == 1
+    assert kernels["QLinearAdd"] == 0 and kernels["QLinearMaxPool"] == 0
+    proto = onnx.load(str(report.path))
+    # one quantise for b's input and one for its output, nothing around the add or the pool
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == 2
+    ref, out = _run(report.fp32_path, x), _run(report.path, x)
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()

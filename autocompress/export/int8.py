@@ -7,7 +7,7 @@ symmetric int8 weights, per-tensor affine uint8 activations calibrated with
 min/max over the calibration batches (the same scheme the fake-quant layers
 simulate). Layers with ``wbits > 8`` or ``abits > 8`` are excluded and stay
 float. 4-bit weights become int4 QDQ (opset 21) where this ONNX Runtime can
-run them, else int8. The :class:`Int8Report` reads the realised bits back from
+run them and ``int4=True`` asks for it, else int8. The :class:`Int8Report` reads the realised bits back from
 the written artifact, so it says exactly which requests are only simulated.
 """
 
@@ -158,6 +158,74 @@ def fold_identities(model_proto: Any) -> Any:
     return model_proto
 
 
+def unshare_initializers(model_proto: Any) -> Any:
+    """Give every conv/linear node its own weight and bias initializers.
+
+    The exporter stores equal tensors once (the zero biases BN folding leaves
+    in an untrained model, tied weights), but the quantiser quantises an
+    initializer for one node: a bias shared by layers with different input and
+    weight scales gets one node's int32 scale, and ONNX Runtime then cannot
+    fuse the others into integer kernels, so they run in float with weights
+    dequantised on every call.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model_proto.graph.initializer}
+    seen: set[str] = set()
+    taken = set(inits)
+    for node in model_proto.graph.node:
+        if node.op_type not in _LAYER_OPS:
+            continue
+        for i in range(1, len(node.input)):
+            name = node.input[i]
+            if name not in inits:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            k = 1
+            while f"{name}_u{k}" in taken:
+                k += 1
+            copy = numpy_helper.from_array(numpy_helper.to_array(inits[name]).copy(), f"{name}_u{k}")
+            model_proto.graph.initializer.append(copy)
+            taken.add(copy.name)
+            node.input[i] = copy.name
+    return model_proto
+
+
+# Ops that pass an int8 tensor through unchanged (the quantiser keeps them in int8 when their input is).
+_PASS_THROUGH = ("Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split",
+                 "Slice", "Gather", "Dropout")
+
+
+def float_island_nodes(model_proto: Any, quantised_layers: Iterable[str]) -> list[str]:
+    """Non-layer nodes to keep in float: those with an input that is not int8 in the deployed graph.
+
+    Left to itself the quantiser puts every add, pool and concat in int8 as soon
+    as one layer is, so a mostly-float model pays a quantise/dequantise pair
+    (and ONNX Runtime a layout change) around each of them. Here an op is int8
+    only when every tensor it reads is: the output of an int8 layer, or of
+    another such op.
+    """
+    inits = {t.name for t in model_proto.graph.initializer}
+    quantised = set(quantised_layers)
+    int8: set[str] = set()
+    keep_float = []
+    for node in model_proto.graph.node:
+        data = [i for i in node.input if i and i not in inits]
+        if node.op_type in _LAYER_OPS:
+            if node.name in quantised:
+                int8.update(node.output)
+            continue
+        if node.op_type in ("Constant", "Shape"):
+            continue
+        if data and all(i in int8 for i in data):
+            int8.update(node.output)
+        else:
+            keep_float.append(node.name)
+    return keep_float
+
+
 class _BatchReader:
     """A CalibrationDataReader over in-memory tensors, in chunks of at most 64 samples."""
 
@@ -236,14 +304,17 @@ def _weight_override(node: Any) -> tuple[str, int]:
 
 def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration_batches: Iterable[torch.Tensor] | torch.Tensor,
                 path: str | os.PathLike, layer_bits: Mapping[str, tuple[int, int]], *,
-                fp32_path: str | os.PathLike | None = None, int4: bool = True) -> Int8Report:
+                fp32_path: str | os.PathLike | None = None, int4: bool = False) -> Int8Report:
     """Write ``path`` (QDQ int8/int4 ONNX) from ``float_model`` and per-layer ``layer_bits``.
 
     ``float_model`` is the compressed model without fake quantisation
     (``compress.quant.strip_fake_quant``); ``layer_bits`` maps module path to
     (wbits, abits) (``compress.quant.layer_bits``); layers it does not list
     stay float. The fp32 ONNX goes to ``fp32_path`` (default: next to ``path``
-    as ``*.fp32.onnx``).
+    as ``*.fp32.onnx``). ``int4=True`` stores weights of layers at <= 4 bits as
+    int4; by default they are int8, because ONNX Runtime's CPU provider has no
+    int4 conv kernel: an int4 QDQ conv runs in float, its weights dequantised on
+    every call, slower than the fp32 model.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -253,7 +324,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     if isinstance(calibration_batches, torch.Tensor):
         calibration_batches = [calibration_batches]
     export_onnx(float_model, example_input, fp32)
-    proto = fold_identities(onnx.load(str(fp32)))
+    proto = unshare_initializers(fold_identities(onnx.load(str(fp32))))
     onnx.checker.check_model(proto)
     onnx.save(proto, str(fp32))
     nodes = layer_nodes(proto, call_order(float_model, example_input))
@@ -267,6 +338,10 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
             weight, axis = _weight_override(node)
             overrides[weight] = [{"axis": axis, "quant_type": QuantType.QInt4, "symmetric": True}]
     quantised = [n.name for n in nodes.values() if n.name not in exclude]
+    # Layers the exporter did not name after a module stay float too (they are reported as float).
+    named = {n.name for n in nodes.values()}
+    exclude += [n.name for n in proto.graph.node if n.op_type in _LAYER_OPS and n.name not in named]
+    exclude += float_island_nodes(proto, quantised)
     reader = _BatchReader(calibration_batches)
     if len(reader) == 0:
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
