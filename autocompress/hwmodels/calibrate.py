@@ -50,30 +50,38 @@ class _Problem:
         self.rows = []
         used_cls: set[str] = set()
         int8_cls: set[str] = set()
-        has_qpool = False
+        has = {"qpool": False, "reorder": False, "convert": False, "view": False}
         for s in samples:
             st = structure(s.table, base, s.batch)
-            cls = np.array([KERNEL_CLASSES.index(k[1]) for k in st.kernels], dtype=int)
-            dt = np.array([DTYPES.index(k[2]) for k in st.kernels], dtype=int)
-            used_cls.update(k[1] for k in st.kernels)
-            int8_cls.update(k[1] for k in st.kernels if k[2] == "int8")
-            self.rows.append((cls, dt, np.array([k[3] for k in st.kernels], dtype=float),
-                              np.array([k[5] for k in st.kernels], dtype=float),
-                              np.array([k[6] for k in st.kernels], dtype=int),
-                              np.array([e[1] for e in st.elems], dtype=float),
-                              np.array([e[2] for e in st.elems], dtype=int), len(st.elems),
-                              np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in st.kernels],
-                                       dtype=float),
-                              np.array([k[10] if k[1] != "linear" else 1e12 for k in st.kernels], dtype=float),
-                              np.array([k[11] for k in st.kernels], dtype=float),
-                              sum(k[12] for k in st.kernels) + sum(e[5] for e in st.elems),
-                              sum(e[6] for e in st.elems)))
-            has_qpool |= any(e[6] for e in st.elems)
+            ks, es = st.kernels, st.elems
+            cls = np.array([KERNEL_CLASSES.index(k[1]) for k in ks], dtype=int)
+            dt = np.array([DTYPES.index(k[2]) for k in ks], dtype=int)
+            used_cls.update(k[1] for k in ks)
+            int8_cls.update(k[1] for k in ks if k[2] == "int8")
+            self.rows.append({
+                "cls": cls, "dt": dt, "macs": np.array([k[3] for k in ks], dtype=float),
+                "nbytes": np.array([k[5] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
+                "ebytes": np.array([e[1] for e in es], dtype=float), "elvl": np.array([e[2] for e in es], dtype=int),
+                "n_el": sum(not e[4] for e in es), "n_view": sum(e[4] for e in es),
+                "k_len": np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in ks], dtype=float),
+                "spatial": np.array([k[10] if k[1] != "linear" else 1e12 for k in ks], dtype=float),
+                "cv_b": np.array([k[11] for k in ks], dtype=float),
+                "cv_n": sum(k[12] for k in ks) + sum(e[5] for e in es),
+                "qpool": sum(e[6] for e in es),
+                "ro_e": sum(k[13] for k in ks) + sum(e[7] for e in es),
+                "ro_n": sum(k[14] for k in ks) + sum(e[8] for e in es),
+                "ecv_b": sum(e[9] for e in es)})
+            has["qpool"] |= any(e[6] for e in es)
+            has["reorder"] |= any(k[13] for k in ks) or any(e[7] for e in es)
+            has["convert"] |= any(k[11] for k in ks) or any(e[5] for e in es)
+            has["view"] |= any(e[4] for e in es)
         self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
         llc = ["llc_gbs"] if base.llc_bytes else []
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
         self.names = ([f"efficiency.{c}" for c in self.classes] + [f"int8_class_efficiency.{c}" for c in self.int8_classes]
-                      + list(_GLOBAL) + llc + (["int8_pool_ns"] if has_qpool else []))
+                      + list(_GLOBAL) + llc + (["int8_pool_ns"] if has["qpool"] else [])
+                      + (["reorder_ns"] if has["reorder"] else []) + (["convert_ns"] if has["convert"] else [])
+                      + (["view_overhead_us"] if has["view"] else []))
         self.peak = np.array([base.peak_gmacs[d] for d in DTYPES])
 
     def x0(self) -> list[float]:
@@ -98,6 +106,7 @@ class _Problem:
         return self.base.with_(efficiency=eff, int8_class_efficiency=i8, **vals, **extra)
 
     def predicted_us(self, x: Sequence[float]) -> Any:
+        """The same sums as ``predict``, vectorised per sample."""
         import numpy as np
 
         t = self.target(x)
@@ -105,15 +114,18 @@ class _Problem:
         i8c = np.array([t.int8_efficiency * t.int8_class_efficiency.get(c, 1.0) for c in KERNEL_CLASSES])
         inv_d = 1.0 / (t.dram_gbs * 1e3)
         inv = np.array([1.0 / (t.cache_gbs * 1e3), 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_d, inv_d])
+        cvt_us, ro_us = t.convert_ns / 5e3, t.reorder_ns / 1e3
+        vov = t.view_overhead_us or t.elementwise_overhead_us
         out = np.empty(len(self.rows))
-        for i, (cls, dt, macs, nbytes, lvl, ebytes, elvl, n_el, k_len, spatial, cv_b, cv_n, qpool) in enumerate(self.rows):
-            slow = (1.0 + t.gemm_k0 / k_len) * (1.0 + t.gemm_s0 / spatial)
-            comp = macs * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
-            mem = nbytes * inv[lvl]
-            emem = ebytes * inv[elvl]
-            out[i] = (np.maximum(comp, mem).sum() + len(cls) * t.kernel_overhead_us + emem.sum()
-                      + (cv_b * inv[lvl]).sum() + (n_el + cv_n) * t.elementwise_overhead_us + t.call_overhead_us
-                      + qpool * t.int8_pool_ns / 1e3)
+        for i, r in enumerate(self.rows):
+            dt, cls = r["dt"], r["cls"]
+            slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
+            comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
+            lvl = r["lvl"]
+            mem = r["nbytes"] * inv[lvl]
+            out[i] = (np.maximum(comp, mem).sum() + len(cls) * t.kernel_overhead_us + (r["ebytes"] * inv[r["elvl"]]).sum()
+                      + (r["cv_b"] * (inv[lvl] + cvt_us)).sum() + (r["n_el"] + r["cv_n"] + r["ro_n"]) * t.elementwise_overhead_us + r["n_view"] * vov
+                      + t.call_overhead_us + r["qpool"] * t.int8_pool_ns / 1e3 + r["ro_e"] * ro_us + r["ecv_b"] * cvt_us)
         return out
 
     def residuals(self, x: Sequence[float]) -> Any:
@@ -147,7 +159,7 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
     x0 = np.array(prob.x0())
     # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
     lo = np.full(len(x0), math.log(1e-3))
-    hi = np.array([math.log(3.0) if n.startswith("efficiency") or n.startswith("int8_") else math.log(1e6)
+    hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class")) else math.log(1e6)
                    for n in prob.names])
     x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
     res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)

@@ -79,6 +79,9 @@ class _Consts:
         self.qpool_us = t.int8_pool_ns / 1e3
         self.kov, self.eov, self.call = t.kernel_overhead_us, t.elementwise_overhead_us, t.call_overhead_us
         self.block = max(1, t.channel_block)
+        self.cvt_us = t.convert_ns / 5e3  # per conversion byte (5 bytes per element)
+        self.ro_us = t.reorder_ns / 1e3
+        self.vov = t.view_overhead_us or t.elementwise_overhead_us
         e = t.energy_pj
         self.e_mac = {"fp32": e["mac_fp32"], "fp16": e["mac_fp16"], "int8": e["mac_int8"]}
         self.e_rf, self.e_buf, self.e_dram = e["rf_byte"], e["buffer_byte"], e["dram_byte"]
@@ -112,24 +115,34 @@ def _padded(n: int, block: int) -> float:
 
 @dataclass
 class Structure:
-    """The kernels a runtime would run for a table: target-independent except for dtypes and blocking.
+    """The kernels a runtime would run for a table: target-independent except for dtypes and layouts.
 
     ``kernels``: (head, class, dtype, padded MACs, MACs, bytes moved, memory level, RF bits per MAC,
-    weight bytes, reduction length K, output positions S, int8<->float conversion bytes, conversions).
+    weight bytes, reduction length K, output positions S, int8<->float conversion bytes, conversions,
+    reordered elements, reorders).
     ``elems``: (name, bytes moved incl. conversions, memory level, output elements, is a view,
-    conversions, input elements of an int8 windowed pool). Bytes, MACs and S include the batch; memory level 0 is the cache, 1 the last-level
+    conversions, input elements of an int8 windowed pool, reordered elements, reorders, conversion bytes).
+    Bytes, MACs, S and elements include the batch; memory level 0 is the cache, 1 the last-level
     cache, 2 DRAM.
     """
 
-    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int]]
-    elems: list[tuple[str, float, int, int, bool, int, int]]
+    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int]]
+    elems: list[tuple[str, float, int, int, bool, int, int, float, int, float]]
     chain: dict[str, str]
 
 
 def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
-    """Fuse the table's rows into kernels and standalone ops, as the runtime would."""
+    """Fuse the table's rows into kernels and standalone ops, as the runtime would.
+
+    A model is deployed as a QDQ graph: a conv/linear at <= 8 bits runs in int8 (where the target
+    has fast int8), and an add, pool or concat runs on int8 tensors when every tensor it reads is
+    int8. Each int8 <-> float edge is a QuantizeLinear or DequantizeLinear. On targets with
+    ``block_fallback`` float tensors are tracked in blocked or plain layout, and each change is a
+    reorder pass.
+    """
     block = max(1, t.channel_block)
     l1, l2 = t.cache_bytes, max(t.llc_bytes, t.cache_bytes)
+    layouts = t.block_fallback and block > 1
 
     def level(nbytes: float) -> int:
         return 0 if nbytes <= l1 else (1 if nbytes <= l2 else 2)
@@ -145,9 +158,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
     # (quantised residual adds and pools run on int8 tensors too).
     float_read = {s for r in rows if r.op in ("conv", "linear") and r.abits > 8 for s in r.inputs}
     int8_out: set[str] = set()
-    # A model with any int8 layer is deployed as a QDQ graph: its pools, concats, adds and splits are
-    # quantised too and run on int8 tensors, converting wherever a float layer feeds or reads them.
-    qdq = t.fast_int8 and any(r.op in ("conv", "linear") and r.wbits <= 8 and r.abits <= 8 for r in rows)
+    blocked: set[str] = set()  # float tensors in the blocked layout
 
     def stored(name: str) -> float:
         if name in int8_out and name not in float_read:
@@ -156,27 +167,47 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
 
     # An int8 kernel reading a float tensor needs a QuantizeLinear, a float op reading an int8
     # tensor a DequantizeLinear: each one pass over the tensor (4 + 1 bytes per element) plus dispatch.
+    # [conversion bytes, conversions, reordered elements, reorders] per consumer
     cvt: dict[str, list[float]] = {}
     converted: set[tuple[str, bool]] = set()
+    reordered: set[tuple[str, bool]] = set()
 
     def convert(consumer: str, src: str, to_int8: bool) -> None:
         if (src in int8_out) == to_int8 or (src, to_int8) in converted or src not in by_name:
             return
         converted.add((src, to_int8))
-        c = cvt.setdefault(consumer, [0.0, 0])
+        c = cvt.setdefault(consumer, [0.0, 0, 0.0, 0])
         c[0] += by_name[src].out_numel * 5 * batch
         c[1] += 1
+
+    def layout(consumer: str, src: str, want_blocked: bool) -> None:
+        """A reorder when ``consumer`` reads ``src`` in the other layout (int8 tensors are plain)."""
+        if not layouts or src not in by_name or ((src in blocked) == want_blocked) or (src, want_blocked) in reordered:
+            return
+        reordered.add((src, want_blocked))
+        c = cvt.setdefault(consumer, [0.0, 0, 0.0, 0])
+        c[2] += by_name[src].out_numel * batch
+        c[3] += 1
+
+    # Float dense and depthwise convs run blocked (a width that is not a multiple of the block is padded);
+    # grouped convs, linear layers and int8 kernels (NHWC in ONNX Runtime) read and write plain tensors.
+    # Pools and concats stay blocked only on whole blocks of channels.
+    chans: dict[str, int] = {}
+    int8_read = {s for r in rows if r.op in ("conv", "linear") and t.compute_dtype(r.wbits, r.abits) == "int8"
+                 for s in r.inputs}
 
     # head -> [class, dtype, padded macs, macs, w_bytes, in_bytes, out_bytes, has_add, rf_bits, K, S]
     kernels: dict[str, list[Any]] = {}
     chain: dict[str, str] = {}
-    elems: list[tuple[str, float, int, int, bool, int, int]] = []
+    elems_raw: list[tuple[str, float, int, bool, int]] = []
     for r in rows:
         op = r.op
         if op in ("conv", "linear"):
             dtype = t.compute_dtype(r.wbits, r.abits)
             cls = kernel_class(op, r.in_ch, r.groups, r.kernel)
             kk = r.kernel[0] * r.kernel[1]
+            is_blocked = layouts and dtype != "int8" and cls in ("conv", "pointwise", "depthwise")
+            chans[r.name] = r.out_ch
             if cls == "depthwise":
                 pad, k_len = _padded(r.out_ch, block), kk
             else:
@@ -187,15 +218,30 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
             abits = min(r.abits, FLOAT_BITS)
             for src in r.inputs:
                 convert(r.name, src, dtype == "int8")
+                if not (is_blocked and r.in_ch < block):
+                    layout(r.name, src, is_blocked)
             if dtype == "int8":
                 int8_out.add(r.name)
+            elif is_blocked:
+                blocked.add(r.name)
             kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, r.weight_bytes, r.in_numel * abits / 8,
                                r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial]
             chain[r.name] = r.name
             continue
+        if r.inputs:
+            chans[r.name] = (sum(chans.get(s, 0) for s in r.inputs) if op == "concat"
+                             else chans.get(r.inputs[0], 0))
         if op in FREE_OPS:
             if r.inputs and all(s in int8_out for s in r.inputs):
                 int8_out.add(r.name)
+            elif r.inputs and all(s in blocked for s in r.inputs) and op != "output":
+                blocked.add(r.name)
+            elif op == "output":  # the graph output leaves in the plain layout: one reorder, its own dispatch
+                for src in r.inputs:
+                    layout(r.name, src, False)
+                if r.name in cvt:
+                    cvt[r.name][3] -= 1
+                    elems_raw.append((r.name, 0.0, 0, False, 0))
             continue
         if op in FUSABLE and len(r.inputs) == 1:
             src = r.inputs[0]
@@ -204,10 +250,14 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 chain[r.name] = head
                 if kernels[head][1] == "int8":
                     int8_out.add(r.name)
+                elif head in blocked:
+                    blocked.add(r.name)
                 kernels[head][6] = r.out_numel * stored(r.name)
                 continue
         if op == "add" and len(r.inputs) == 2:
-            fusable = [s for s in r.inputs if s in chain and n_cons.get(s, 0) == 1 and not kernels[chain[s]][7]]
+            # A kernel absorbs one residual add; int8 ones only where the target says so.
+            fusable = [s for s in r.inputs if s in chain and n_cons.get(s, 0) == 1 and not kernels[chain[s]][7]
+                       and (t.int8_fuses_add or kernels[chain[s]][1] != "int8")]
             if fusable:
                 src = fusable[-1]
                 other = r.inputs[0] if r.inputs[1] == src else r.inputs[1]
@@ -215,29 +265,40 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 k = kernels[head]
                 o = by_name.get(other)
                 convert(head, other, k[1] == "int8")
+                layout(head, other, head in blocked)
                 k[5] += o.out_numel * stored(other) if o is not None else 0
                 if k[1] == "int8":
                     int8_out.add(r.name)
+                elif head in blocked:
+                    blocked.add(r.name)
                 k[6] = r.out_numel * stored(r.name)
                 k[7] = True
                 chain[r.name] = head
                 continue
-        # A standalone op: memory traffic plus dispatch.
+        # A standalone op: memory traffic plus dispatch. It runs on int8 tensors when every input is int8.
         all_int8 = bool(r.inputs) and all(s in int8_out for s in r.inputs)
         if op == "reshape" and r.target in VIEW_TARGETS:
             if all_int8:
                 int8_out.add(r.name)
-            elems.append((r.name, 0.0, 0, 0, True, 0, 0))
+            else:
+                for src in r.inputs:
+                    layout(r.name, src, False)
+            elems_raw.append((r.name, 0.0, 0, True, 0))
             continue
-        if qdq and op != "other":
-            for src in r.inputs:
-                convert(r.name, src, True)
-            int8_out.add(r.name)
-        elif all_int8:
-            int8_out.add(r.name)  # pools, concats and reshapes of int8 tensors stay int8
+        if all_int8:
+            int8_out.add(r.name)  # pools, concats, adds and reshapes of int8 tensors stay int8
         else:
             for src in r.inputs:
                 convert(r.name, src, False)
+            # Pools, adds, concats and activations keep the blocked layout when every input has it.
+            keep = op in ("pool", "add", "concat", "act", "bn") and bool(r.inputs) and all(s in blocked for s in r.inputs)
+            if op in ("pool", "concat"):
+                keep = keep and all(chans.get(s, 0) % block == 0 and chans.get(s, 0) > 0 for s in r.inputs)
+            if keep:
+                blocked.add(r.name)
+            else:
+                for src in r.inputs:
+                    layout(r.name, src, False)
         nbytes = r.out_numel * stored(r.name)
         in_elems = 0
         for src in r.inputs:
@@ -245,19 +306,25 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
             if o is not None:
                 nbytes += o.out_numel * stored(src)
                 in_elems += o.out_numel
-        c = cvt.get(r.name, (0.0, 0))
-        nbytes = nbytes * batch + c[0]
-        # Windowed pools (not global ones) on int8 tensors run a slower, unblocked kernel.
-        qpool = in_elems * batch if qdq and op == "pool" and 0 < in_elems <= 16 * r.out_numel else 0
-        elems.append((r.name, nbytes, level(nbytes), r.out_numel * batch, False, int(c[1]), qpool))
+        # A windowed pool (not a global one) on a float tensor that an int8 kernel reads: the runtime moves
+        # the QuantizeLinear above it (ONNX Runtime's QDQ propagation) and pools in int8 in the plain
+        # layout, a slow kernel. Pools between int8 kernels run in NHWC and are not slow.
+        qpool = (in_elems * batch if not all_int8 and op == "pool" and r.name in int8_read
+                 and 0 < in_elems <= 16 * r.out_numel else 0)
+        elems_raw.append((r.name, nbytes * batch, r.out_numel * batch, False, qpool))
+    elems = []
+    for name, nbytes, n_out, is_view, qpool in elems_raw:
+        c = cvt.get(name, (0.0, 0, 0.0, 0))
+        nbytes += c[0]
+        elems.append((name, nbytes, level(nbytes), n_out, is_view, int(c[1]), qpool, c[2], int(c[3]), c[0]))
     out = []
     for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial) in kernels.items():
         nbytes = wb + (ib + ob) * batch
         # A matrix-vector product streams its weights once, which hardware prefetch serves at cache speed.
         lvl = 0 if cls == "linear" and batch == 1 else level(nbytes)
-        c = cvt.get(head, (0.0, 0))
+        c = cvt.get(head, (0.0, 0, 0.0, 0))
         out.append((head, cls, dtype, macs_eff * batch, macs * batch, nbytes, lvl, rf_bits, wb,
-                    k_len, spatial * batch, c[0], int(c[1])))
+                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3])))
     return Structure(out, elems, chain)
 
 
@@ -269,16 +336,20 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     lat: dict[str, float] = {}
     eng: dict[str, float] = {}
     inv_mem, k0, s0 = c.inv_mem, c.k0, c.s0
-    for head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n in st.kernels:
+    cvt_us, ro_us = c.cvt_us, c.ro_us
+    for head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n in st.kernels:
         mem_us = nbytes * inv_mem[lvl]
         slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
         comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)]
-        lat[head] = (comp_us if comp_us > mem_us else mem_us) + c.kov + cv_b * inv_mem[lvl] + cv_n * c.eov
+        lat[head] = ((comp_us if comp_us > mem_us else mem_us) + c.kov + cv_b * (inv_mem[lvl] + cvt_us)
+                     + ro_e * ro_us + (cv_n + ro_n) * c.eov)
         dram = nbytes if lvl == 2 else wb  # weights come from DRAM each call; activations when they spill
         eng[head] = (macs * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + (nbytes + cv_b) * c.e_buf
                      + dram * c.e_dram)
-    for name, nbytes, lvl, n_out, is_view, cv_n, qpool in st.elems:
-        lat[name] = nbytes * inv_mem[lvl] + (1 + cv_n) * c.eov + qpool * c.qpool_us
+    for name, nbytes, lvl, n_out, is_view, cv_n, qpool, ro_e, ro_n, cv_b in st.elems:
+        lat[name] = (nbytes * inv_mem[lvl] + (c.vov if is_view else c.eov) + (cv_n + ro_n) * c.eov
+                     + qpool * c.qpool_us + ro_e * ro_us
+                     + cv_b * cvt_us)
         eng[name] = n_out * c.e_add + nbytes * c.e_buf + (nbytes * c.e_dram if lvl == 2 else 0.0)
 
     layers = []

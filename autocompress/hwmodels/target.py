@@ -67,11 +67,20 @@ class Target:
     threads: int = 1
     int8_efficiency: float = 1.0  # extra factor on int8 kernels (quantise/requantise work)
     int8_class_efficiency: Mapping[str, float] = field(default_factory=dict)  # per-class factor on top (default 1)
-    int8_pool_ns: float = 0.0  # extra ns per input element of a windowed pool in a quantised graph
+    int8_pool_ns: float = 0.0  # extra ns per input element of a windowed float pool that an int8 kernel reads
     llc_bytes: int = 0  # a last-level cache between ``cache_bytes`` and DRAM (0: none)
     llc_gbs: float = 0.0
     gemm_k0: float = 0.0  # a short reduction (cin/groups * kh * kw = K) runs at K / (K + gemm_k0) of the rate
     gemm_s0: float = 0.0  # few output positions (S) run at S / (S + gemm_s0) of the rate
+    # Runtimes with a blocked float layout (ONNX Runtime's NCHWc): dense and depthwise float convs run in
+    # it, but grouped convs, linear layers, int8 kernels, and pools or concats on partial blocks of
+    # channels read plain tensors; every change between the layouts is a reorder pass (``reorder_ns``
+    # per element plus a dispatch).
+    block_fallback: bool = False
+    reorder_ns: float = 0.0
+    view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
+    int8_fuses_add: bool = True  # int8 kernels absorb a residual add (TensorRT does; ONNX Runtime's QLinearConv not)
+    convert_ns: float = 0.0  # per element of each int8 <-> float conversion, beyond its memory traffic
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
@@ -144,7 +153,9 @@ class Target:
             "dram_gbs": self.dram_gbs, "cache_gbs": self.cache_gbs, "cache_bytes": self.cache_bytes,
             "llc_gbs": self.llc_gbs, "llc_bytes": self.llc_bytes, "gemm_k0": self.gemm_k0, "gemm_s0": self.gemm_s0,
             "int8_efficiency": self.int8_efficiency, "int8_class_efficiency": dict(self.int8_class_efficiency),
-            "int8_pool_ns": self.int8_pool_ns,
+            "int8_pool_ns": self.int8_pool_ns, "block_fallback": self.block_fallback,
+            "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
+            "convert_ns": self.convert_ns, "int8_fuses_add": self.int8_fuses_add,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),
