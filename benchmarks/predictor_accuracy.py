@@ -28,40 +28,15 @@ import torch
 
 from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, measure_onnx, predict
-from autocompress.hwmodels.calibrate import Sample, error_stats, fit_target, robust_ms
+from autocompress.hwmodels.measure import profile_onnx
+from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, random_policy,
+                                             robust_ms)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
-from autocompress.space.policy import Policy
 from autocompress.space.space import build_space
 
 MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
           "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
-
-
-def random_policy(space, rng: random.Random) -> Policy:
-    p = rng.uniform(0.1, 0.6)
-    chosen = {}
-    for d in space.decisions:
-        others = [c for c in d.choices if c != d.identity]
-        if others and rng.random() < p:
-            chosen[d.id] = rng.choice(others)
-    return Policy(space.model, space.fingerprint, chosen)
-
-
-def export_variant(model, x: torch.Tensor, folder: Path) -> tuple[Path, bool]:
-    """The deployable file: int8 QDQ where layers are at <= 8 bits, else fp32."""
-    from autocompress.compress.quant import layer_bits, strip_fake_quant
-    from autocompress.export.onnx import export_onnx
-
-    float_model = strip_fake_quant(model)
-    bits = layer_bits(model)
-    if any(w <= 8 and a <= 8 for w, a in bits.values()):
-        from autocompress.export.int8 import export_int8
-
-        calib = torch.randn(2, *x.shape[1:])
-        export_int8(float_model, x, [calib], folder / "model.int8.onnx", bits)
-        return folder / "model.int8.onnx", True
-    return export_onnx(float_model, x, folder / "model.onnx"), False
 
 
 def measure_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -90,15 +65,17 @@ def measure_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dic
                     model = apply(lm.model, policy, space)
                     x = torch.randn(*lm.input_shape)
                     t1 = time.process_time()
-                    path, int8 = export_variant(model, x, folder)
+                    path, int8 = export_deployed(model, x, folder)
                     t2 = time.process_time()
                     m = measure_onnx(path, threads=args.threads, warmup=args.warmup, runs=args.runs)
                     t3 = time.process_time()
+                    calib = v % args.calib_every == 0
+                    parts = profile_onnx(path, threads=args.threads) if calib else None
                 except Exception as exc:  # a variant that cannot be built or exported is reported, not scored
                     failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                     continue
                 kinds = sorted({space[k].kind for k in policy.decisions})
-                records.append({"model": spec, "index": v, "calib": v % args.calib_every == 0, "int8": int8,
+                records.append({"model": spec, "index": v, "calib": calib, "int8": int8, "parts": parts,
                                 "kinds": kinds, "n_decisions": len(policy.decisions), "table": table,
                                 "measured_ms": robust_ms(m), "wall_median_ms": m.median_ms, "cv": m.cv,
                                 "cpu_s": [round(t1 - t0, 2), round(t2 - t1, 2), round(t3 - t2, 2)]})
@@ -113,11 +90,13 @@ def _worker(job: tuple[list[str], argparse.Namespace]) -> tuple[list[dict], list
 
 def collect(args: argparse.Namespace) -> dict:
     """Measure variants with ``--jobs`` processes (each times with one ORT thread; CPU time is the measure)."""
-    from autocompress.hwmodels.calibrate import _suite, measure_samples
+    from autocompress.hwmodels.calibrate import VARIANT_NETS, _suite, measure_samples, measure_variants
 
     started = time.time()
     torch.set_num_threads(1)
-    suite = measure_samples(_suite(False), threads=args.threads)
+    # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
+    suite = measure_samples(_suite(False), threads=args.threads, warmup=args.warmup, runs=args.runs, profile=True)
+    suite += measure_variants(VARIANT_NETS, 12, threads=args.threads, warmup=args.warmup, runs=args.runs)
     print(f"designed layer set: {len(suite)} measured, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
     groups = [args.models[i::args.jobs] for i in range(args.jobs)]
     if args.jobs == 1:
@@ -139,7 +118,8 @@ def score(raw: dict, models: list[str]) -> dict:
     """Refit `local` on the calibration variants and score the others (nn-Meter's measures)."""
     records = raw["records"]
     base = get_target("local")
-    calib = [Sample(f"{r['model']}#{r['index']}", r["table"], r["measured_ms"]) for r in records if r["calib"]]
+    calib = [Sample(f"{r['model']}#{r['index']}", r["table"], r["measured_ms"], parts=r.get("parts"))
+             for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
     suite = raw.get("suite", [])
     # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
@@ -190,7 +170,7 @@ def main() -> None:
     ap.add_argument("--calib-every", type=int, default=5, help="every n-th variant calibrates and is not scored")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--time-cap", type=float, default=900.0, help="stop making variants after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (models are split between them)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from autocompress.errors import UserInputError
-from autocompress.hwmodels.predict import predict, structure
+from autocompress.hwmodels.predict import PARTS, elem_part, kernel_part, predict, structure
 from autocompress.hwmodels.target import DTYPES, KERNEL_CLASSES, Target
 from autocompress.hwmodels.targets import get_target, target_path
 from autocompress.space.costs import CostTable, LayerCost
@@ -31,6 +31,7 @@ class Sample:
     table: CostTable
     measured_ms: float
     batch: int = 1
+    parts: dict[str, float] | None = None  # milliseconds per latency part, from a runtime profile
 
 
 # ---- fitting -------------------------------------------------------------------------------
@@ -47,13 +48,16 @@ class _Problem:
 
         self.base = base
         self.meas = np.array([s.measured_ms * 1e3 for s in samples])
+        # Per-part profiles (µs), where measured: a residual per part that holds a share of the time.
+        self.part_rows: list[tuple[int, Any, Any, float]] = []
         self.rows = []
         used_cls: set[str] = set()
         int8_cls: set[str] = set()
         has = {"qpool": False, "reorder": False, "convert": False, "view": False}
-        for s in samples:
+        for i, s in enumerate(samples):
             st = structure(s.table, base, s.batch)
             ks, es = st.kernels, st.elems
+            ops = {r.name: r.op for r in s.table}
             cls = np.array([KERNEL_CLASSES.index(k[1]) for k in ks], dtype=int)
             dt = np.array([DTYPES.index(k[2]) for k in ks], dtype=int)
             used_cls.update(k[1] for k in ks)
@@ -61,20 +65,25 @@ class _Problem:
             self.rows.append({
                 "cls": cls, "dt": dt, "macs": np.array([k[3] for k in ks], dtype=float),
                 "nbytes": np.array([k[5] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
-                "ebytes": np.array([e[1] for e in es], dtype=float), "elvl": np.array([e[2] for e in es], dtype=int),
-                "n_el": sum(not e[4] for e in es), "n_view": sum(e[4] for e in es),
+                "kpart": np.array([PARTS.index(kernel_part(k[1], k[2])) for k in ks], dtype=int),
                 "k_len": np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in ks], dtype=float),
                 "spatial": np.array([k[10] if k[1] != "linear" else 1e12 for k in ks], dtype=float),
                 "cv_b": np.array([k[11] for k in ks], dtype=float),
+                "ebytes": np.array([e[1] - e[9] for e in es], dtype=float), "elvl": np.array([e[2] for e in es], dtype=int),
+                "eview": np.array([e[4] for e in es], dtype=bool), "eqpool": np.array([e[6] for e in es], dtype=float),
+                "ecv_b": np.array([e[9] for e in es], dtype=float),
+                "epart": np.array([PARTS.index(elem_part(ops.get(e[0], ""))) for e in es], dtype=int),
                 "cv_n": sum(k[12] for k in ks) + sum(e[5] for e in es),
-                "qpool": sum(e[6] for e in es),
                 "ro_e": sum(k[13] for k in ks) + sum(e[7] for e in es),
-                "ro_n": sum(k[14] for k in ks) + sum(e[8] for e in es),
-                "ecv_b": sum(e[9] for e in es)})
+                "ro_n": sum(k[14] for k in ks) + sum(e[8] for e in es)})
             has["qpool"] |= any(e[6] for e in es)
             has["reorder"] |= any(k[13] for k in ks) or any(e[7] for e in es)
-            has["convert"] |= any(k[11] for k in ks) or any(e[5] for e in es)
+            has["convert"] |= any(k[11] for k in ks) or any(e[9] for e in es)
             has["view"] |= any(e[4] for e in es)
+            if s.parts:
+                meas = np.array([s.parts.get(p, 0.0) * 1e3 for p in PARTS])
+                eps = 0.02 * s.measured_ms * 1e3
+                self.part_rows.append((i, meas >= eps, meas, eps))
         self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
         llc = ["llc_gbs"] if base.llc_bytes else []
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
@@ -105,8 +114,8 @@ class _Problem:
             i8[c] = vals.pop(f"int8_class_efficiency.{c}")
         return self.base.with_(efficiency=eff, int8_class_efficiency=i8, **vals, **extra)
 
-    def predicted_us(self, x: Sequence[float]) -> Any:
-        """The same sums as ``predict``, vectorised per sample."""
+    def predicted_parts(self, x: Sequence[float]) -> tuple[Any, Any]:
+        """(total µs per sample, µs per part per sample): the same sums as ``predict``, vectorised."""
         import numpy as np
 
         t = self.target(x)
@@ -114,24 +123,37 @@ class _Problem:
         i8c = np.array([t.int8_efficiency * t.int8_class_efficiency.get(c, 1.0) for c in KERNEL_CLASSES])
         inv_d = 1.0 / (t.dram_gbs * 1e3)
         inv = np.array([1.0 / (t.cache_gbs * 1e3), 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_d, inv_d])
-        cvt_us, ro_us = t.convert_ns / 5e3, t.reorder_ns / 1e3
-        vov = t.view_overhead_us or t.elementwise_overhead_us
-        out = np.empty(len(self.rows))
+        cvt_us, ro_us, eov = t.convert_ns / 5e3, t.reorder_ns / 1e3, t.elementwise_overhead_us
+        vov = t.view_overhead_us or eov
+        n_parts = len(PARTS)
+        parts = np.zeros((len(self.rows), n_parts))
+        ci, ri = PARTS.index("convert"), PARTS.index("reorder")
         for i, r in enumerate(self.rows):
-            dt, cls = r["dt"], r["cls"]
+            dt, cls, lvl = r["dt"], r["cls"], r["lvl"]
             slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
             comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
-            lvl = r["lvl"]
-            mem = r["nbytes"] * inv[lvl]
-            out[i] = (np.maximum(comp, mem).sum() + len(cls) * t.kernel_overhead_us + (r["ebytes"] * inv[r["elvl"]]).sum()
-                      + (r["cv_b"] * (inv[lvl] + cvt_us)).sum() + (r["n_el"] + r["cv_n"] + r["ro_n"]) * t.elementwise_overhead_us + r["n_view"] * vov
-                      + t.call_overhead_us + r["qpool"] * t.int8_pool_ns / 1e3 + r["ro_e"] * ro_us + r["ecv_b"] * cvt_us)
-        return out
+            core = np.maximum(comp, r["nbytes"] * inv[lvl]) + t.kernel_overhead_us
+            ecore = (r["ebytes"] * inv[r["elvl"]] + np.where(r["eview"], vov, eov)
+                     + r["eqpool"] * t.int8_pool_ns / 1e3)
+            row = np.bincount(r["kpart"], core, n_parts) + np.bincount(r["epart"], ecore, n_parts)
+            row[ci] += ((r["cv_b"] * (inv[lvl] + cvt_us)).sum() + (r["ecv_b"] * (inv[r["elvl"]] + cvt_us)).sum()
+                        + r["cv_n"] * eov)
+            row[ri] += r["ro_e"] * ro_us + r["ro_n"] * eov
+            parts[i] = row
+        return parts.sum(axis=1) + t.call_overhead_us, parts
+
+    def predicted_us(self, x: Sequence[float]) -> Any:
+        return self.predicted_parts(x)[0]
 
     def residuals(self, x: Sequence[float]) -> Any:
+        """Log error of each sample's total, plus (half-weighted) of each profiled part holding >= 2 % of it."""
         import numpy as np
 
-        return np.log(self.predicted_us(x) / self.meas)
+        total, parts = self.predicted_parts(x)
+        res = [np.log(total / self.meas)]
+        for i, mask, meas, eps in self.part_rows:
+            res.append(0.5 * mask * np.log((parts[i] + eps) / (meas + eps)))
+        return np.concatenate(res)
 
 
 def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> dict[str, float]:
@@ -244,14 +266,18 @@ def robust_ms(m: Any) -> float:
 
 
 def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
-                    warmup: int = 5, runs: int = 20) -> list[Sample]:
-    """Export, time and trace each configuration; a name starting with "int8 " is timed as a QDQ file."""
+                    warmup: int = 5, runs: int = 20, profile: bool = False) -> list[Sample]:
+    """Export, time and trace each configuration; a name starting with "int8 " is timed as a QDQ file.
+
+    With ``profile`` each one is also profiled per node (``measure.profile_onnx``), so the fit
+    sees how the time splits between the model's parts, not only the total.
+    """
     import tempfile
 
     import torch
 
     from autocompress.export.onnx import export_onnx
-    from autocompress.hwmodels.measure import measure_onnx
+    from autocompress.hwmodels.measure import measure_onnx, profile_onnx
     from autocompress.space.graph import trace
 
     samples = []
@@ -267,7 +293,8 @@ def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, .
                     if r.op in ("conv", "linear"):
                         r.wbits = r.abits = 8
             m = measure_onnx(path, threads=threads, warmup=warmup, runs=runs)
-            samples.append(Sample(name, table, robust_ms(m)))
+            parts = profile_onnx(path, threads=threads) if profile else None
+            samples.append(Sample(name, table, robust_ms(m), parts=parts))
     return samples
 
 
@@ -297,14 +324,91 @@ def quantize_qdq(path: Path, example: Any) -> Path:
     return out
 
 
+def random_policy(space: Any, rng: Any) -> Any:
+    """A random policy over every decision kind: each decision takes a random non-identity choice
+    with a probability drawn per policy (0.1-0.6)."""
+    from autocompress.space.policy import Policy
+
+    p = rng.uniform(0.1, 0.6)
+    chosen = {}
+    for d in space.decisions:
+        others = [c for c in d.choices if c != d.identity]
+        if others and rng.random() < p:
+            chosen[d.id] = rng.choice(others)
+    return Policy(space.model, space.fingerprint, chosen)
+
+
+def export_deployed(model: Any, example: Any, folder: Path) -> tuple[Path, bool]:
+    """The file a compressed model deploys as: int8 QDQ where layers are at <= 8 bits, else fp32."""
+    import torch
+
+    from autocompress.compress.quant import layer_bits, strip_fake_quant
+    from autocompress.export.onnx import export_onnx
+
+    float_model = strip_fake_quant(model)
+    bits = layer_bits(model)
+    if any(w <= 8 and a <= 8 for w, a in bits.values()):
+        from autocompress.export.int8 import export_int8
+
+        calib = torch.randn(2, *example.shape[1:])
+        export_int8(float_model, example, [calib], folder / "model.int8.onnx", bits)
+        return folder / "model.int8.onnx", True
+    return export_onnx(float_model, example, folder / "model.onnx"), False
+
+
+# Small networks whose random compressed variants calibrate `local` (other widths and resolutions
+# than the zoo models a user searches, so the fit is not tuned to them).
+VARIANT_NETS = (("builtin:digits-net", None), ("torchvision:resnet18", (1, 3, 112, 112)),
+                ("tv-mnv2-0.5", (1, 3, 160, 160)), ("torchvision:squeezenet1_1", (1, 3, 112, 112)),
+                ("torchvision:shufflenet_v2_x0_5", None))
+
+
+def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: int, threads: int = 1,
+                     warmup: int = 5, runs: int = 20, seed: int = 0, profile: bool = True) -> list[Sample]:
+    """Random compressed variants of ``nets`` (every decision kind), built, exported as deployed and measured."""
+    import random
+    import tempfile
+
+    import torch
+
+    from autocompress.compress import apply, estimate
+    from autocompress.hwmodels.measure import measure_onnx, profile_onnx
+    from autocompress.space.graph import trace
+    from autocompress.space.space import build_space
+
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
+        for spec, shape in nets:
+            model = _net_factory(spec)().eval()
+            shape = shape or _default_shape(spec)
+            space = build_space(trace(model, shape), spec)
+            rng = random.Random(f"{seed}-{spec}")
+            for v in range(per_net):
+                policy = random_policy(space, rng)
+                folder = Path(tmp) / f"{len(samples)}"
+                folder.mkdir()
+                path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), folder)
+                m = measure_onnx(path, threads=threads, warmup=warmup, runs=runs)
+                parts = profile_onnx(path, threads=threads) if profile else None
+                samples.append(Sample(f"{spec} variant {v}", estimate(space, policy), robust_ms(m), parts=parts))
+    return samples
+
+
 def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path]:
-    """Measure the designed set on this machine, fit ``local`` and save it in the cache dir."""
+    """Measure the designed set on this machine, fit ``local`` and save it in the cache dir.
+
+    The designed set is layer configurations and small networks (``_suite``) plus random
+    compressed variants of small networks (``VARIANT_NETS``), each timed and profiled per node.
+    """
     if threads < 1:
         raise UserInputError(f"--threads must be >= 1, got {threads}")
     from autocompress.hwmodels.targets import TARGETS
 
     base = TARGETS.get("local").with_(threads=threads)
-    samples = measure_samples(_suite(quick), threads=threads, warmup=3 if quick else 5, runs=10 if quick else 20)
+    warmup, runs = (3, 10) if quick else (10, 50)
+    samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, profile=True)
+    samples += measure_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, threads=threads,
+                                warmup=warmup, runs=runs)
     fitted = fit_target(base, samples, "local",
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated")

@@ -116,3 +116,66 @@ def measure_model(model: Any, example_input: Any, threads: int = 1, warmup: int 
         path = export_onnx(model, example_input, Path(tmp) / "model.onnx")
         return measure_onnx(path, threads=threads, warmup=warmup, runs=runs,
                             batch=batch or int(example_input.shape[0]))
+
+
+# ONNX Runtime op types -> the latency model's parts (see ``predict.parts``); the rest is "other".
+PROFILE_PARTS = {
+    "Conv": "conv", "FusedConv": "conv", "QLinearConv": "qconv",
+    "Gemm": "linear", "MatMul": "linear", "QGemm": "linear", "MatMulInteger": "linear", "FusedGemm": "linear",
+    "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
+    "NhwcMaxPool": "pool", "QLinearAveragePool": "pool", "QLinearGlobalAveragePool": "pool", "ReduceMean": "pool",
+    "Concat": "concat", "QLinearConcat": "concat", "Split": "concat",
+    "ReorderInput": "reorder", "ReorderOutput": "reorder",
+    "QuantizeLinear": "convert", "DequantizeLinear": "convert",
+    "Add": "elementwise", "QLinearAdd": "elementwise", "Sum": "elementwise", "Relu": "elementwise",
+    "Clip": "elementwise", "Mul": "elementwise", "BatchNormalization": "elementwise",
+}
+
+
+def profile_onnx(path: str | os.PathLike, threads: int = 1, warmup: int = 5, runs: int = 20) -> dict[str, float]:
+    """Milliseconds per part of the latency model, from ONNX Runtime's per-node profile (median per node).
+
+    A Transpose of a uint8 tensor is the layout change around int8 kernels, so it counts as a
+    conversion; other transposes are "other".
+    """
+    import json
+
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise UserInputError(f"ONNX file {str(path)!r} does not exist")
+    with tempfile.TemporaryDirectory(prefix="autocompress-profile-") as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        feeds = _feeds(sess, 1)
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[tuple[str, str], list[float]] = {}
+    skip: dict[str, int] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "")
+        part = PROFILE_PARTS.get(op, "other")
+        if op == "Transpose" and any("uint8" in t or "int8" in t for t in args.get("input_type_shape", [{}])[0]):
+            part = "convert"
+        key = (part, name)
+        seen = skip.get(name, 0)
+        skip[name] = seen + 1
+        if seen < warmup:  # the first calls of each node are warm-up
+            continue
+        per_node.setdefault(key, []).append(e["dur"] / 1e3)
+    parts: dict[str, float] = {}
+    for (part, _), durs in per_node.items():
+        parts[part] = parts.get(part, 0.0) + statistics.median(durs)
+    return parts

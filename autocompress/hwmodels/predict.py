@@ -18,6 +18,20 @@ from autocompress.hwmodels.targets import get_target
 from autocompress.space.costs import FLOAT_BITS, CostTable
 
 FUSABLE = ("bn", "act")
+# The parts of a model's latency, as a runtime profile splits it (``measure.profile_onnx``):
+# float conv kernels, int8 conv kernels, linear layers, pools, concats/splits, layout reorders,
+# int8 <-> float conversions, unfused elementwise ops, and the rest (reshapes, shape arithmetic).
+PARTS = ("conv", "qconv", "linear", "pool", "concat", "reorder", "convert", "elementwise", "other")
+_ELEM_PART = {"pool": "pool", "concat": "concat", "split": "concat", "add": "elementwise", "act": "elementwise",
+              "bn": "elementwise", "output": "reorder"}
+
+
+def kernel_part(cls: str, dtype: str) -> str:
+    return "linear" if cls == "linear" else ("qconv" if dtype == "int8" else "conv")
+
+
+def elem_part(op: str) -> str:
+    return _ELEM_PART.get(op, "other")
 FREE_OPS = ("input", "dropout", "getitem", "output", "const")
 VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
 
@@ -44,6 +58,7 @@ class Prediction:
     weight_bytes: int
     peak_activation_bytes: int
     layers: list[LayerPrediction] = field(default_factory=list)
+    parts: dict[str, float] = field(default_factory=dict)  # latency (ms) per part, see PARTS
 
     @property
     def size_bytes(self) -> int:
@@ -57,7 +72,7 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "batch": self.batch, "latency_ms": self.latency_ms,
-                "energy_mj": self.energy_mj, "weight_bytes": self.weight_bytes,
+                "energy_mj": self.energy_mj, "weight_bytes": self.weight_bytes, "parts": dict(self.parts),
                 "peak_activation_bytes": self.peak_activation_bytes,
                 "layers": [{"name": l.name, "op": l.op, "latency_ms": l.latency_ms, "energy_mj": l.energy_mj,
                             "fused_into": l.fused_into} for l in self.layers]}
@@ -337,19 +352,30 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     eng: dict[str, float] = {}
     inv_mem, k0, s0 = c.inv_mem, c.k0, c.s0
     cvt_us, ro_us = c.cvt_us, c.ro_us
+    parts = dict.fromkeys(PARTS, 0.0)
     for head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n in st.kernels:
         mem_us = nbytes * inv_mem[lvl]
         slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
         comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)]
-        lat[head] = ((comp_us if comp_us > mem_us else mem_us) + c.kov + cv_b * (inv_mem[lvl] + cvt_us)
-                     + ro_e * ro_us + (cv_n + ro_n) * c.eov)
+        core = (comp_us if comp_us > mem_us else mem_us) + c.kov
+        cv = cv_b * (inv_mem[lvl] + cvt_us) + cv_n * c.eov
+        ro = ro_e * ro_us + ro_n * c.eov
+        lat[head] = core + cv + ro
+        parts[kernel_part(cls, dtype)] += core
+        parts["convert"] += cv
+        parts["reorder"] += ro
         dram = nbytes if lvl == 2 else wb  # weights come from DRAM each call; activations when they spill
         eng[head] = (macs * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + (nbytes + cv_b) * c.e_buf
                      + dram * c.e_dram)
+    ops = {r.name: r.op for r in table}
     for name, nbytes, lvl, n_out, is_view, cv_n, qpool, ro_e, ro_n, cv_b in st.elems:
-        lat[name] = (nbytes * inv_mem[lvl] + (c.vov if is_view else c.eov) + (cv_n + ro_n) * c.eov
-                     + qpool * c.qpool_us + ro_e * ro_us
-                     + cv_b * cvt_us)
+        core = (nbytes - cv_b) * inv_mem[lvl] + (c.vov if is_view else c.eov) + qpool * c.qpool_us
+        cv = cv_b * (inv_mem[lvl] + cvt_us) + cv_n * c.eov
+        ro = ro_e * ro_us + ro_n * c.eov
+        lat[name] = core + cv + ro
+        parts[elem_part(ops.get(name, ""))] += core
+        parts["convert"] += cv
+        parts["reorder"] += ro
         eng[name] = n_out * c.e_add + nbytes * c.e_buf + (nbytes * c.e_dram if lvl == 2 else 0.0)
 
     layers = []
@@ -363,4 +389,4 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
         head = chain.get(r.name, "")
         layers.append(LayerPrediction(r.name, r.op, l_us / 1e3, e_pj * 1e-9, head if head != r.name else ""))
     return Prediction(t.name, batch, total_us / 1e3, total_pj * 1e-9, int(sum(r.weight_bytes for r in table)),
-                      table.peak_activation_bytes() * batch, layers)
+                      table.peak_activation_bytes() * batch, layers, {k: v / 1e3 for k, v in parts.items()})
