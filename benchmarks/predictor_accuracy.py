@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from autocompress.compress import apply, estimate
-from autocompress.hwmodels import get_target, measure_onnx, predict
+from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
-from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, random_policy,
-                                             robust_ms)
+from autocompress.hwmodels.calibrate import Sample, error_stats, export_deployed, fit_target, random_policy
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.space.space import build_space
@@ -39,8 +38,8 @@ MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googl
           "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
 
 
-def measure_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Make, build and time variants of ``specs`` round-robin until ``--variants`` each or the time cap."""
+def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Make and export variants of ``specs`` (round-robin) into ``args.workdir``; timing comes later."""
     torch.set_num_threads(1)
     start = time.time()
     spaces = {}
@@ -50,68 +49,72 @@ def measure_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dic
         print(f"space {spec}: {len(spaces[spec][1])} decisions", file=sys.stderr, flush=True)
     records: list[dict] = []
     failures: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for v in range(args.variants):
-            for spec in specs:
-                if time.time() - start > args.time_cap:
-                    return records, failures
-                lm, space, rng = spaces[spec]
-                policy = random_policy(space, rng)
-                folder = Path(tmp) / f"{spec.replace(':', '_')}-{v}"
-                folder.mkdir()
-                try:
-                    t0 = time.process_time()
-                    table = estimate(space, policy)
-                    model = apply(lm.model, policy, space)
-                    x = torch.randn(*lm.input_shape)
-                    t1 = time.process_time()
-                    path, int8 = export_deployed(model, x, folder)
-                    t2 = time.process_time()
-                    m = measure_onnx(path, threads=args.threads, warmup=args.warmup, runs=args.runs)
-                    t3 = time.process_time()
-                    calib = v % args.calib_every == 0
-                    parts = profile_onnx(path, threads=args.threads) if calib else None
-                except Exception as exc:  # a variant that cannot be built or exported is reported, not scored
-                    failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
-                    continue
-                kinds = sorted({space[k].kind for k in policy.decisions})
-                records.append({"model": spec, "index": v, "calib": calib, "int8": int8, "parts": parts,
-                                "kinds": kinds, "n_decisions": len(policy.decisions), "table": table,
-                                "measured_ms": robust_ms(m), "wall_median_ms": m.median_ms, "cv": m.cv,
-                                "cpu_s": [round(t1 - t0, 2), round(t2 - t1, 2), round(t3 - t2, 2)]})
-                if len(records) % 10 == 0:
-                    print(f"{specs[0]}..: {len(records)} variants, {time.time() - start:.0f}s", file=sys.stderr, flush=True)
+    for v in range(args.variants):
+        for spec in specs:
+            if time.time() - start > args.time_cap:
+                return records, failures
+            lm, space, rng = spaces[spec]
+            policy = random_policy(space, rng)
+            folder = Path(args.workdir) / f"{spec.replace(':', '_')}-{v}"
+            folder.mkdir()
+            try:
+                table = estimate(space, policy)
+                model = apply(lm.model, policy, space)
+                path, int8 = export_deployed(model, torch.randn(*lm.input_shape), folder)
+            except Exception as exc:  # a variant that cannot be built or exported is reported, not scored
+                failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                continue
+            kinds = sorted({space[k].kind for k in policy.decisions})
+            records.append({"model": spec, "index": v, "calib": v % args.calib_every == 0, "int8": int8,
+                            "kinds": kinds, "n_decisions": len(policy.decisions), "table": table, "path": str(path)})
+            if len(records) % 20 == 0:
+                print(f"{specs[0]}..: {len(records)} variants built, {time.time() - start:.0f}s", file=sys.stderr,
+                      flush=True)
     return records, failures
 
 
 def _worker(job: tuple[list[str], argparse.Namespace]) -> tuple[list[dict], list[dict]]:
-    return measure_models(*job)
+    return build_models(*job)
 
 
 def collect(args: argparse.Namespace) -> dict:
-    """Measure variants with ``--jobs`` processes (each times with one ORT thread; CPU time is the measure)."""
-    from autocompress.hwmodels.calibrate import VARIANT_NETS, _suite, measure_samples, measure_variants
+    """Build variants with ``--jobs`` processes, then time every file in this process alone.
+
+    Timing: ``--rounds`` passes over all files (``calibrate.measure_files``), one ORT thread,
+    ``--warmup`` + ``--runs`` calls per pass, median over passes of each pass's median CPU time.
+    """
+    from autocompress.hwmodels.calibrate import (VARIANT_NETS, _suite, measure_files, measure_samples,
+                                                 measure_variants)
 
     started = time.time()
     torch.set_num_threads(1)
+    timing = {"threads": args.threads, "warmup": args.warmup, "runs": args.runs, "rounds": args.rounds}
     # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
-    suite = measure_samples(_suite(False), threads=args.threads, warmup=args.warmup, runs=args.runs, profile=True)
-    suite += measure_variants(VARIANT_NETS, 12, threads=args.threads, warmup=args.warmup, runs=args.runs)
-    print(f"designed layer set: {len(suite)} measured, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
-    groups = [args.models[i::args.jobs] for i in range(args.jobs)]
-    if args.jobs == 1:
-        results = [measure_models(groups[0], args)]
-    else:
-        import multiprocessing as mp
+    suite = measure_samples(_suite(False), profile=True, **timing)
+    suite += measure_variants(VARIANT_NETS, 12, **timing)
+    print(f"designed set: {len(suite)} measured, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="predictor-accuracy-") as workdir:
+        args.workdir = workdir
+        groups = [args.models[i::args.jobs] for i in range(args.jobs)]
+        if args.jobs == 1:
+            results = [build_models(groups[0], args)]
+        else:
+            import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(_worker, [(g, args) for g in groups if g])
-    records = [r for rec, _ in results for r in rec]
-    failures = [f for _, fail in results for f in fail]
+            with mp.get_context("spawn").Pool(args.jobs) as pool:
+                results = pool.map(_worker, [(g, args) for g in groups if g])
+        records = [r for rec, _ in results for r in rec]
+        failures = [f for _, fail in results for f in fail]
+        print(f"{len(records)} variants built, {time.time() - started:.0f}s; timing", file=sys.stderr, flush=True)
+        times = measure_files([Path(r["path"]) for r in records], **timing)
+        for r, ms in zip(records, times):
+            r["measured_ms"] = ms
+            r["parts"] = profile_onnx(r["path"], threads=args.threads) if r["calib"] else None
+            del r["path"]
     return {"records": records, "suite": suite, "failures": failures, "seconds": round(time.time() - started),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "command": " ".join(["python", "benchmarks/predictor_accuracy.py", *sys.argv[1:]]),
-            "threads": args.threads, "warmup": args.warmup, "runs": args.runs, "jobs": args.jobs}
+            "command": " ".join(["python", "benchmarks/predictor_accuracy.py", *sys.argv[1:]]), **timing,
+            "jobs": args.jobs}
 
 
 def score(raw: dict, models: list[str]) -> dict:
@@ -132,16 +135,14 @@ def score(raw: dict, models: list[str]) -> dict:
         preds = [predict(r["table"], target).latency_ms for r in scored]
         meas = [r["measured_ms"] for r in scored]
         out[label] = error_stats(preds, meas)
-        out[label + "_wall_median"] = error_stats(preds, [r["wall_median_ms"] for r in scored])
         per_model = {}
         for spec in models:
             idx = [k for k, r in enumerate(scored) if r["model"] == spec]
             per_model[spec] = error_stats([preds[k] for k in idx], [meas[k] for k in idx])
         out[label + "_per_model"] = per_model
         if label == "suite_plus_calib_variants":
-            out["rows"] = [{"model": r["model"], "int8": r["int8"], "kinds": r["kinds"], "cpu_s": r["cpu_s"],
-                            "measured_ms": r["measured_ms"], "wall_median_ms": r["wall_median_ms"],
-                            "predicted_ms": p} for r, p in zip(scored, preds)]
+            out["rows"] = [{"model": r["model"], "index": r["index"], "int8": r["int8"], "kinds": r["kinds"],
+                            "measured_ms": r["measured_ms"], "predicted_ms": p} for r, p in zip(scored, preds)]
     out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
     out["int8_variants"] = sum(r["int8"] for r in records)
@@ -169,8 +170,9 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=40, help="variants per model")
     ap.add_argument("--calib-every", type=int, default=5, help="every n-th variant calibrates and is not scored")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10, help="untimed calls per pass")
+    ap.add_argument("--runs", type=int, default=20, help="timed calls per pass")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over all files (runs x rounds timed calls each)")
     ap.add_argument("--time-cap", type=float, default=900.0, help="stop making variants after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (models are split between them)")

@@ -201,6 +201,65 @@ def test_published_checks_cover_the_four_fixed_targets():
     assert {r.target for r in PUBLISHED} == {"mobile", "rpi4", "x86-server", "gpu"}
 
 
+# ---- the QDQ graph and layouts of `local` (ONNX Runtime) -----------------------------------------
+
+def _pool_net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(16, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         nn.Conv2d(width, 64, 3, padding=1))
+
+
+def _set_bits(table: CostTable, bits: dict[str, int]) -> CostTable:
+    for r in table:
+        if r.name in bits:
+            r.wbits = r.abits = bits[r.name]
+    return table
+
+
+def _conv_names(table: CostTable) -> list[str]:
+    return [r.name for r in table if r.op == "conv"]
+
+
+def test_parts_add_up_to_the_latency():
+    t = with_bits(spec_table("builtin:digits-net"), 8)
+    for name in BUILTIN:
+        p = predict(t, name)
+        assert sum(p.parts.values()) + get_target(name).call_overhead_us / 1e3 == pytest.approx(p.latency_ms, rel=1e-9)
+        assert sum(l.latency_ms for l in p.layers) == pytest.approx(sum(p.parts.values()), rel=1e-9)
+
+
+def test_a_float_pool_read_by_an_int8_conv_is_the_slow_int8_pool():
+    """ONNX Runtime moves the QuantizeLinear above a max-pool and pools uint8 in NCHW (measured ~5 ns/element)."""
+    base = table_of(_pool_net(64), (1, 16, 56, 56))
+    first, second = _conv_names(base)
+    pool = lambda bits: predict(_set_bits(base.copy(), bits), "local").parts["pool"]
+    float_then_int8 = pool({second: 8})
+    int8_both = pool({first: 8, second: 8})
+    all_float = pool({})
+    # 64 x 56 x 56 input elements at int8_pool_ns each, on top of the pool's traffic
+    slow = 64 * 56 * 56 * get_target("local").int8_pool_ns / 1e6
+    assert float_then_int8 == pytest.approx(all_float + slow, rel=0.05)
+    assert int8_both < all_float  # between int8 kernels it pools int8 NHWC tensors: no penalty, fewer bytes
+
+
+def test_partial_channel_blocks_reorder_around_a_pool():
+    """A 24-channel conv output is padded in NCHWc; the pool after it runs plain, behind a reorder."""
+    whole = predict(table_of(_pool_net(32), (1, 16, 28, 28)), "local").parts
+    partial = predict(table_of(_pool_net(24), (1, 16, 28, 28)), "local").parts
+    assert partial["reorder"] > whole["reorder"]
+    assert predict(table_of(_pool_net(24), (1, 16, 28, 28)), "mobile").parts["reorder"] == 0  # no layout model
+
+
+def test_int8_region_boundaries_cost_conversions():
+    base = table_of(small_cnn(), (1, 16, 28, 28))
+    names = _conv_names(base)
+    middle_int8 = predict(_set_bits(base.copy(), {names[1]: 8}), "local").parts
+    all_int8 = predict(_set_bits(base.copy(), dict.fromkeys(names, 8)), "local").parts
+    assert middle_int8["convert"] > 0 and middle_int8["qconv"] > 0
+    # two boundaries (float -> int8 -> float) against one (the input's quantise, the output's dequantise)
+    assert middle_int8["convert"] > all_int8["convert"] * 0.5
+    assert all_int8["conv"] == 0 and all_int8["qconv"] > 0
+
+
 # ---- calibration from measured numbers ---------------------------------------------------------------
 
 def test_calibrate_from_csv_recovers_a_known_device(tmp_path):

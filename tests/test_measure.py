@@ -79,3 +79,20 @@ def test_importing_hwmodels_does_not_import_onnxruntime_or_ray():
             "print('onnxruntime' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_profile_splits_the_time_into_model_parts(tmp_path):
+    """A float conv, then an int8 conv: ONNX Runtime's per-node profile lands in conv, qconv and convert."""
+    from autocompress.export.int8 import export_int8
+    from autocompress.hwmodels import PARTS
+    from autocompress.hwmodels.measure import profile_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 28, 28)
+    report = export_int8(model, x, [x], tmp_path / "m.onnx", {"0": (32, 32), "2": (8, 8)})
+    parts = profile_onnx(report.path, warmup=2, runs=10)
+    assert set(parts) <= set(PARTS)
+    assert parts["conv"] > 0 and parts["qconv"] > 0 and parts["convert"] > 0
+    m = measure_onnx(report.path, warmup=2, runs=10)
+    assert 0 < sum(parts.values()) <= 3 * m.p90_ms

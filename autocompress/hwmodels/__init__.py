@@ -6,12 +6,12 @@ model in ONNX Runtime, which is imported only when they are called.
 """
 
 from autocompress.hwmodels.budget import Budget, parse_budget
-from autocompress.hwmodels.measure import Measurement, measure_model, measure_onnx
-from autocompress.hwmodels.predict import LayerPrediction, Prediction, predict
+from autocompress.hwmodels.measure import Measurement, measure_model, measure_onnx, profile_onnx
+from autocompress.hwmodels.predict import PARTS, LayerPrediction, Prediction, predict
 from autocompress.hwmodels.target import Target
 from autocompress.hwmodels.targets import TARGETS, cache_dir, get_target, target_names, target_path
 
 __all__ = [
     "TARGETS", "Budget", "LayerPrediction", "Measurement", "Prediction", "Target", "cache_dir", "get_target",
-    "measure_model", "measure_onnx", "parse_budget", "predict", "target_names", "target_path",
+    "PARTS", "measure_model", "measure_onnx", "parse_budget", "predict", "profile_onnx", "target_names", "target_path",
 ]

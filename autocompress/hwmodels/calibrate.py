@@ -36,8 +36,10 @@ class Sample:
 
 # ---- fitting -------------------------------------------------------------------------------
 
+import os
+PART_WEIGHT = float(os.environ.get("AC_PW", "0.5"))
 _GLOBAL = ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "call_overhead_us",
-           "gemm_k0", "gemm_s0")
+           "gemm_k0", "gemm_s0", "out_ns")
 
 
 class _Problem:
@@ -69,6 +71,7 @@ class _Problem:
                 "k_len": np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in ks], dtype=float),
                 "spatial": np.array([k[10] if k[1] != "linear" else 1e12 for k in ks], dtype=float),
                 "cv_b": np.array([k[11] for k in ks], dtype=float),
+                "n_out": np.array([k[15] for k in ks], dtype=float),
                 "ebytes": np.array([e[1] - e[9] for e in es], dtype=float), "elvl": np.array([e[2] for e in es], dtype=int),
                 "eview": np.array([e[4] for e in es], dtype=bool), "eqpool": np.array([e[6] for e in es], dtype=float),
                 "ecv_b": np.array([e[9] for e in es], dtype=float),
@@ -88,6 +91,7 @@ class _Problem:
         llc = ["llc_gbs"] if base.llc_bytes else []
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
         self.names = ([f"efficiency.{c}" for c in self.classes] + [f"int8_class_efficiency.{c}" for c in self.int8_classes]
+                      + (["int8_out_ns"] if self.int8_classes else [])
                       + list(_GLOBAL) + llc + (["int8_pool_ns"] if has["qpool"] else [])
                       + (["reorder_ns"] if has["reorder"] else []) + (["convert_ns"] if has["convert"] else [])
                       + (["view_overhead_us"] if has["view"] else []))
@@ -132,7 +136,8 @@ class _Problem:
             dt, cls, lvl = r["dt"], r["cls"], r["lvl"]
             slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
             comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
-            core = np.maximum(comp, r["nbytes"] * inv[lvl]) + t.kernel_overhead_us
+            core = (np.maximum(comp, r["nbytes"] * inv[lvl]) + t.kernel_overhead_us
+                    + r["n_out"] * np.where(dt == 2, t.int8_out_ns, t.out_ns) / 1e3)
             ecore = (r["ebytes"] * inv[r["elvl"]] + np.where(r["eview"], vov, eov)
                      + r["eqpool"] * t.int8_pool_ns / 1e3)
             row = np.bincount(r["kpart"], core, n_parts) + np.bincount(r["epart"], ecore, n_parts)
@@ -152,7 +157,7 @@ class _Problem:
         total, parts = self.predicted_parts(x)
         res = [np.log(total / self.meas)]
         for i, mask, meas, eps in self.part_rows:
-            res.append(0.5 * mask * np.log((parts[i] + eps) / (meas + eps)))
+            res.append(PART_WEIGHT * mask * np.log((parts[i] + eps) / (meas + eps)))
         return np.concatenate(res)
 
 
@@ -265,9 +270,30 @@ def robust_ms(m: Any) -> float:
     return m.cpu_median_ms if m.threads == 1 and m.cpu_median_ms > 0 else m.median_ms
 
 
+def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, runs: int = 20,
+                  rounds: int = 3) -> list[float]:
+    """Robust latency (ms) of each ONNX file: ``rounds`` passes over all files, each file in a fresh
+    session per pass (``warmup`` + ``runs`` calls), and the median over passes of each pass's median.
+
+    Interleaving the passes spreads a slow period of a shared machine over every file instead of
+    a few, and a fresh session per pass averages over memory placement; measured on this
+    machine, the same files then agree within a few per cent across runs.
+    """
+    import statistics
+
+    from autocompress.hwmodels.measure import measure_onnx
+
+    per_file: list[list[float]] = [[] for _ in paths]
+    for _ in range(max(1, rounds)):
+        for i, path in enumerate(paths):
+            per_file[i].append(robust_ms(measure_onnx(path, threads=threads, warmup=warmup, runs=runs)))
+    return [statistics.median(v) for v in per_file]
+
+
 def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
-                    warmup: int = 5, runs: int = 20, profile: bool = False) -> list[Sample]:
-    """Export, time and trace each configuration; a name starting with "int8 " is timed as a QDQ file.
+                    warmup: int = 10, runs: int = 20, rounds: int = 3, profile: bool = False) -> list[Sample]:
+    """Export, trace and time each configuration (``measure_files``); a name starting with "int8 "
+    is exported with every layer at 8 bits, as the int8 exporter deploys it.
 
     With ``profile`` each one is also profiled per node (``measure.profile_onnx``), so the fit
     sees how the time splits between the model's parts, not only the total.
@@ -276,52 +302,30 @@ def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, .
 
     import torch
 
+    from autocompress.compress.quant import layer_bits
+    from autocompress.export.int8 import export_int8
     from autocompress.export.onnx import export_onnx
-    from autocompress.hwmodels.measure import measure_onnx, profile_onnx
+    from autocompress.hwmodels.measure import profile_onnx
     from autocompress.space.graph import trace
 
-    samples = []
+    built = []
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
         for i, (name, make, shape) in enumerate(configs):
             model = make().eval()
             x = torch.randn(*shape)
-            path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
             table = CostTable.from_graph(trace(model, shape))
             if name.startswith("int8 "):
-                path = quantize_qdq(path, x)
+                bits = {p: (8, 8) for p in layer_bits(model)}
+                path = export_int8(model, x, [torch.randn(2, *shape[1:])], Path(tmp) / f"{i}.int8.onnx", bits).path
                 for r in table:
                     if r.op in ("conv", "linear"):
                         r.wbits = r.abits = 8
-            m = measure_onnx(path, threads=threads, warmup=warmup, runs=runs)
-            parts = profile_onnx(path, threads=threads) if profile else None
-            samples.append(Sample(name, table, robust_ms(m), parts=parts))
-    return samples
-
-
-def quantize_qdq(path: Path, example: Any) -> Path:
-    """Static QDQ quantisation (per-channel symmetric int8 weights, uint8 activations), as deployed int8 models are."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": np.random.randn(*example.shape).astype(np.float32)} for _ in range(2)])
-
-        def get_next(self) -> Any:
-            return next(self.batches, None)
-
-    import logging
-
-    out = path.with_name(path.stem + ".int8.onnx")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs pre-processing advice through the root logger
-    try:
-        quantize_static(str(path), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-    return out
+            else:
+                path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
+            built.append((name, table, path))
+        times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
+        return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
+                for (name, table, path), ms in zip(built, times)]
 
 
 def random_policy(space: Any, rng: Any) -> Any:
@@ -364,19 +368,21 @@ VARIANT_NETS = (("builtin:digits-net", None), ("torchvision:resnet18", (1, 3, 11
 
 
 def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: int, threads: int = 1,
-                     warmup: int = 5, runs: int = 20, seed: int = 0, profile: bool = True) -> list[Sample]:
-    """Random compressed variants of ``nets`` (every decision kind), built, exported as deployed and measured."""
+                     warmup: int = 10, runs: int = 20, rounds: int = 3, seed: int = 0,
+                     profile: bool = True) -> list[Sample]:
+    """Random compressed variants of ``nets`` (every decision kind), built, exported as deployed and
+    timed with ``measure_files``."""
     import random
     import tempfile
 
     import torch
 
     from autocompress.compress import apply, estimate
-    from autocompress.hwmodels.measure import measure_onnx, profile_onnx
+    from autocompress.hwmodels.measure import profile_onnx
     from autocompress.space.graph import trace
     from autocompress.space.space import build_space
 
-    samples = []
+    built = []
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
         for spec, shape in nets:
             model = _net_factory(spec)().eval()
@@ -385,13 +391,13 @@ def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net
             rng = random.Random(f"{seed}-{spec}")
             for v in range(per_net):
                 policy = random_policy(space, rng)
-                folder = Path(tmp) / f"{len(samples)}"
+                folder = Path(tmp) / f"{len(built)}"
                 folder.mkdir()
                 path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), folder)
-                m = measure_onnx(path, threads=threads, warmup=warmup, runs=runs)
-                parts = profile_onnx(path, threads=threads) if profile else None
-                samples.append(Sample(f"{spec} variant {v}", estimate(space, policy), robust_ms(m), parts=parts))
-    return samples
+                built.append((f"{spec} variant {v}", estimate(space, policy), path))
+        times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
+        return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
+                for (name, table, path), ms in zip(built, times)]
 
 
 def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path]:
@@ -405,10 +411,10 @@ def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path
     from autocompress.hwmodels.targets import TARGETS
 
     base = TARGETS.get("local").with_(threads=threads)
-    warmup, runs = (3, 10) if quick else (10, 50)
-    samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, profile=True)
+    warmup, runs, rounds = (3, 10, 1) if quick else (10, 20, 3)
+    samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
     samples += measure_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, threads=threads,
-                                warmup=warmup, runs=runs)
+                                warmup=warmup, runs=runs, rounds=rounds)
     fitted = fit_target(base, samples, "local",
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated")

@@ -97,6 +97,7 @@ class _Consts:
         self.cvt_us = t.convert_ns / 5e3  # per conversion byte (5 bytes per element)
         self.ro_us = t.reorder_ns / 1e3
         self.vov = t.view_overhead_us or t.elementwise_overhead_us
+        self.fout, self.i8out = t.out_ns / 1e3, t.int8_out_ns / 1e3
         e = t.energy_pj
         self.e_mac = {"fp32": e["mac_fp32"], "fp16": e["mac_fp16"], "int8": e["mac_int8"]}
         self.e_rf, self.e_buf, self.e_dram = e["rf_byte"], e["buffer_byte"], e["dram_byte"]
@@ -134,14 +135,14 @@ class Structure:
 
     ``kernels``: (head, class, dtype, padded MACs, MACs, bytes moved, memory level, RF bits per MAC,
     weight bytes, reduction length K, output positions S, int8<->float conversion bytes, conversions,
-    reordered elements, reorders).
+    reordered elements, reorders, output elements).
     ``elems``: (name, bytes moved incl. conversions, memory level, output elements, is a view,
     conversions, input elements of an int8 windowed pool, reordered elements, reorders, conversion bytes).
     Bytes, MACs, S and elements include the batch; memory level 0 is the cache, 1 the last-level
     cache, 2 DRAM.
     """
 
-    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int]]
+    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int, int]]
     elems: list[tuple[str, float, int, int, bool, int, int, float, int, float]]
     chain: dict[str, str]
 
@@ -240,7 +241,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
             elif is_blocked:
                 blocked.add(r.name)
             kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, r.weight_bytes, r.in_numel * abits / 8,
-                               r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial]
+                               r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial, r.out_numel]
             chain[r.name] = r.name
             continue
         if r.inputs:
@@ -333,13 +334,13 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         nbytes += c[0]
         elems.append((name, nbytes, level(nbytes), n_out, is_view, int(c[1]), qpool, c[2], int(c[3]), c[0]))
     out = []
-    for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial) in kernels.items():
+    for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial, n_out) in kernels.items():
         nbytes = wb + (ib + ob) * batch
-        # A matrix-vector product streams its weights once, which hardware prefetch serves at cache speed.
-        lvl = 0 if cls == "linear" and batch == 1 else level(nbytes)
+        # A matrix-vector product streams its weights once, which hardware prefetch may serve at cache speed.
+        lvl = 0 if cls == "linear" and batch == 1 and t.gemv_from_cache else level(nbytes)
         c = cvt.get(head, (0.0, 0, 0.0, 0))
         out.append((head, cls, dtype, macs_eff * batch, macs * batch, nbytes, lvl, rf_bits, wb,
-                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3])))
+                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3]), n_out * batch))
     return Structure(out, elems, chain)
 
 
@@ -353,11 +354,12 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     inv_mem, k0, s0 = c.inv_mem, c.k0, c.s0
     cvt_us, ro_us = c.cvt_us, c.ro_us
     parts = dict.fromkeys(PARTS, 0.0)
-    for head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n in st.kernels:
+    for (head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n,
+         n_out) in st.kernels:
         mem_us = nbytes * inv_mem[lvl]
         slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
         comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)]
-        core = (comp_us if comp_us > mem_us else mem_us) + c.kov
+        core = (comp_us if comp_us > mem_us else mem_us) + c.kov + n_out * (c.i8out if dtype == "int8" else c.fout)
         cv = cv_b * (inv_mem[lvl] + cvt_us) + cv_n * c.eov
         ro = ro_e * ro_us + ro_n * c.eov
         lat[head] = core + cv + ro

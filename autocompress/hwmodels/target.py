@@ -79,6 +79,12 @@ class Target:
     block_fallback: bool = False
     reorder_ns: float = 0.0
     view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
+    # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,
+    # activation, requantisation) and output layout handling, which dominate small-K and depthwise
+    # kernels on CPUs (ONNX Runtime's QLinearConv: ~0.5-1.5 ns per output element measured).
+    out_ns: float = 0.0
+    int8_out_ns: float = 0.0
+    gemv_from_cache: bool = True  # a batch-1 linear streams its weights at cache speed (prefetch)
     int8_fuses_add: bool = True  # int8 kernels absorb a residual add (TensorRT does; ONNX Runtime's QLinearConv not)
     convert_ns: float = 0.0  # per element of each int8 <-> float conversion, beyond its memory traffic
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
@@ -155,7 +161,8 @@ class Target:
             "int8_efficiency": self.int8_efficiency, "int8_class_efficiency": dict(self.int8_class_efficiency),
             "int8_pool_ns": self.int8_pool_ns, "block_fallback": self.block_fallback,
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
-            "convert_ns": self.convert_ns, "int8_fuses_add": self.int8_fuses_add,
+            "convert_ns": self.convert_ns, "int8_fuses_add": self.int8_fuses_add, "out_ns": self.out_ns,
+            "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),

@@ -106,7 +106,7 @@ TARGETS.register("local", Target(
     dram_gbs=12.0, cache_gbs=60.0, cache_bytes=1 << 20, llc_bytes=4 << 20, llc_gbs=30.0,
     kernel_overhead_us=3.0, elementwise_overhead_us=2.0, call_overhead_us=20.0, gemm_k0=8.0, gemm_s0=4.0,
     int8_pool_ns=1.0, block_fallback=True, reorder_ns=0.5, view_overhead_us=4.0, convert_ns=0.5,
-    int8_fuses_add=False,
+    int8_fuses_add=False, gemv_from_cache=False, out_ns=0.1, int8_out_ns=0.5,
     channel_block=16, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.5,
     calibrated=False,
     sources={"all": "generic defaults for a ~3 GHz AVX-512 core; run `autocompress calibrate --target local` to fit them"},
