@@ -143,11 +143,34 @@ def score(raw: dict, models: list[str]) -> dict:
         if label == "suite_plus_calib_variants":
             out["rows"] = [{"model": r["model"], "index": r["index"], "int8": r["int8"], "kinds": r["kinds"],
                             "measured_ms": r["measured_ms"], "predicted_ms": p} for r, p in zip(scored, preds)]
+    out["part_bias"] = part_bias([r for r in records if r.get("parts")], fitted)
     out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
     out["int8_variants"] = sum(r["int8"] for r in records)
     out["fitted_target"] = fitted.to_json()
     return out
+
+
+def part_bias(records: list[dict], target) -> dict:
+    """Per model and part: mean and spread of log(predicted / profiled) where the part holds >= 3 %.
+
+    A diagnostic of where the latency model is wrong (profiling inflates tiny nodes a little).
+    """
+    import math
+    import statistics
+
+    from autocompress.hwmodels import PARTS
+
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        pred = predict(r["table"], target).parts
+        for part in PARTS:
+            m, p = r["parts"].get(part, 0.0), pred.get(part, 0.0)
+            if max(m, p) >= 0.03 * r["measured_ms"]:
+                acc.setdefault(r["model"], {}).setdefault(part, []).append(math.log((p + 1e-3) / (m + 1e-3)))
+    return {model: {part: {"n": len(v), "mean_log_ratio": round(statistics.fmean(v), 3),
+                           "sd": round(statistics.pstdev(v), 3)} for part, v in parts.items()}
+            for model, parts in acc.items()}
 
 
 def machine() -> str:

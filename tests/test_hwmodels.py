@@ -328,3 +328,18 @@ def test_targets_table_and_bad_calibrate_target():
     bad = runner.invoke(app, ["calibrate", "--target", "mynpu"])
     assert bad.exit_code == 2
     assert "--from-csv" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_calibrate_local_quick_end_to_end():
+    """`autocompress calibrate --target local --quick` measures, profiles, fits and saves `local`."""
+    result = CliRunner().invoke(app, ["calibrate", "--target", "local", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    fitted = Target.from_json(json.loads(result.output))
+    assert fitted.calibrated is True and get_target("local") == fitted
+    assert fitted.fit["samples"] >= 20
+    # every fitted coefficient is positive and finite, and the fit explains its own data
+    for name in ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "int8_out_ns"):
+        assert 0 < getattr(fitted, name) < 1e6, name
+    assert all(0 < v <= 3 for v in fitted.efficiency.values())
+    assert fitted.fit["median_abs_err"] < 0.25
+    assert "fitted" in fitted.sources

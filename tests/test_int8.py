@@ -161,3 +161,33 @@ def test_ops_between_float_layers_stay_float(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == 2
     ref, out = _run(report.fp32_path, x), _run(report.path, x)
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+class _Shuffle(torch.nn.Module):
+    """Two convs around a channel shuffle whose view shapes are computed at run time (dynamic batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(32, 32, 1)
+        self.b = torch.nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.b(y)
+
+
+def test_a_reshape_between_int8_layers_stays_int8(tmp_path):
+    """The run-time shape a view reads is not data: the shuffle between two int8 layers stays in int8."""
+    torch.manual_seed(0)
+    model = _Shuffle().eval()
+    x = torch.randn(4, 32, 8, 8)
+    report = export_int8(model, x[:1], [x], tmp_path / "m.onnx", {"a": (8, 8), "b": (8, 8)})
+    proto = onnx.load(str(report.path))
+    excluded = set(report.excluded_nodes)
+    reshapes = [n for n in proto.graph.node if n.op_type in ("Reshape", "Transpose")]
+    assert len(reshapes) == 3 and not any(n.name in excluded for n in reshapes)
+    kernels = _ort_kernels(report.path, tmp_path)
+    assert kernels["QLinearConv"] == 2
+    assert kernels["QuantizeLinear"] == 1 and kernels["DequantizeLinear"] == 1  # graph input and output only

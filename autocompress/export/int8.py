@@ -193,9 +193,9 @@ def unshare_initializers(model_proto: Any) -> Any:
     return model_proto
 
 
-# Ops that pass an int8 tensor through unchanged (the quantiser keeps them in int8 when their input is).
-_PASS_THROUGH = ("Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split",
-                 "Slice", "Gather", "Dropout")
+# Ops whose inputs after the first are shapes, axes or indices, not data.
+_SHAPE_ARGS = ("Reshape", "Slice", "Squeeze", "Unsqueeze", "Split", "Gather", "Expand", "Tile", "Pad", "Resize",
+               "Upsample")
 
 
 def float_island_nodes(model_proto: Any, quantised_layers: Iterable[str]) -> list[str]:
@@ -219,11 +219,35 @@ def float_island_nodes(model_proto: Any, quantised_layers: Iterable[str]) -> lis
             continue
         if node.op_type in ("Constant", "Shape"):
             continue
+        if node.op_type in _SHAPE_ARGS:  # a reshape's shape (computed at run time) is not data
+            data = data[:1]
         if data and all(i in int8 for i in data):
             int8.update(node.output)
         else:
             keep_float.append(node.name)
     return keep_float
+
+
+def shapes_from_quantised(model_proto: Any) -> Any:
+    """Let Shape nodes read the quantised tensor instead of a DequantizeLinear of it.
+
+    A view whose shape is computed at run time (dynamic batch) reads its input's Shape; after
+    quantisation that Shape reads a DequantizeLinear, a full pass over the tensor only to learn
+    its shape. The quantised tensor has the same shape, so the Shape reads it and the
+    DequantizeLinear is dropped when nothing else reads it.
+    """
+    producers = _producers(model_proto)
+    for node in model_proto.graph.node:
+        if node.op_type == "Shape" and node.input and node.input[0] in producers:
+            src = producers[node.input[0]]
+            if src.op_type == "DequantizeLinear":
+                node.input[0] = src.input[0]
+    used = {i for n in model_proto.graph.node for i in n.input} | {o.name for o in model_proto.graph.output}
+    keep = [n for n in model_proto.graph.node if n.op_type != "DequantizeLinear" or n.output[0] in used]
+    if len(keep) != len(model_proto.graph.node):
+        del model_proto.graph.node[:]
+        model_proto.graph.node.extend(keep)
+    return model_proto
 
 
 class _BatchReader:
@@ -356,6 +380,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
                             nodes_to_exclude=exclude,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            "TensorQuantOverrides": overrides})
+            onnx.save(shapes_from_quantised(onnx.load(str(tmp))), str(tmp))
             onnx.checker.check_model(str(tmp))
         except Exception as exc:
             tmp.unlink(missing_ok=True)

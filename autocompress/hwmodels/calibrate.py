@@ -31,13 +31,11 @@ class Sample:
     table: CostTable
     measured_ms: float
     batch: int = 1
-    parts: dict[str, float] | None = None  # milliseconds per latency part, from a runtime profile
+    parts: dict[str, float] | None = None  # milliseconds per latency part, from a runtime profile (diagnostic)
 
 
 # ---- fitting -------------------------------------------------------------------------------
 
-import os
-PART_WEIGHT = float(os.environ.get("AC_PW", "0.5"))
 _GLOBAL = ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "call_overhead_us",
            "gemm_k0", "gemm_s0", "out_ns")
 
@@ -50,13 +48,11 @@ class _Problem:
 
         self.base = base
         self.meas = np.array([s.measured_ms * 1e3 for s in samples])
-        # Per-part profiles (µs), where measured: a residual per part that holds a share of the time.
-        self.part_rows: list[tuple[int, Any, Any, float]] = []
         self.rows = []
         used_cls: set[str] = set()
         int8_cls: set[str] = set()
         has = {"qpool": False, "reorder": False, "convert": False, "view": False}
-        for i, s in enumerate(samples):
+        for s in samples:
             st = structure(s.table, base, s.batch)
             ks, es = st.kernels, st.elems
             ops = {r.name: r.op for r in s.table}
@@ -83,10 +79,6 @@ class _Problem:
             has["reorder"] |= any(k[13] for k in ks) or any(e[7] for e in es)
             has["convert"] |= any(k[11] for k in ks) or any(e[9] for e in es)
             has["view"] |= any(e[4] for e in es)
-            if s.parts:
-                meas = np.array([s.parts.get(p, 0.0) * 1e3 for p in PARTS])
-                eps = 0.02 * s.measured_ms * 1e3
-                self.part_rows.append((i, meas >= eps, meas, eps))
         self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
         llc = ["llc_gbs"] if base.llc_bytes else []
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
@@ -151,14 +143,14 @@ class _Problem:
         return self.predicted_parts(x)[0]
 
     def residuals(self, x: Sequence[float]) -> Any:
-        """Log error of each sample's total, plus (half-weighted) of each profiled part holding >= 2 % of it."""
+        """Log error of each sample's total.
+
+        Per-part profiles are not fitted: profiling adds a few microseconds to every node, and
+        weighting the parts in (tried at 0.1 and 0.5 of a total's weight) made held-out totals worse.
+        """
         import numpy as np
 
-        total, parts = self.predicted_parts(x)
-        res = [np.log(total / self.meas)]
-        for i, mask, meas, eps in self.part_rows:
-            res.append(PART_WEIGHT * mask * np.log((parts[i] + eps) / (meas + eps)))
-        return np.concatenate(res)
+        return np.log(self.predicted_us(x) / self.meas)
 
 
 def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> dict[str, float]:
@@ -412,9 +404,9 @@ def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path
 
     base = TARGETS.get("local").with_(threads=threads)
     warmup, runs, rounds = (3, 10, 1) if quick else (10, 20, 3)
-    samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
+    samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, rounds=rounds)
     samples += measure_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, threads=threads,
-                                warmup=warmup, runs=runs, rounds=rounds)
+                                warmup=warmup, runs=runs, rounds=rounds, profile=False)
     fitted = fit_target(base, samples, "local",
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated")

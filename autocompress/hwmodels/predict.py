@@ -34,6 +34,7 @@ def elem_part(op: str) -> str:
     return _ELEM_PART.get(op, "other")
 FREE_OPS = ("input", "dropout", "getitem", "output", "const")
 VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
+SHAPE_TARGETS = ("size", "dim")  # ops that read a tensor's shape only
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,9 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 continue
         # A standalone op: memory traffic plus dispatch. It runs on int8 tensors when every input is int8.
         all_int8 = bool(r.inputs) and all(s in int8_out for s in r.inputs)
+        if op == "other" and r.target in SHAPE_TARGETS:  # reads only its input's shape: no conversion, no reorder
+            elems_raw.append((r.name, 0.0, 0, False, 0))
+            continue
         if op == "reshape" and r.target in VIEW_TARGETS:
             if all_int8:
                 int8_out.add(r.name)
