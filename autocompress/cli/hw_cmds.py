@@ -41,7 +41,7 @@ def targets(as_json: bool = typer.Option(False, "--json", help="print a JSON lis
 def calibrate(
     target: str = typer.Option("local", "--target", help="target to calibrate: local, or a new name with --from-csv"),
     threads: int = typer.Option(1, "--threads", help="ONNX Runtime intra-op threads (local only)"),
-    quick: bool = typer.Option(False, "--quick", help="fewer layer configurations and runs"),
+    quick: bool = typer.Option(False, "--quick", help="fewer configurations, variants and runs (about 10 s)"),
     from_csv: Optional[str] = typer.Option(None, "--from-csv", help="fit from measured latencies in a CSV file instead of measuring here"),
     base: str = typer.Option("mobile", "--base", help="with --from-csv: the target whose peaks and energies are the starting point"),
     as_json: bool = typer.Option(False, "--json", help="print the fitted target as JSON"),
@@ -57,7 +57,7 @@ def calibrate(
 
             raise UserInputError(f"only 'local' can be measured here; for {target!r} measure on the device "
                                  "and pass --from-csv FILE (see docs/hwmodels.md)")
-        with console.status("measuring layer configurations in ONNX Runtime"):
+        with console.status("measuring layer configurations, small networks and compressed variants in ONNX Runtime"):
             fitted, path = calibrate_local(threads=threads, quick=quick)
     if as_json:
         typer.echo(json.dumps(fitted.to_json(), indent=2))
