@@ -49,7 +49,7 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
         """A trial that reported a first chunk from the worker node and is still fine-tuning there."""
         rows = trial_results(out / "ray-tune")
         busy = [name for name, r in rows.items()
-                if r[-1]["node"] != cluster.head_id and r[-1]["status"] == "ok" and r[-1]["chunk"] < 3]
+                if r[-1]["node"] != cluster.head_id and r[-1]["status"] == "ok" and r[-1]["chunk"] == 1]
         return busy[0] if busy and any(r[-1]["node"] == cluster.head_id for r in rows.values()) else None
 
     try:
@@ -76,9 +76,11 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     assert {r["node"] for rs in rows.values() for r in rs} == {cluster.head_id, victim_node}  # both nodes ran trials
     assert rows[victim][0]["node"] != cluster.head_id
     # The trial cut off on the killed node was retried on the head and finished there, or, when
-    # Ray gave up on it, it is recorded as failed: never lost.
+    # Ray gave up on it, it is recorded as failed: never lost. (Its last chunk may also have
+    # finished on the worker between the poll that chose it and the kill.)
     retried = rows[victim][-1]["node"] == cluster.head_id and rows[victim][-1]["status"] in ("ok", "failed")
-    assert retried or counts["failed"] >= 1 or len(rows) < trials, rows[victim]
+    finished_first = rows[victim][-1]["node"] == victim_node and rows[victim][-1]["chunk"] == 3
+    assert retried or finished_first or counts["failed"] >= 1 or len(rows) < trials, rows[victim]
     for name in ("policy.json", "model.onnx", "report.md", "trials.csv", "pareto.png"):
         assert (out / name).exists(), name
     assert 0.0 <= result["best"]["accuracy"] <= 1.0
