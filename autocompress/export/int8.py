@@ -380,8 +380,9 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
                             nodes_to_exclude=exclude,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            "TensorQuantOverrides": overrides})
-            onnx.save(shapes_from_quantised(onnx.load(str(tmp))), str(tmp))
-            onnx.checker.check_model(str(tmp))
+            written = shapes_from_quantised(onnx.load(str(tmp)))
+            onnx.checker.check_model(written)
+            onnx.save(written, str(tmp))
         except Exception as exc:
             tmp.unlink(missing_ok=True)
             raise AutocompressError(f"int8 quantisation failed: {type(exc).__name__}: "
@@ -390,8 +391,9 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
             root.setLevel(level)
         os.replace(tmp, path)
     else:  # nothing at 8 bits or fewer: the artifact is the float model
+        written = proto
         onnx.save(proto, str(path))
-    realised = realised_bits(onnx.load(str(path)), nodes)
+    realised = realised_bits(written, nodes)
     layers = tuple(LayerInt8(mpath, node.name, tuple(layer_bits.get(mpath, (FLOAT, FLOAT))),  # type: ignore[arg-type]
                              realised.get(mpath, (FLOAT, FLOAT))) for mpath, node in nodes.items())
     # Layers the exporter did not name after their module cannot be told apart: reported as float.

@@ -302,6 +302,16 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
     return [statistics.median(v) for v in per_file]
 
 
+def _time_built(built: Sequence[tuple[str, CostTable, Path]], threads: int, warmup: int, runs: int, rounds: int,
+                profile: bool) -> list[Sample]:
+    """Samples from (name, table, ONNX file): timed with ``measure_files``, profiled if asked."""
+    from autocompress.hwmodels.measure import profile_onnx
+
+    times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
+    return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
+            for (name, table, path), ms in zip(built, times)]
+
+
 def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
                     warmup: int = 10, runs: int = 20, rounds: int = 3, profile: bool = False) -> list[Sample]:
     """Export, trace and time each configuration (``measure_files``); a name starting with "int8 "
@@ -317,7 +327,6 @@ def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, .
     from autocompress.compress.quant import layer_bits
     from autocompress.export.int8 import export_int8
     from autocompress.export.onnx import export_onnx
-    from autocompress.hwmodels.measure import profile_onnx
     from autocompress.space.graph import trace
 
     built = []
@@ -335,9 +344,7 @@ def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, .
             else:
                 path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
             built.append((name, table, path))
-        times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
-        return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
-                for (name, table, path), ms in zip(built, times)]
+        return _time_built(built, threads, warmup, runs, rounds, profile)
 
 
 def random_policy(space: Any, rng: Any) -> Any:
@@ -390,7 +397,6 @@ def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net
     import torch
 
     from autocompress.compress import apply, estimate
-    from autocompress.hwmodels.measure import profile_onnx
     from autocompress.space.graph import trace
     from autocompress.space.space import build_space
 
@@ -407,9 +413,7 @@ def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net
                 folder.mkdir()
                 path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), folder)
                 built.append((f"{spec} variant {v}", estimate(space, policy), path))
-        times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
-        return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
-                for (name, table, path), ms in zip(built, times)]
+        return _time_built(built, threads, warmup, runs, rounds, profile)
 
 
 def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path]:

@@ -46,11 +46,17 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def session(path: str | os.PathLike, threads: int = 1) -> Any:
-    """An ORT CPU session with ``threads`` intra-op threads and sequential execution."""
+def session(path: str | os.PathLike, threads: int = 1, profile_prefix: str | None = None) -> Any:
+    """An ORT CPU session with ``threads`` intra-op threads and sequential execution.
+
+    With ``profile_prefix`` ONNX Runtime profiles every node into a file starting with it.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -140,20 +146,10 @@ def profile_onnx(path: str | os.PathLike, threads: int = 1, warmup: int = 5, run
     """
     import json
 
-    import onnxruntime as ort
-
     if not Path(path).is_file():
         raise UserInputError(f"ONNX file {str(path)!r} does not exist")
     with tempfile.TemporaryDirectory(prefix="autocompress-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = session(path, threads, profile_prefix=str(Path(tmp) / "profile"))
         feeds = _feeds(sess, 1)
         for _ in range(warmup + runs):
             sess.run(None, feeds)
