@@ -196,3 +196,21 @@ def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path)
     result = json.loads((out / "result.json").read_text())
     evaluated = result["trials"]["complete"] + result["trials"]["failed"]
     assert evaluated >= 6 and result["trials"]["complete"] >= 6 - result["trials"]["failed"]
+
+
+def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period() -> None:
+    """A worker killed between asking for a trial and claiming a slot never sent a heartbeat."""
+    import optuna
+
+    from autocompress.search import workers
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    dead, claimed, mine = study.ask(), study.ask(), study.ask()
+    dead.set_user_attr("owner", "host:1")
+    claimed.set_user_attr("owner", "host:2")
+    claimed.set_user_attr("claimed", True)
+    mine.set_user_attr("owner", "host:3")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in workers.unclaimed_stale(trials, "host:3", 0.0)] == [dead.number]
+    assert workers.unclaimed_stale(trials, "host:3", 3600.0) == []  # too young to call dead

@@ -130,6 +130,17 @@ def in_flight(trials: list[Any], owner: str) -> int:
                and t.user_attrs.get("owner") != owner for t in trials)
 
 
+def unclaimed_stale(trials: list[Any], owner: str, grace_s: float) -> list[Any]:
+    """Running trials of other workers that never claimed a slot (so never sent a heartbeat) and
+    started more than ``grace_s`` ago: their worker died between asking and claiming."""
+    import datetime
+
+    now = datetime.datetime.now()
+    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and not t.user_attrs.get("claimed")
+            and t.user_attrs.get("owner") != owner and t.datetime_start is not None
+            and (now - t.datetime_start).total_seconds() > grace_s]
+
+
 def taken(trials: list[Any]) -> int:
     """Slots of the ``trials`` total used so far: evaluated, or claimed and being fine-tuned."""
     state = optuna.trial.TrialState
