@@ -60,7 +60,8 @@ class _Problem:
         self.rows = []
         used_cls: set[str] = set()
         int8_cls: set[str] = set()
-        has = {"qpool": False, "reorder": False, "convert": False, "view": False}
+        has = {"qpool": False, "ppool": False, "reorder": False, "convert": False, "view": False}
+        plain_cls: set[str] = set()
         # Profiled parts (µs) that the fit also matches, where a sample has a profile.
         self.part_rows: list[tuple[int, Any, Any, Any, float]] = []
         pidx = np.array([PARTS.index(p) for p in FITTED_PARTS], dtype=int)
@@ -84,6 +85,7 @@ class _Problem:
                 "spatial": np.array([k[10] if k[1] != "linear" else 1e12 for k in ks], dtype=float),
                 "cv_b": np.array([k[11] for k in ks], dtype=float),
                 "n_out": np.array([k[15] for k in ks], dtype=float),
+                "plain": np.array([k[16] for k in ks], dtype=bool), "eppool": np.array([e[10] for e in es], dtype=float),
                 "ebytes": np.array([e[1] - e[9] for e in es], dtype=float), "elvl": np.array([e[2] for e in es], dtype=int),
                 "eview": np.array([e[4] for e in es], dtype=bool), "eqpool": np.array([e[6] for e in es], dtype=float),
                 "ecv_b": np.array([e[9] for e in es], dtype=float),
@@ -92,13 +94,17 @@ class _Problem:
                 "ro_e": sum(k[13] for k in ks) + sum(e[7] for e in es),
                 "ro_n": sum(k[14] for k in ks) + sum(e[8] for e in es)})
             has["qpool"] |= any(e[6] for e in es)
+            has["ppool"] |= any(e[10] for e in es)
+            plain_cls.update(k[1] for k in ks if k[16])
             has["reorder"] |= any(k[13] for k in ks) or any(e[7] for e in es)
             has["convert"] |= any(k[11] for k in ks) or any(e[9] for e in es)
             has["view"] |= any(e[4] for e in es)
         self.classes = [c for c in KERNEL_CLASSES if c in used_cls]
         llc = ["llc_gbs"] if base.llc_bytes else []
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8_cls]
+        self.plain_classes = [c for c in KERNEL_CLASSES if c in plain_cls]
         self.names = ([f"efficiency.{c}" for c in self.classes] + [f"int8_class_efficiency.{c}" for c in self.int8_classes]
+                      + [f"plain_efficiency.{c}" for c in self.plain_classes] + (["plain_pool_ns"] if has["ppool"] else [])
                       + (["int8_out_ns"] if self.int8_classes else [])
                       + list(_GLOBAL) + llc + (["int8_pool_ns"] if has["qpool"] else [])
                       + (["reorder_ns"] if has["reorder"] else []) + (["convert_ns"] if has["convert"] else [])
@@ -114,6 +120,8 @@ class _Problem:
             return t.efficiency[name.split(".", 1)[1]]
         if name.startswith("int8_class_efficiency."):
             return t.int8_class_efficiency.get(name.split(".", 1)[1], 1.0)
+        if name.startswith("plain_efficiency."):
+            return t.plain_efficiency.get(name.split(".", 1)[1], 1.0)
         return max(float(getattr(t, name)), 1e-3)
 
     def target(self, x: Sequence[float], **extra: Any) -> Target:
@@ -124,7 +132,10 @@ class _Problem:
         i8 = dict(self.base.int8_class_efficiency)
         for c in self.int8_classes:
             i8[c] = vals.pop(f"int8_class_efficiency.{c}")
-        return self.base.with_(efficiency=eff, int8_class_efficiency=i8, **vals, **extra)
+        plain = dict(self.base.plain_efficiency)
+        for c in self.plain_classes:
+            plain[c] = vals.pop(f"plain_efficiency.{c}")
+        return self.base.with_(efficiency=eff, int8_class_efficiency=i8, plain_efficiency=plain, **vals, **extra)
 
     def predicted_parts(self, x: Sequence[float]) -> tuple[Any, Any]:
         """(total µs per sample, µs per part per sample): the same sums as ``predict``, vectorised."""
@@ -133,6 +144,7 @@ class _Problem:
         t = self.target(x)
         eff = np.array([t.efficiency[c] for c in KERNEL_CLASSES])
         i8c = np.array([t.int8_efficiency * t.int8_class_efficiency.get(c, 1.0) for c in KERNEL_CLASSES])
+        plc = np.array([t.plain_efficiency.get(c, 1.0) for c in KERNEL_CLASSES])
         inv_d = 1.0 / (t.dram_gbs * 1e3)
         inv = np.array([1.0 / (t.cache_gbs * 1e3), 1.0 / (t.llc_gbs * 1e3) if t.llc_bytes and t.llc_gbs else inv_d, inv_d])
         cvt_us, ro_us, eov = t.convert_ns / 5e3, t.reorder_ns / 1e3, t.elementwise_overhead_us
@@ -143,11 +155,12 @@ class _Problem:
         for i, r in enumerate(self.rows):
             dt, cls, lvl = r["dt"], r["cls"], r["lvl"]
             slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
-            comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0) * 1e3)
+            comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0)
+                                       * np.where(r["plain"], plc[cls], 1.0) * 1e3)
             core = (np.maximum(comp, r["nbytes"] * inv[lvl]) + t.kernel_overhead_us
                     + r["n_out"] * np.where(dt == 2, t.int8_out_ns, t.out_ns) / 1e3)
             ecore = (r["ebytes"] * inv[r["elvl"]] + np.where(r["eview"], vov, eov)
-                     + r["eqpool"] * t.int8_pool_ns / 1e3)
+                     + r["eqpool"] * t.int8_pool_ns / 1e3 + r["eppool"] * t.plain_pool_ns / 1e3)
             row = np.bincount(r["kpart"], core, n_parts) + np.bincount(r["epart"], ecore, n_parts)
             row[ci] += ((r["cv_b"] * (inv[lvl] + cvt_us)).sum() + (r["ecv_b"] * (inv[r["elvl"]] + cvt_us)).sum()
                         + r["cv_n"] * eov)
@@ -198,7 +211,7 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
     # per-op overheads against bandwidths and lands on unphysical values.
     lo = np.array([math.log(0.5) if n in ("kernel_overhead_us", "elementwise_overhead_us", "view_overhead_us")
                    else math.log(1e-3) for n in prob.names])
-    hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class")) else math.log(1e6)
+    hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class", "plain_eff")) else math.log(1e6)
                    for n in prob.names])
     x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
     res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
@@ -245,6 +258,13 @@ def _suite(quick: bool) -> list[tuple[str, Callable[[], Any], tuple[int, ...]]]:
     out += int8[::3] if quick else int8
     out += [("maxpool3x3s2 64@112", lambda: nn.MaxPool2d(3, 2, 1), (1, 64, 112, 112)),
             ("avgpool global 512@7", lambda: nn.AdaptiveAvgPool2d(1), (1, 512, 7, 7))]
+    # Widths that are not whole channel blocks (pruned layers): plain kernels and pools on `local`.
+    plain = [("dw3x3 58@28 (plain)", cbr(58, 58, 3, g=58), (1, 58, 28, 28)),
+             ("conv1x1 58->116@28 (plain)", cbr(58, 116, 1), (1, 58, 28, 28)),
+             ("conv3x3 29->64@28 (plain)", cbr(29, 64, 3), (1, 29, 28, 28)),
+             ("dw3x3s2 54@56 (plain)", cbr(54, 54, 3, 2, g=54), (1, 54, 56, 56)),
+             ("maxpool3x3s1 72@28 (plain)", lambda: nn.MaxPool2d(3, 1, 1), (1, 72, 28, 28))]
+    out += plain[:1] if quick else plain
     nets = [("digits-net", "builtin:digits-net", None), ("resnet18@112", "torchvision:resnet18", (1, 3, 112, 112)),
             ("mobilenet_v2 x0.5@160", "tv-mnv2-0.5", (1, 3, 160, 160)),
             ("squeezenet1_1@112", "torchvision:squeezenet1_1", (1, 3, 112, 112)),

@@ -93,6 +93,8 @@ class _Consts:
         self.inv_mem = (1.0 / (t.cache_gbs * 1e3), inv_llc, inv_dram)
         self.k0, self.s0 = t.gemm_k0, t.gemm_s0
         self.qpool_us = t.int8_pool_ns / 1e3
+        self.ppool_us = t.plain_pool_ns / 1e3
+        self.plain_eff = dict(t.plain_efficiency)
         self.kov, self.eov, self.call = t.kernel_overhead_us, t.elementwise_overhead_us, t.call_overhead_us
         self.block = max(1, t.channel_block)
         self.cvt_us = t.convert_ns / 5e3  # per conversion byte (5 bytes per element)
@@ -136,15 +138,16 @@ class Structure:
 
     ``kernels``: (head, class, dtype, padded MACs, MACs, bytes moved, memory level, RF bits per MAC,
     weight bytes, reduction length K, output positions S, int8<->float conversion bytes, conversions,
-    reordered elements, reorders, output elements).
+    reordered elements, reorders, output elements, runs a plain (unblocked) kernel).
     ``elems``: (name, bytes moved incl. conversions, memory level, output elements, is a view,
-    conversions, input elements of an int8 windowed pool, reordered elements, reorders, conversion bytes).
+    conversions, output elements of a slow int8 windowed pool, reordered elements, reorders, conversion
+    bytes, output elements of a windowed float pool in the plain layout).
     Bytes, MACs, S and elements include the batch; memory level 0 is the cache, 1 the last-level
     cache, 2 DRAM.
     """
 
-    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int, int]]
-    elems: list[tuple[str, float, int, int, bool, int, int, float, int, float]]
+    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int, int, bool]]
+    elems: list[tuple[str, float, int, int, bool, int, int, float, int, float, int]]
     chain: dict[str, str]
 
 
@@ -167,9 +170,15 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
     rows = list(table)
     by_name = {r.name: r for r in rows}
     n_cons: dict[str, int] = {}
+    consumers: dict[str, list[str]] = {}
     for r in rows:
         for src in r.inputs:
             n_cons[src] = n_cons.get(src, 0) + 1
+            consumers.setdefault(src, []).append(r.name)
+
+    def windowed_pool(r: Any) -> bool:  # a pool with a window (not a global one)
+        src = by_name.get(r.inputs[0]) if r.inputs else None
+        return src is not None and 0 < src.out_numel <= 16 * r.out_numel
     bits = table.activation_bits()
     # Runtimes keep an int8 kernel's output in int8 unless a float conv/linear reads it
     # (quantised residual adds and pools run on int8 tensors too).
@@ -186,13 +195,23 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
     # tensor a DequantizeLinear: each one pass over the tensor (4 + 1 bytes per element) plus dispatch.
     # [conversion bytes, conversions, reordered elements, reorders] per consumer
     cvt: dict[str, list[float]] = {}
-    converted: set[tuple[str, bool]] = set()
+    converted: set[tuple[str, Any]] = set()
     reordered: set[tuple[str, bool]] = set()
 
     def convert(consumer: str, src: str, to_int8: bool) -> None:
-        if (src in int8_out) == to_int8 or (src, to_int8) in converted or src not in by_name:
+        """One QuantizeLinear per float tensor that int8 kernels read. The quantiser puts the Q/DQ pair on
+        the tensor for all its readers, and ONNX Runtime gives each float reader its own DequantizeLinear,
+        so a float reader of an int8 or quantised tensor pays one pass of its own."""
+        if src not in by_name:
             return
-        converted.add((src, to_int8))
+        if to_int8:
+            if src in int8_out or (src, True) in converted:
+                return
+            converted.add((src, True))
+        else:
+            if not (src in int8_out or (quantised_reads and src in int8_read)) or (src, consumer) in converted:
+                return
+            converted.add((src, consumer))
         c = cvt.setdefault(consumer, [0.0, 0, 0.0, 0])
         c[0] += by_name[src].out_numel * 5 * batch
         c[1] += 1
@@ -210,13 +229,14 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
     # grouped convs, linear layers and int8 kernels (NHWC in ONNX Runtime) read and write plain tensors.
     # Pools and concats stay blocked only on whole blocks of channels.
     chans: dict[str, int] = {}
-    int8_read = {s for r in rows if r.op in ("conv", "linear") and t.compute_dtype(r.wbits, r.abits) == "int8"
-                 for s in r.inputs}
+    int8_kernels = {r.name for r in rows if r.op in ("conv", "linear") and t.compute_dtype(r.wbits, r.abits) == "int8"}
+    int8_read = {s for r in rows if r.name in int8_kernels for s in r.inputs}
+    quantised_reads = t.dq_per_reader
 
     # head -> [class, dtype, padded macs, macs, w_bytes, in_bytes, out_bytes, has_add, rf_bits, K, S]
     kernels: dict[str, list[Any]] = {}
     chain: dict[str, str] = {}
-    elems_raw: list[tuple[str, float, int, bool, int]] = []
+    elems_raw: list[tuple[str, float, int, bool, int, int]] = []
     for r in rows:
         op = r.op
         if op in ("conv", "linear"):
@@ -224,6 +244,11 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
             cls = kernel_class(op, r.in_ch, r.groups, r.kernel)
             kk = r.kernel[0] * r.kernel[1]
             is_blocked = layouts and dtype != "int8" and cls in ("conv", "pointwise", "depthwise")
+            plain = False
+            if is_blocked and t.channel_align > 1:
+                a = t.channel_align
+                is_blocked = r.in_ch % a == 0 or (cls != "depthwise" and r.in_ch < block)
+                plain = not is_blocked
             chans[r.name] = r.out_ch
             if cls == "depthwise":
                 pad, k_len = _padded(r.out_ch, block), kk
@@ -241,8 +266,11 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 int8_out.add(r.name)
             elif is_blocked:
                 blocked.add(r.name)
+            if plain:
+                pad = 1.0
             kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, r.weight_bytes, r.in_numel * abits / 8,
-                               r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial, r.out_numel]
+                               r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial, r.out_numel,
+                               plain]
             chain[r.name] = r.name
             continue
         if r.inputs:
@@ -258,7 +286,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                     layout(r.name, src, False)
                 if r.name in cvt:
                     cvt[r.name][3] -= 1
-                    elems_raw.append((r.name, 0.0, 0, False, 0))
+                    elems_raw.append((r.name, 0.0, 0, False, 0, 0))
             continue
         if op in FUSABLE and len(r.inputs) == 1:
             src = r.inputs[0]
@@ -295,7 +323,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         # A standalone op: memory traffic plus dispatch. It runs on int8 tensors when every input is int8.
         all_int8 = bool(r.inputs) and all(s in int8_out for s in r.inputs)
         if op == "other" and r.target in SHAPE_TARGETS:  # reads only its input's shape: no conversion, no reorder
-            elems_raw.append((r.name, 0.0, 0, False, 0))
+            elems_raw.append((r.name, 0.0, 0, False, 0, 0))
             continue
         if op == "reshape" and r.target in VIEW_TARGETS:
             if all_int8:
@@ -303,48 +331,64 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
             else:
                 for src in r.inputs:
                     layout(r.name, src, False)
-            elems_raw.append((r.name, 0.0, 0, True, 0))
+            elems_raw.append((r.name, 0.0, 0, True, 0, 0))
             continue
+        # The slow uint8 pool: a windowed float pool whose output an int8 kernel reads, when its input is
+        # quantised too, either because another reader of that tensor is an int8 kernel (the quantiser
+        # puts one Q/DQ pair on a tensor for all its readers) or because the pool is its only reader
+        # (ONNX Runtime then moves the QuantizeLinear above the pool). It pools uint8 in the plain NCHW
+        # layout, a slow kernel. Else the pool runs in float; between int8 kernels it runs the fast NHWC one.
+        windowed = op == "pool" and windowed_pool(r)
+        siblings = [c for c in consumers.get(r.inputs[0], ()) if c != r.name] if r.inputs else []
+        slow_pool = (not all_int8 and windowed and r.name in int8_read
+                     and (not siblings or any(c in int8_kernels for c in siblings)))
         if all_int8:
             int8_out.add(r.name)  # pools, concats, adds and reshapes of int8 tensors stay int8
+        elif slow_pool:
+            for src in r.inputs:
+                convert(r.name, src, True)
+                layout(r.name, src, False)
+            int8_out.add(r.name)
         else:
             for src in r.inputs:
                 convert(r.name, src, False)
             # Pools, adds, concats and activations keep the blocked layout when every input has it.
             keep = op in ("pool", "add", "concat", "act", "bn") and bool(r.inputs) and all(s in blocked for s in r.inputs)
+            whole = all(chans.get(s, 0) % block == 0 and chans.get(s, 0) > 0 for s in r.inputs)
             if op in ("pool", "concat"):
-                keep = keep and all(chans.get(s, 0) % block == 0 and chans.get(s, 0) > 0 for s in r.inputs)
+                keep = keep and whole
+            # A windowed pool on whole blocks of channels runs blocked whatever its input's layout
+            # (a plain input is reordered first), as convs do.
+            if op == "pool" and layouts and whole and len(r.inputs) == 1 and windowed:
+                keep = True
             if keep:
                 blocked.add(r.name)
+                for src in r.inputs:
+                    layout(r.name, src, True)
             else:
                 for src in r.inputs:
                     layout(r.name, src, False)
         nbytes = r.out_numel * stored(r.name)
-        in_elems = 0
         for src in r.inputs:
             o = by_name.get(src)
             if o is not None:
                 nbytes += o.out_numel * stored(src)
-                in_elems += o.out_numel
-        # A windowed pool (not a global one) on a float tensor that an int8 kernel reads: the runtime moves
-        # the QuantizeLinear above it (ONNX Runtime's QDQ propagation) and pools in int8 in the plain
-        # layout, a slow kernel. Pools between int8 kernels run in NHWC and are not slow.
-        qpool = (in_elems * batch if not all_int8 and op == "pool" and r.name in int8_read
-                 and 0 < in_elems <= 16 * r.out_numel else 0)
-        elems_raw.append((r.name, nbytes * batch, r.out_numel * batch, False, qpool))
+        qpool = r.out_numel * batch if slow_pool else 0
+        ppool = r.out_numel * batch if layouts and not all_int8 and windowed and r.name not in blocked and not qpool else 0
+        elems_raw.append((r.name, nbytes * batch, r.out_numel * batch, False, qpool, ppool))
     elems = []
-    for name, nbytes, n_out, is_view, qpool in elems_raw:
+    for name, nbytes, n_out, is_view, qpool, ppool in elems_raw:
         c = cvt.get(name, (0.0, 0, 0.0, 0))
         nbytes += c[0]
-        elems.append((name, nbytes, level(nbytes), n_out, is_view, int(c[1]), qpool, c[2], int(c[3]), c[0]))
+        elems.append((name, nbytes, level(nbytes), n_out, is_view, int(c[1]), qpool, c[2], int(c[3]), c[0], ppool))
     out = []
-    for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial, n_out) in kernels.items():
+    for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial, n_out, plain) in kernels.items():
         nbytes = wb + (ib + ob) * batch
         # A matrix-vector product streams its weights once, which hardware prefetch may serve at cache speed.
         lvl = 0 if cls == "linear" and batch == 1 and t.gemv_from_cache else level(nbytes)
         c = cvt.get(head, (0.0, 0, 0.0, 0))
         out.append((head, cls, dtype, macs_eff * batch, macs * batch, nbytes, lvl, rf_bits, wb,
-                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3]), n_out * batch))
+                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3]), n_out * batch, plain))
     return Structure(out, elems, chain)
 
 
@@ -359,10 +403,10 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     cvt_us, ro_us = c.cvt_us, c.ro_us
     parts = dict.fromkeys(PARTS, 0.0)
     for (head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n,
-         n_out) in st.kernels:
+         n_out, plain) in st.kernels:
         mem_us = nbytes * inv_mem[lvl]
         slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
-        comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)]
+        comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)] / (c.plain_eff.get(cls, 1.0) if plain else 1.0)
         core = (comp_us if comp_us > mem_us else mem_us) + c.kov + n_out * (c.i8out if dtype == "int8" else c.fout)
         cv = cv_b * (inv_mem[lvl] + cvt_us) + cv_n * c.eov
         ro = ro_e * ro_us + ro_n * c.eov
@@ -374,8 +418,8 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
         eng[head] = (macs * (c.e_mac[dtype] + rf_bits / 8 * c.e_rf) + (nbytes + cv_b) * c.e_buf
                      + dram * c.e_dram)
     ops = {r.name: r.op for r in table}
-    for name, nbytes, lvl, n_out, is_view, cv_n, qpool, ro_e, ro_n, cv_b in st.elems:
-        core = (nbytes - cv_b) * inv_mem[lvl] + (c.vov if is_view else c.eov) + qpool * c.qpool_us
+    for name, nbytes, lvl, n_out, is_view, cv_n, qpool, ro_e, ro_n, cv_b, ppool in st.elems:
+        core = (nbytes - cv_b) * inv_mem[lvl] + (c.vov if is_view else c.eov) + qpool * c.qpool_us + ppool * c.ppool_us
         cv = cv_b * (inv_mem[lvl] + cvt_us) + cv_n * c.eov
         ro = ro_e * ro_us + ro_n * c.eov
         lat[name] = core + cv + ro

@@ -67,7 +67,7 @@ class Target:
     threads: int = 1
     int8_efficiency: float = 1.0  # extra factor on int8 kernels (quantise/requantise work)
     int8_class_efficiency: Mapping[str, float] = field(default_factory=dict)  # per-class factor on top (default 1)
-    int8_pool_ns: float = 0.0  # extra ns per input element of a windowed float pool that an int8 kernel reads
+    int8_pool_ns: float = 0.0  # extra ns per output element of a windowed float pool that an int8 kernel reads
     llc_bytes: int = 0  # a last-level cache between ``cache_bytes`` and DRAM (0: none)
     llc_gbs: float = 0.0
     gemm_k0: float = 0.0  # a short reduction (cin/groups * kh * kw = K) runs at K / (K + gemm_k0) of the rate
@@ -78,6 +78,14 @@ class Target:
     # per element plus a dispatch).
     block_fallback: bool = False
     reorder_ns: float = 0.0
+    # With ``block_fallback``: a float conv runs blocked only when its input channels are a multiple of
+    # ``channel_align`` (or, for a dense conv, fewer than a block: an RGB stem); otherwise it runs a plain
+    # kernel at ``plain_efficiency[class]`` times the class's efficiency (ONNX Runtime: im2col + GEMM,
+    # per-channel GEMMs for depthwise). A windowed float pool in the plain layout costs ``plain_pool_ns``
+    # per output element beyond its memory traffic.
+    channel_align: int = 1
+    plain_efficiency: Mapping[str, float] = field(default_factory=dict)
+    plain_pool_ns: float = 0.0
     view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
     # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,
     # activation, requantisation) and output layout handling, which dominate small-K and depthwise
@@ -87,13 +95,17 @@ class Target:
     gemv_from_cache: bool = True  # a batch-1 linear streams its weights at cache speed (prefetch)
     int8_fuses_add: bool = True  # int8 kernels absorb a residual add (TensorRT does; ONNX Runtime's QLinearConv not)
     convert_ns: float = 0.0  # per element of each int8 <-> float conversion, beyond its memory traffic
+    # int8 deployed as a QDQ graph (ONNX Runtime): a tensor that an int8 kernel reads is quantised for
+    # all its readers, and each float reader of a quantised or int8 tensor runs its own DequantizeLinear.
+    dq_per_reader: bool = False
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
     fit: Mapping[str, Any] = field(default_factory=dict)  # calibration statistics
 
     def __post_init__(self) -> None:
-        for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "energy_pj", "sources", "fit"):
+        for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "plain_efficiency", "energy_pj", "sources",
+                     "fit"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         missing = [d for d in DTYPES if d not in self.peak_gmacs]
         if missing:
@@ -160,8 +172,11 @@ class Target:
             "llc_gbs": self.llc_gbs, "llc_bytes": self.llc_bytes, "gemm_k0": self.gemm_k0, "gemm_s0": self.gemm_s0,
             "int8_efficiency": self.int8_efficiency, "int8_class_efficiency": dict(self.int8_class_efficiency),
             "int8_pool_ns": self.int8_pool_ns, "block_fallback": self.block_fallback,
+            "channel_align": self.channel_align, "plain_efficiency": dict(self.plain_efficiency),
+            "plain_pool_ns": self.plain_pool_ns,
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
-            "convert_ns": self.convert_ns, "int8_fuses_add": self.int8_fuses_add, "out_ns": self.out_ns,
+            "convert_ns": self.convert_ns, "dq_per_reader": self.dq_per_reader, "int8_fuses_add": self.int8_fuses_add,
+            "out_ns": self.out_ns,
             "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
