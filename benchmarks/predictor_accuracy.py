@@ -41,6 +41,7 @@ MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googl
 def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """Make and export variants of ``specs`` (round-robin) into ``args.workdir``; timing comes later."""
     torch.set_num_threads(1)
+    torch.manual_seed(args.seed)  # the same random-init weights (and int8 calibration data) in every run
     start = time.time()
     spaces = {}
     for spec in specs:
@@ -151,6 +152,19 @@ def score(raw: dict, models: list[str]) -> dict:
     return out
 
 
+def reproducibility(raw: dict, other: dict, models: list[str]) -> dict:
+    """How well two measuring runs of the same variants agree: the ceiling that timing noise puts on
+    any predictor's score (the same nn-Meter measures, one run taken as the prediction of the other)."""
+    theirs = {(r["model"], r["index"]): r["measured_ms"] for r in other["records"]}
+    pairs = [(theirs[(r["model"], r["index"])], r["measured_ms"], r["model"]) for r in raw["records"]
+             if (r["model"], r["index"]) in theirs]
+    out = {"other_run": other.get("date", ""), "all": error_stats([a for a, _, _ in pairs], [b for _, b, _ in pairs])}
+    for spec in models:
+        sel = [(a, b) for a, b, m in pairs if m == spec]
+        out[spec] = error_stats([a for a, _ in sel], [b for _, b in sel])
+    return out
+
+
 def part_bias(records: list[dict], target) -> dict:
     """Per model and part: mean and spread of log(predicted / profiled) where the part holds >= 3 %.
 
@@ -202,6 +216,8 @@ def main() -> None:
     ap.add_argument("--out", default="predictor_accuracy.json")
     ap.add_argument("--raw", default="", help="pickle the measured variants here (tables included)")
     ap.add_argument("--rescore", default="", help="score a --raw pickle again instead of measuring")
+    ap.add_argument("--reproducibility", default="",
+                    help="a --raw pickle of another run of the same variants: report how well the runs agree")
     args = ap.parse_args()
     import pickle
 
@@ -212,6 +228,8 @@ def main() -> None:
         if args.raw:
             Path(args.raw).write_bytes(pickle.dumps(raw))
     out = score(raw, args.models)
+    if args.reproducibility:
+        out["reproducibility"] = reproducibility(raw, pickle.loads(Path(args.reproducibility).read_bytes()), args.models)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
     brief = {k: v for k, v in out.items() if k not in ("rows", "fitted_target")}
     print(json.dumps(brief, indent=1, default=str))
