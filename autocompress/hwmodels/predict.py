@@ -225,15 +225,16 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         c[2] += by_name[src].out_numel * batch
         c[3] += 1
 
-    # Float dense and depthwise convs run blocked (a width that is not a multiple of the block is padded);
-    # grouped convs, linear layers and int8 kernels (NHWC in ONNX Runtime) read and write plain tensors.
-    # Pools and concats stay blocked only on whole blocks of channels.
+    # Float dense and depthwise convs run blocked (an output width that is not a multiple of the block is
+    # padded) when their input channels are a multiple of ``channel_align``, else a plain kernel; grouped
+    # convs, linear layers and int8 kernels (NHWC in ONNX Runtime) read and write plain tensors. Pools and
+    # concats stay blocked only on whole blocks of channels.
     chans: dict[str, int] = {}
     int8_kernels = {r.name for r in rows if r.op in ("conv", "linear") and t.compute_dtype(r.wbits, r.abits) == "int8"}
     int8_read = {s for r in rows if r.name in int8_kernels for s in r.inputs}
     quantised_reads = t.dq_per_reader
 
-    # head -> [class, dtype, padded macs, macs, w_bytes, in_bytes, out_bytes, has_add, rf_bits, K, S]
+    # head -> [class, dtype, padded macs, macs, w_bytes, in_bytes, out_bytes, has_add, rf_bits, K, S, out, plain]
     kernels: dict[str, list[Any]] = {}
     chain: dict[str, str] = {}
     elems_raw: list[tuple[str, float, int, bool, int, int]] = []
