@@ -214,18 +214,17 @@ class Search:
         A journal file belongs to one process, so every RUNNING trial in it is stale. An RDB study may
         be shared by live workers: there only trials whose heartbeats stopped are failed."""
         rdb = self._rdb() is not None
-        unclaimed_stale: set[int] = set()
         if rdb:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
-            # A worker killed between asking for a trial and claiming a slot left no heartbeat to go stale:
-            # such a trial is stale once it is older than the heartbeat grace period.
-            unclaimed_stale = {t.number for t in workers.unclaimed_stale(
-                self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), self.worker,
-                3 * (workers.heartbeat_interval(self.study) or workers.heartbeat_seconds()))}
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not rdb or t.user_attrs.get("owner") == self.worker or t.number in unclaimed_stale:
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        # A worker killed between asking for a trial and claiming a slot left no heartbeat to go stale:
+        # such a trial is stale once it is older than the heartbeat grace period.
+        dead = ({t.number for t in workers.unclaimed_stale(running, self.worker, workers.grace_seconds(self.study))}
+                if rdb else set())
+        for t in running:
+            if not rdb or t.user_attrs.get("owner") == self.worker or t.number in dead:
                 try:
                     self.study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
                     self.study.tell(t.number, state=TrialState.FAIL)

@@ -23,6 +23,9 @@ import optuna
 from autocompress.errors import UserInputError
 
 
+GRACE_BEATS = 3  # heartbeats a trial may miss before it is stale
+
+
 def heartbeat_seconds() -> int:
     """Seconds between heartbeats on RDB storage (``AUTOCOMPRESS_HEARTBEAT_S``, default 60); stale after three."""
     raw = os.environ.get("AUTOCOMPRESS_HEARTBEAT_S", "60")
@@ -51,7 +54,8 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(pg_driver(url), heartbeat_interval=beat, grace_period=3 * beat)
+                return optuna.storages.RDBStorage(pg_driver(url), heartbeat_interval=beat,
+                                                  grace_period=GRACE_BEATS * beat)
         except Exception as exc:  # sqlalchemy IntegrityError/ProgrammingError from the concurrent CREATE TABLEs
             if attempt == 4 or "already exists" not in str(exc) and "duplicate key" not in str(exc):
                 raise
@@ -99,6 +103,11 @@ def heartbeat_interval(study: optuna.Study) -> int | None:
     return storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
 
 
+def grace_seconds(study: optuna.Study) -> int:
+    """How long a heartbeat may be missing before its trial counts as stale."""
+    return GRACE_BEATS * (heartbeat_interval(study) or heartbeat_seconds())
+
+
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat every interval while the block runs, so others see it is alive."""
@@ -132,7 +141,7 @@ def in_flight(trials: list[Any], owner: str) -> int:
 
 def unclaimed_stale(trials: list[Any], owner: str, grace_s: float) -> list[Any]:
     """Running trials of other workers that never claimed a slot (so never sent a heartbeat) and
-    started more than ``grace_s`` ago: their worker died between asking and claiming."""
+    started more than ``grace_s`` (see ``grace_seconds``) ago: their worker died between asking and claiming."""
     import datetime
 
     now = datetime.datetime.now()
