@@ -82,7 +82,8 @@ def collect(args: argparse.Namespace) -> dict:
     """Build variants with ``--jobs`` processes, then time every file in this process alone.
 
     Timing: ``--rounds`` passes over all files (``calibrate.measure_files``), one ORT thread,
-    ``--warmup`` + ``--runs`` calls per pass, median over passes of each pass's median CPU time.
+    ``--warmup`` + ``--runs`` calls per pass, the lowest over passes of the quietest block's median
+    CPU time (``measure.quiet_latency``).
     """
     from autocompress.hwmodels.calibrate import (VARIANT_NETS, _suite, measure_files, measure_samples,
                                                  measure_variants)
@@ -209,7 +210,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per pass")
     ap.add_argument("--runs", type=int, default=20, help="timed calls per pass")
-    ap.add_argument("--rounds", type=int, default=3, help="passes over all files (runs x rounds timed calls each)")
+    ap.add_argument("--rounds", type=int, default=4, help="passes over all files (runs x rounds timed calls each)")
     ap.add_argument("--time-cap", type=float, default=900.0, help="stop making variants after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (models are split between them)")

@@ -8,6 +8,8 @@ from torch import nn
 from autocompress.errors import UserInputError
 from autocompress.export.onnx import export_onnx
 from autocompress.hwmodels import Measurement, measure_model, measure_onnx
+from autocompress.hwmodels.calibrate import robust_ms
+from autocompress.hwmodels.measure import quiet_latency
 
 
 def _tiny() -> nn.Module:
@@ -25,6 +27,7 @@ def _check(m: Measurement, runs: int, threads: int = 1) -> None:
     assert 0 < m.min_ms <= m.median_ms <= m.p90_ms
     assert m.mean_ms > 0 and m.cv >= 0
     assert m.cpu_median_ms > 0
+    assert m.quiet_ms > 0 and robust_ms(m) == m.quiet_ms
 
 
 def test_measure_onnx_statistics(tiny_onnx):
@@ -61,6 +64,22 @@ def test_measure_model_exports_and_times():
     m = measure_model(_tiny(), torch.randn(1, 3, 16, 16), warmup=3, runs=15)
     _check(m, 15)
     assert m.batch == 1
+
+
+def test_quiet_latency_is_the_best_block_median():
+    # a contended stretch (8.6 ms) around a quiet one (6.3 ms), one lucky 1 ms run in the slow stretch
+    series = [8.6] * 10 + [6.2, 6.3, 6.4] * 3 + [6.3] + [8.6] * 9 + [1.0]
+    assert quiet_latency(series, block=10) == pytest.approx(6.3)
+    assert quiet_latency([8.6] * 25 + [1.0] * 4, block=10) == pytest.approx(8.6)  # a short tail is not a block
+    assert quiet_latency([3.0, 1.0, 2.0], block=10) == pytest.approx(2.0)  # fewer runs than a block: the median
+    with pytest.raises(ValueError):
+        quiet_latency([])
+
+
+def test_robust_ms_falls_back_to_the_median_without_a_quiet_latency():
+    old = Measurement(median_ms=5.0, p90_ms=6.0, mean_ms=5.2, cv=0.1, runs=20, threads=1, cpu_median_ms=4.8)
+    assert robust_ms(old) == 4.8
+    assert robust_ms(Measurement(median_ms=5.0, p90_ms=6.0, mean_ms=5.2, cv=0.1, runs=20, threads=2)) == 5.0
 
 
 @pytest.mark.parametrize("kwargs", [{"runs": 0}, {"threads": 0}, {"warmup": -1}, {"batch": 0}])
