@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 from torch import nn
 
@@ -86,12 +87,33 @@ def cost_summary(table: Any, target: str) -> dict[str, Any]:
             "macs": int(totals["macs"]), "params": int(totals["params"])}
 
 
-def measure_local(onnx_path: str | os.PathLike, runs: int = 50) -> float:
-    """Median ONNX Runtime latency (ms) on this machine at the ``local`` target's thread count."""
-    from autocompress.hwmodels import get_target, measure_onnx
+def measure_local(paths: Sequence[str | os.PathLike]) -> list[float]:
+    """Quiet ONNX Runtime latency (ms) of each file on this machine, at the ``local`` target's thread
+    count: ``calibrate.measure_files``, the files interleaved over 4 passes, so a slow stretch of a
+    shared machine does not fall on one of them only, and the latency is what ``local`` predicts."""
+    from autocompress.hwmodels import get_target
+    from autocompress.hwmodels.calibrate import measure_files
 
     threads = int(get_target("local").to_json().get("threads", 1) or 1)
-    return measure_onnx(onnx_path, threads=threads, warmup=10, runs=runs).median_ms
+    return measure_files([Path(p) for p in paths], threads=threads)
+
+
+def record_measured(folder: Path, teacher: Any, example: Any, best: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Time the output folder's fp32 (and int8) model beside the original model with ``measure_local``
+    and record ``measured_latency_ms_local[_int8]`` in ``best`` and ``baseline``."""
+    from autocompress.export.onnx import export_onnx
+
+    base_onnx = export_onnx(teacher, example, folder / ".baseline.onnx")
+    try:
+        keys = {"best": folder / "model.onnx", "best_int8": folder / "model.int8.onnx", "baseline": base_onnx}
+        keys = {k: p for k, p in keys.items() if p.exists()}
+        ms = dict(zip(keys, measure_local(list(keys.values()))))
+    finally:
+        base_onnx.unlink(missing_ok=True)
+    best["measured_latency_ms_local"] = ms["best"]
+    if "best_int8" in ms:
+        best["measured_latency_ms_local_int8"] = ms["best_int8"]
+    baseline["measured_latency_ms_local"] = ms["baseline"]
 
 
 def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLike, *,
@@ -140,14 +162,7 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     def build(folder):
         info = write_model_files(compressed, example, folder, calibration)
         if measure:
-            from autocompress.export.onnx import export_onnx
-
-            best["measured_latency_ms_local"] = measure_local(folder / "model.onnx")
-            if (folder / "model.int8.onnx").exists():
-                best["measured_latency_ms_local_int8"] = measure_local(folder / "model.int8.onnx")
-            base_onnx = export_onnx(ws.model, example, folder / ".baseline.onnx")
-            baseline["measured_latency_ms_local"] = measure_local(base_onnx)
-            base_onnx.unlink()
+            record_measured(folder, ws.model, example, best, baseline)
         result = {"target": target, "budget": {}, "baseline": baseline, "best": best,
                   "trials": {"complete": 0, "failed": 0, "pruned": 0}, "feasible": True,
                   "model": spec, "fingerprint": ws.space.fingerprint, "boosted": sorted(ctx.boosted),

@@ -148,9 +148,8 @@ def write_report(path: Path, result: dict, search: Any, front: list, decisions: 
 
 def write_search_outputs(search: Any, evaluator: Any, base_acc: dict, out: Path, *, model: str, data: str,
                          measure: bool = True) -> dict[str, Any]:
-    from autocompress.api import measure_local
+    from autocompress.api import record_measured
     from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
-    from autocompress.export.onnx import export_onnx
 
     policy = search.best_policy
     best_costs = dict(search.costs(policy))
@@ -164,12 +163,7 @@ def write_search_outputs(search: Any, evaluator: Any, base_acc: dict, out: Path,
     def build(folder: Path) -> dict[str, Any]:
         info = write_model_files(search.best_model, evaluator.example, folder, evaluator.calibration)
         if measure:
-            best_costs["measured_latency_ms_local"] = measure_local(folder / "model.onnx")
-            if (folder / "model.int8.onnx").exists():
-                best_costs["measured_latency_ms_local_int8"] = measure_local(folder / "model.int8.onnx")
-            base_onnx = export_onnx(evaluator.teacher, evaluator.example, folder / ".baseline.onnx")
-            baseline["measured_latency_ms_local"] = measure_local(base_onnx)
-            base_onnx.unlink()
+            record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline)
         result = {"target": search.config.target, "budget": search.budget.to_json(), "baseline": baseline,
                   "best": best_costs, "trials": counts, "feasible": feasible, "model": model, "data": data,
                   "fingerprint": search.space.fingerprint, "study": search.study.study_name,
