@@ -29,7 +29,8 @@ import torch
 from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
-from autocompress.hwmodels.calibrate import Sample, error_stats, export_deployed, fit_target, random_policy
+from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, llc_choices,
+                                             random_policy)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.space.space import build_space
@@ -128,8 +129,9 @@ def score(raw: dict, models: list[str]) -> dict:
     scored = [r for r in records if not r["calib"]]
     suite = raw.get("suite", [])
     # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
-    fitted = fit_target(base, suite + calib, "local") if len(calib) >= 4 else base
-    base = fit_target(base, suite, "local") if len(suite) >= 4 else base  # what `autocompress calibrate` gives
+    llc = llc_choices(base)  # as `autocompress calibrate` chooses the cache size
+    fitted = fit_target(base, suite + calib, "local", llc_choices=llc) if len(calib) >= 4 else base
+    base = fit_target(base, suite, "local", llc_choices=llc) if len(suite) >= 4 else base  # what calibrate gives
     out = {k: v for k, v in raw.items() if k not in ("records", "suite")}
     out.update({"variants": len(records), "calibration_variants": len(calib), "scored_variants": len(scored),
                 "suite_samples": len(suite), "base_target_calibrated": base.calibrated})

@@ -9,7 +9,8 @@ import autocompress.cli.hw_cmds  # noqa: F401  (registers the commands)
 from autocompress.cli.app import app
 from autocompress.errors import UnknownNameError, UserInputError
 from autocompress.hwmodels import TARGETS, Target, get_target, predict, target_names
-from autocompress.hwmodels.calibrate import calibrate_from_csv, fit_target, layer_table, read_csv_samples
+from autocompress.hwmodels.calibrate import (Sample, calibrate_from_csv, fit_target, layer_table, llc_choices,
+                                             read_csv_samples)
 from autocompress.hwmodels.predict import structure
 from autocompress.hwmodels.published import PUBLISHED, TOLERANCE
 from autocompress.hwmodels.target import KERNEL_CLASSES
@@ -343,6 +344,48 @@ def test_int8_region_boundaries_cost_conversions():
     # two boundaries (float -> int8 -> float) against one (the input's quantise, the output's dequantise)
     assert middle_int8["convert"] > all_int8["convert"] * 0.5
     assert all_int8["conv"] == 0 and all_int8["qconv"] > 0
+
+
+def test_weights_come_from_the_level_the_whole_model_fits():
+    """A 2 MB classifier timed alone keeps its weights in the last-level cache between calls; behind 64 MB
+    of other weights it reads them from DRAM every call."""
+    local = get_target("local")
+    alone = table_of(nn.Sequential(nn.Linear(512, 1000)), (1, 512))
+    behind = table_of(nn.Sequential(nn.Linear(512, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 512),
+                                    nn.Linear(512, 1000)), (1, 512))
+
+    def classifier_ms(table, target):
+        return predict(table, target).layers[-1].latency_ms
+
+    assert structure(alone, local).kernels[0][17] == 1  # 2 MB: the last-level cache
+    assert structure(behind, local).kernels[-1][17] == 2  # the model's 76 MB: DRAM
+    assert classifier_ms(alone, local) == pytest.approx(classifier_ms(behind, local.with_(model_weights_level=False)))
+    # 2 MB at the DRAM instead of the LLC bandwidth (the GEMV is memory-bound)
+    assert classifier_ms(behind, local) == pytest.approx(classifier_ms(alone, local) * local.llc_gbs / local.dram_gbs,
+                                                         rel=0.2)
+
+
+def test_the_fit_chooses_the_cache_size_that_explains_the_measurements():
+    """Latencies made by a target with an 8 MiB last-level cache: of 2, 8 and 32 MiB the fit keeps 8."""
+    truth = get_target("local").with_(llc_bytes=8 << 20)
+    samples = []
+    for c, hw in ((64, 56), (128, 56), (256, 28), (512, 14), (96, 112), (160, 112), (256, 56)):
+        for k, g in ((1, 1), (3, c)):
+            t = table_of(nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, groups=g)), (1, c, hw, hw))
+            samples.append(Sample(f"{c}@{hw} k{k} g{g}", t, predict(t, truth).latency_ms))
+    for cin, cout in ((512, 1000), (1024, 1024), (2048, 1024), (2048, 2048), (4096, 1024)):
+        t = table_of(nn.Sequential(nn.Linear(cin, cout)), (1, cin))
+        samples.append(Sample(f"linear {cin}->{cout}", t, predict(t, truth).latency_ms))
+    fitted = fit_target(get_target("local"), samples, llc_choices=[2 << 20, 8 << 20, 32 << 20])
+    assert fitted.llc_bytes == 8 << 20
+    assert fitted.fit["within_5"] >= 0.9
+    assert "llc_bytes" in fitted.sources
+
+
+def test_llc_choices_are_powers_of_two_above_the_cache():
+    choices = llc_choices(get_target("local"))
+    assert choices and all(c > get_target("local").cache_bytes for c in choices)
+    assert all(b == 2 * a for a, b in zip(choices, choices[1:]))
 
 
 # ---- calibration from measured numbers ---------------------------------------------------------------

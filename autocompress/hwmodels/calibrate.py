@@ -79,7 +79,8 @@ class _Problem:
             int8_cls.update(k[1] for k in ks if k[2] == "int8")
             self.rows.append({
                 "cls": cls, "dt": dt, "macs": np.array([k[3] for k in ks], dtype=float),
-                "nbytes": np.array([k[5] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
+                "nbytes": np.array([k[5] - k[8] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
+                "wb": np.array([k[8] for k in ks], dtype=float), "wlvl": np.array([k[17] for k in ks], dtype=int),
                 "kpart": np.array([PARTS.index(kernel_part(k[1], k[2])) for k in ks], dtype=int),
                 "k_len": np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in ks], dtype=float),
                 "spatial": np.array([k[10] if k[1] != "linear" else 1e12 for k in ks], dtype=float),
@@ -157,7 +158,7 @@ class _Problem:
             slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
             comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0)
                                        * np.where(r["plain"], plc[cls], 1.0) * 1e3)
-            core = (np.maximum(comp, r["nbytes"] * inv[lvl]) + t.kernel_overhead_us
+            core = (np.maximum(comp, r["nbytes"] * inv[lvl] + r["wb"] * inv[r["wlvl"]]) + t.kernel_overhead_us
                     + r["n_out"] * np.where(dt == 2, t.int8_out_ns, t.out_ns) / 1e3)
             ecore = (r["ebytes"] * inv[r["elvl"]] + np.where(r["eview"], vov, eov)
                      + r["eqpool"] * t.int8_pool_ns / 1e3 + r["eppool"] * t.plain_pool_ns / 1e3)
@@ -197,31 +198,64 @@ def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> 
 
 
 def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
-               sources_note: str = "fitted by autocompress calibrate") -> Target:
-    """Least-squares fit of ``base``'s efficiencies, bandwidths and overheads to ``samples``."""
+               sources_note: str = "fitted by autocompress calibrate", llc_choices: Sequence[int] = ()) -> Target:
+    """Least-squares fit of ``base``'s efficiencies, bandwidths and overheads to ``samples``.
+
+    ``llc_choices``: last-level cache sizes (bytes) to try; the one whose fit has the lowest loss is
+    kept. A cache size is a threshold, not a smooth parameter, so it is chosen by refitting at each.
+    """
     import numpy as np
     from scipy.optimize import least_squares
 
     if len(samples) < 4:
         raise UserInputError(f"calibration needs at least 4 measured configurations, got {len(samples)}")
-    prob = _Problem(base, samples)
-    x0 = np.array(prob.x0())
-    # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
-    # Dispatching a runtime op costs at least ~0.5 µs on any CPU; without that floor the fit trades
-    # per-op overheads against bandwidths and lands on unphysical values.
-    lo = np.array([math.log(0.5) if n in ("kernel_overhead_us", "elementwise_overhead_us", "view_overhead_us")
-                   else math.log(1e-3) for n in prob.names])
-    hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class", "plain_eff")) else math.log(1e6)
-                   for n in prob.names])
-    x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
-    res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
+    best = None
+    for llc in dict.fromkeys(llc_choices or [base.llc_bytes]):
+        prob = _Problem(base.with_(llc_bytes=int(llc)), samples)
+        x0 = np.array(prob.x0())
+        # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
+        # Dispatching a runtime op costs at least ~0.5 µs on any CPU; without that floor the fit trades
+        # per-op overheads against bandwidths and lands on unphysical values.
+        lo = np.array([math.log(0.5) if n in ("kernel_overhead_us", "elementwise_overhead_us", "view_overhead_us")
+                       else math.log(1e-3) for n in prob.names])
+        hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class", "plain_eff")) else math.log(1e6)
+                       for n in prob.names])
+        x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
+        res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
+        if best is None or res.cost < best[1].cost:
+            best = (prob, res)
+    prob, res = best
     pred_ms = prob.predicted_us(res.x) / 1e3
     stats = error_stats(list(pred_ms), [s.measured_ms for s in samples])
     fitted_names = ", ".join(prob.names)
     sources = dict(base.sources)
     sources["fitted"] = f"{sources_note}: {fitted_names} from {len(samples)} measurements"
+    if len(set(llc_choices)) > 1:
+        sizes = ", ".join(f"{c / 2**20:g}" for c in sorted(set(llc_choices)))
+        sources["llc_bytes"] = f"the best fit of {sizes} MiB (this machine's last-level cache and its fractions)"
     return prob.target(res.x, name=name or base.name, calibrated=True, sources=sources,
                        fit={k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()})
+
+
+def llc_choices(t: Target) -> list[int]:
+    """Last-level cache sizes for ``fit_target`` to try on this machine: powers of two above
+    ``t.cache_bytes`` up to the largest CPU cache the OS reports. On a shared machine other tenants
+    hold part of that cache, so the share a model keeps between calls is found by the fit.
+    With no cache reported, just ``t.llc_bytes``."""
+    largest = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        try:
+            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+        except ValueError:
+            continue
+        largest = max(largest, size)
+    choices = []
+    size = max(t.cache_bytes, 1) * 2
+    while size <= largest:
+        choices.append(size)
+        size *= 2
+    return choices or [t.llc_bytes]
 
 
 # ---- the designed measurement set ----------------------------------------------------------
@@ -453,7 +487,7 @@ def calibrate_local(threads: int = 1, quick: bool = False) -> tuple[Target, Path
     samples = measure_samples(_suite(quick), threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
     samples += measure_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, threads=threads,
                                 warmup=warmup, runs=runs, rounds=rounds)
-    fitted = fit_target(base, samples, "local",
+    fitted = fit_target(base, samples, "local", llc_choices=llc_choices(base),
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated")
     return fitted, fitted.save(target_path("local"))

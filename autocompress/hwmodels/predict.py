@@ -138,7 +138,8 @@ class Structure:
 
     ``kernels``: (head, class, dtype, padded MACs, MACs, bytes moved, memory level, RF bits per MAC,
     weight bytes, reduction length K, output positions S, int8<->float conversion bytes, conversions,
-    reordered elements, reorders, output elements, runs a plain (unblocked) kernel).
+    reordered elements, reorders, output elements, runs a plain (unblocked) kernel, memory level of
+    the weights).
     ``elems``: (name, bytes moved incl. conversions, memory level, output elements, is a view,
     conversions, output elements of a slow int8 windowed pool, reordered elements, reorders, conversion
     bytes, output elements of a windowed float pool in the plain layout).
@@ -146,7 +147,8 @@ class Structure:
     cache, 2 DRAM.
     """
 
-    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int, int, bool]]
+    kernels: list[tuple[str, str, str, float, int, float, int, int, float, int, int, float, int, float, int, int, bool,
+                        int]]
     elems: list[tuple[str, float, int, int, bool, int, int, float, int, float, int]]
     chain: dict[str, str]
 
@@ -383,13 +385,15 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         nbytes += c[0]
         elems.append((name, nbytes, level(nbytes), n_out, is_view, int(c[1]), qpool, c[2], int(c[3]), c[0], ppool))
     out = []
+    model_wlvl = level(sum(k[4] for k in kernels.values())) if t.model_weights_level else 0
     for head, (cls, dtype, macs_eff, macs, wb, ib, ob, _, rf_bits, k_len, spatial, n_out, plain) in kernels.items():
         nbytes = wb + (ib + ob) * batch
         # A matrix-vector product streams its weights once, which hardware prefetch may serve at cache speed.
         lvl = 0 if cls == "linear" and batch == 1 and t.gemv_from_cache else level(nbytes)
         c = cvt.get(head, (0.0, 0, 0.0, 0))
         out.append((head, cls, dtype, macs_eff * batch, macs * batch, nbytes, lvl, rf_bits, wb,
-                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3]), n_out * batch, plain))
+                    k_len, spatial * batch, c[0], int(c[1]), c[2], int(c[3]), n_out * batch, plain,
+                    max(lvl, model_wlvl)))
     return Structure(out, elems, chain)
 
 
@@ -404,8 +408,8 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     cvt_us, ro_us = c.cvt_us, c.ro_us
     parts = dict.fromkeys(PARTS, 0.0)
     for (head, cls, dtype, macs_eff, macs, nbytes, lvl, rf_bits, wb, k_len, spatial, cv_b, cv_n, ro_e, ro_n,
-         n_out, plain) in st.kernels:
-        mem_us = nbytes * inv_mem[lvl]
+         n_out, plain, wlvl) in st.kernels:
+        mem_us = (nbytes - wb) * inv_mem[lvl] + wb * inv_mem[wlvl]
         slow = 1.0 if cls == "linear" else (1.0 + s0 / spatial) * (1.0 if cls == "depthwise" else 1.0 + k0 / k_len)
         comp_us = macs_eff * slow * c.inv_mac[(dtype, cls)] / (c.plain_eff.get(cls, 1.0) if plain else 1.0)
         core = (comp_us if comp_us > mem_us else mem_us) + c.kov + n_out * (c.i8out if dtype == "int8" else c.fout)

@@ -93,6 +93,11 @@ class Target:
     out_ns: float = 0.0
     int8_out_ns: float = 0.0
     gemv_from_cache: bool = True  # a batch-1 linear streams its weights at cache speed (prefetch)
+    # Weights stay in a cache between calls only when all the model's weights fit it: each kernel reads its
+    # weights from the level that the whole model's weight bytes fit (and its activations from the level
+    # its own traffic fits). Off: a kernel's weights come from the level its own traffic fits, as when one
+    # layer is timed alone.
+    model_weights_level: bool = False
     int8_fuses_add: bool = True  # int8 kernels absorb a residual add (TensorRT does; ONNX Runtime's QLinearConv not)
     convert_ns: float = 0.0  # per element of each int8 <-> float conversion, beyond its memory traffic
     # int8 deployed as a QDQ graph (ONNX Runtime): a tensor that an int8 kernel reads is quantised for
