@@ -244,8 +244,9 @@ def test_a_float_pool_read_by_an_int8_conv_is_the_slow_int8_pool():
     assert int8_both < all_float  # between int8 kernels it pools int8 NHWC tensors: no penalty, fewer bytes
 
 
-def test_a_pool_whose_input_has_a_float_reader_stays_float():
-    """The QuantizeLinear moves above the pool only when every reader of the pool's input is int8."""
+def test_a_pool_runs_uint8_exactly_when_its_input_is_quantised():
+    """A max-pool runs uint8 when its input is quantised: when an int8 kernel reads that input beside it, or
+    when the pool is its only reader and an int8 kernel reads the pool."""
 
     class Fork(nn.Module):
         def __init__(self) -> None:
@@ -264,6 +265,11 @@ def test_a_pool_whose_input_has_a_float_reader_stays_float():
     pools = lambda bits: [e[6] for e in structure(_set_bits(base.copy(), bits), get_target("local")).elems]
     assert sum(pools({a: 8})) == 0  # b reads the pool's input in float: the pool runs in float
     assert sum(pools({a: 8, b: 8})) == 64 * 28 * 28  # every reader int8: the slow uint8 pool
+    # b in int8 quantises the pool's input for every reader, so the pool runs uint8 even though a reads
+    # it in float (a DequantizeLinear after the pool): GoogLeNet's pool branches beside an int8 branch.
+    assert sum(pools({b: 8})) == 64 * 28 * 28
+    st = structure(_set_bits(base.copy(), {b: 8}), get_target("local"))
+    assert next(k for k in st.kernels if k[0] == a)[12] == 2  # DQ of the pool, DQ of b's output for the add
 
 
 def test_each_float_reader_of_a_quantised_tensor_dequantises():

@@ -336,15 +336,16 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                     layout(r.name, src, False)
             elems_raw.append((r.name, 0.0, 0, True, 0, 0))
             continue
-        # The slow uint8 pool (QDQ graphs): a windowed float pool whose output an int8 kernel reads, when its
-        # input is quantised too, either because another reader of that tensor is an int8 kernel (the quantiser
-        # puts one Q/DQ pair on a tensor for all its readers) or because the pool is its only reader
-        # (ONNX Runtime then moves the QuantizeLinear above the pool). It pools uint8 in the plain NCHW
-        # layout, a slow kernel. Else the pool runs in float; between int8 kernels it runs the fast NHWC one.
+        # The slow uint8 pool (QDQ graphs): a windowed pool of a float tensor that is quantised, either because
+        # another reader of it is an int8 kernel (the quantiser puts one Q/DQ pair on a tensor for all its
+        # readers, and a max-pool of a quantised tensor is quantised too, whoever reads it) or because the
+        # pool is its only reader and an int8 kernel reads the pool (ONNX Runtime then moves the
+        # QuantizeLinear above the pool). It pools uint8 in the plain NCHW layout, a slow kernel. Else the
+        # pool runs in float; between int8 kernels it runs the fast NHWC one.
         windowed = op == "pool" and windowed_pool(r)
         siblings = [c for c in consumers.get(r.inputs[0], ()) if c != r.name] if r.inputs else []
-        slow_pool = (quantised_reads and not all_int8 and windowed and r.name in int8_read
-                     and (not siblings or any(c in int8_kernels for c in siblings)))
+        slow_pool = (quantised_reads and not all_int8 and windowed
+                     and (any(c in int8_kernels for c in siblings) or (not siblings and r.name in int8_read)))
         if all_int8:
             int8_out.add(r.name)  # pools, concats, adds and reshapes of int8 tensors stay int8
         elif slow_pool:
