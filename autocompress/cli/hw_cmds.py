@@ -65,4 +65,6 @@ def calibrate(
     fit = fitted.fit
     console.print(f"calibrated [bold]{fitted.name}[/bold] from {fit.get('samples', 0)} measurements: "
                   f"median |error| {100 * fit.get('median_abs_err', 0):.1f} %, "
-                  f"within ±10 %: {100 * fit.get('within_10', 0):.0f} %; saved {path}")
+                  f"within ±10 %: {100 * fit.get('within_10', 0):.0f} %"
+                  + (f"; last-level cache {fitted.llc_bytes / 2**20:g} MiB" if fitted.llc_bytes else "")
+                  + f"; saved {path}")
