@@ -345,9 +345,9 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
 
     Interleaving the passes spreads each file's blocks over the whole measurement, so a file is
     not timed only during one slow stretch of a shared machine. On this project's VM, 15
-    ShuffleNetV2, MobileNetV2 and digits-net files timed in 7 runs over 10 minutes agreed within
-    ±10 % in every pair of runs (worst 7 %) this way; the median over passes of each pass's
-    median agreed for 69 % (worst 23 %).
+    ShuffleNetV2, MobileNetV2 and digits-net files timed in 6 runs over 8 minutes agreed within
+    ±10 % in every pair of runs (worst 7.9 %) this way; with the median over 3 passes of each
+    pass's median, a pair of runs agreed on 58 % of the files on average (worst 29 %).
     """
     from autocompress.hwmodels.measure import measure_onnx
 
