@@ -79,7 +79,7 @@ class _Problem:
             int8_cls.update(k[1] for k in ks if k[2] == "int8")
             self.rows.append({
                 "cls": cls, "dt": dt, "macs": np.array([k[3] for k in ks], dtype=float),
-                "nbytes": np.array([k[5] - k[8] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
+                "abytes": np.array([k[5] - k[8] for k in ks], dtype=float), "lvl": np.array([k[6] for k in ks], dtype=int),
                 "wb": np.array([k[8] for k in ks], dtype=float), "wlvl": np.array([k[17] for k in ks], dtype=int),
                 "kpart": np.array([PARTS.index(kernel_part(k[1], k[2])) for k in ks], dtype=int),
                 "k_len": np.array([k[9] if k[1] not in ("depthwise", "linear") else 1e12 for k in ks], dtype=float),
@@ -158,7 +158,7 @@ class _Problem:
             slow = (1.0 + t.gemm_k0 / r["k_len"]) * (1.0 + t.gemm_s0 / r["spatial"])
             comp = r["macs"] * slow / (self.peak[dt] * eff[cls] * np.where(dt == 2, i8c[cls], 1.0)
                                        * np.where(r["plain"], plc[cls], 1.0) * 1e3)
-            core = (np.maximum(comp, r["nbytes"] * inv[lvl] + r["wb"] * inv[r["wlvl"]]) + t.kernel_overhead_us
+            core = (np.maximum(comp, r["abytes"] * inv[lvl] + r["wb"] * inv[r["wlvl"]]) + t.kernel_overhead_us
                     + r["n_out"] * np.where(dt == 2, t.int8_out_ns, t.out_ns) / 1e3)
             ecore = (r["ebytes"] * inv[r["elvl"]] + np.where(r["eview"], vov, eov)
                      + r["eqpool"] * t.int8_pool_ns / 1e3 + r["eppool"] * t.plain_pool_ns / 1e3)
