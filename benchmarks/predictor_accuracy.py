@@ -30,7 +30,7 @@ from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
 from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, llc_choices,
-                                             random_policy)
+                                             random_policy, sample_weight)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.space.space import build_space
@@ -80,37 +80,48 @@ def _worker(job: tuple[list[str], argparse.Namespace]) -> tuple[list[dict], list
 
 
 def collect(args: argparse.Namespace) -> dict:
-    """Build variants with ``--jobs`` processes, then time every file in this process alone.
+    """Build the designed set and the variants (``--jobs`` processes), then time every file together.
 
-    Timing: ``--rounds`` passes over all files (``calibrate.measure_files``), one ORT thread,
-    ``--warmup`` + ``--runs`` calls per pass, the lowest over passes of the quietest block's median
-    CPU time (``measure.quiet_latency``).
+    Timing: ``calibrate.measure_files`` over the designed set's files and every variant at once, so
+    a slow stretch of the machine falls on calibration and scored files alike: ``--rounds`` passes,
+    each in a new shuffled order, one ORT thread, ``--warmup`` + ``--runs`` calls per pass, the
+    lowest over passes of the quietest block's median CPU time (``measure.quiet_latency``), and more
+    passes for files whose best came at a slow moment.
     """
-    from autocompress.hwmodels.calibrate import (VARIANT_NETS, _suite, measure_files, measure_samples,
-                                                 measure_variants)
+    from autocompress.hwmodels.calibrate import (VARIANT_NETS, Sample, _suite, build_configs, build_variants,
+                                                 measure_files)
 
     started = time.time()
     torch.set_num_threads(1)
     timing = {"threads": args.threads, "warmup": args.warmup, "runs": args.runs, "rounds": args.rounds}
-    # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
-    suite = measure_samples(_suite(False), profile=True, **timing)
-    suite += measure_variants(VARIANT_NETS, 12, **timing)
-    print(f"designed set: {len(suite)} measured, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="predictor-accuracy-") as workdir:
         args.workdir = workdir
-        groups = [args.models[i::args.jobs] for i in range(args.jobs)]
+        groups = [g for g in (args.models[i::args.jobs] for i in range(args.jobs)) if g]
         if args.jobs == 1:
-            results = [build_models(groups[0], args)]
+            pending = None
         else:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(args.jobs) as pool:
-                results = pool.map(_worker, [(g, args) for g in groups if g])
+            pool = mp.get_context("spawn").Pool(args.jobs)
+            pending = pool.map_async(_worker, [(g, args) for g in groups])
+        # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
+        suite_dir = Path(workdir) / "designed-set"
+        suite_dir.mkdir()
+        designed = build_configs(_suite(False), suite_dir) + build_variants(VARIANT_NETS, 12, suite_dir)
+        print(f"designed set: {len(designed)} built, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+        if pending is None:
+            results = [build_models(groups[0], args)]
+        else:
+            results = pending.get()
+            pool.close()
+            pool.join()
         records = [r for rec, _ in results for r in rec]
         failures = [f for _, fail in results for f in fail]
         print(f"{len(records)} variants built, {time.time() - started:.0f}s; timing", file=sys.stderr, flush=True)
-        times = measure_files([Path(r["path"]) for r in records], **timing)
-        for r, ms in zip(records, times):
+        times = measure_files([b[2] for b in designed] + [Path(r["path"]) for r in records], **timing)
+        suite = [Sample(name, table, ms, parts=profile_onnx(path, threads=args.threads), weight=w)
+                 for (name, table, path, w), ms in zip(designed, times)]
+        for r, ms in zip(records, times[len(designed):]):
             r["measured_ms"] = ms
             r["parts"] = profile_onnx(r["path"], threads=args.threads) if r["calib"] else None
             del r["path"]
@@ -128,6 +139,9 @@ def score(raw: dict, models: list[str]) -> dict:
              for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
     suite = raw.get("suite", [])
+    for s in suite:  # runs measured before samples carried a weight
+        if "weight" not in vars(s):
+            s.weight = sample_weight(s.table)
     # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
     llc = llc_choices(base)  # as `autocompress calibrate` chooses the cache size
     fitted = fit_target(base, suite + calib, "local", llc_choices=llc) if len(calib) >= 4 else base

@@ -388,6 +388,28 @@ def test_the_fit_chooses_the_cache_size_that_explains_the_measurements():
     assert "llc_bytes" in fitted.sources
 
 
+def test_the_fit_follows_the_heavier_samples_and_layers_weigh_less_than_networks():
+    """Two sets of the same configurations disagree by 1.5x: the fit lands near the set that carries
+    the weight. Single-layer tables get LAYER_WEIGHT, networks 1."""
+    from autocompress.hwmodels.calibrate import LAYER_WEIGHT, sample_weight
+
+    truth = get_target("local")
+    heavy, light = [], []
+    for c, hw in ((64, 56), (128, 28), (256, 14), (32, 112), (96, 56)):
+        for k, g in ((1, 1), (3, 1), (3, c)):
+            t = table_of(nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, groups=g), nn.ReLU()), (1, c, hw, hw))
+            ms = predict(t, truth).latency_ms
+            heavy.append(Sample(f"{c}@{hw} k{k} g{g}", t, ms, weight=1.0))
+            light.append(Sample(f"{c}@{hw} k{k} g{g} slow", t, 1.5 * ms, weight=0.05))
+    fitted = fit_target(truth, heavy + light)
+    ratios = [predict(s.table, fitted).latency_ms / s.measured_ms for s in heavy]
+    assert sorted(ratios)[len(ratios) // 2] == pytest.approx(1.0, abs=0.08)
+
+    assert sample_weight(heavy[0].table) == LAYER_WEIGHT < 1
+    net = table_of(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), (1, 3, 8, 8))
+    assert sample_weight(net) == 1.0
+
+
 def test_llc_choices_are_powers_of_two_above_the_cache():
     choices = llc_choices(get_target("local"))
     assert choices and all(c > get_target("local").cache_bytes for c in choices)
@@ -462,15 +484,21 @@ def test_targets_table_and_bad_calibrate_target():
     bad = runner.invoke(app, ["calibrate", "--target", "mynpu"])
     assert bad.exit_code == 2
     assert "--from-csv" in bad.output and len(bad.output.strip().splitlines()) == 1
+    for args, says in ((["--model", "nosuch:net"], "nosuch"), (["--model", "builtin:digits-net", "--variants", "0"], "--variants"),
+                       (["--from-csv", "x.csv", "--target", "mynpu", "--model", "builtin:digits-net"], "--model")):
+        bad = runner.invoke(app, ["calibrate", *args])
+        assert bad.exit_code == 2 and says in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
 
 
 def test_calibrate_local_quick_end_to_end():
     """`autocompress calibrate --target local --quick` measures, profiles, fits and saves `local`."""
-    result = CliRunner().invoke(app, ["calibrate", "--target", "local", "--quick", "--json"])
+    result = CliRunner().invoke(app, ["calibrate", "--target", "local", "--quick", "--json",
+                                      "--model", "builtin:digits-net", "--variants", "3"])
     assert result.exit_code == 0, result.output
     fitted = Target.from_json(json.loads(result.output))
     assert fitted.calibrated is True and get_target("local") == fitted
-    assert fitted.fit["samples"] >= 20
+    assert fitted.fit["samples"] >= 20 + 3
+    assert "builtin:digits-net" in fitted.description and "builtin:digits-net" in fitted.sources["fitted"]
     # every fitted coefficient is positive and finite, and the fit explains its own data
     for name in ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "int8_out_ns"):
         assert 0 < getattr(fitted, name) < 1e6, name

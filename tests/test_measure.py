@@ -115,3 +115,52 @@ def test_profile_splits_the_time_into_model_parts(tmp_path):
     assert parts["conv"] > 0 and parts["qconv"] > 0 and parts["convert"] > 0
     m = measure_onnx(report.path, warmup=2, runs=10)
     assert 0 < sum(parts.values()) <= 3 * m.p90_ms
+
+
+def _contended_timer(true_ms: dict, slow_calls: set, factor: float = 1.2):
+    """A fake timer: each call returns the file's true latency, `factor` slower on the calls in
+    `slow_calls` (a stretch when other tenants load the machine), with ±1 % noise."""
+    import random
+
+    rng = random.Random(1)
+    calls = []
+
+    def measure(path):
+        slow = factor if len(calls) in slow_calls else 1.0
+        calls.append(path)
+        return true_ms[path] * slow * (1 + rng.uniform(-0.01, 0.01))
+    return measure, calls
+
+
+def test_measure_files_times_again_a_file_whose_best_came_in_a_slow_stretch(tmp_path):
+    """20 files, 4 passes; the machine is slow for passes 1-2, half of pass 3 and half of pass 4,
+    so some files never see a quiet moment. Those (and only few others) are timed again after,
+    and every file ends within 2 % of its true latency; without the extra passes some stay >= 15 % slow."""
+    from autocompress.hwmodels.calibrate import measure_files
+
+    paths = [tmp_path / f"{i}.onnx" for i in range(20)]
+    true_ms = {p: 1.0 + 0.1 * i for i, p in enumerate(paths)}
+    slow_calls = set(range(50)) | set(range(70, 80))
+
+    measure, _ = _contended_timer(true_ms, slow_calls)
+    plain = measure_files(paths, rounds=4, extra_rounds=0, measure=measure)
+    assert max(b / true_ms[p] for p, b in zip(paths, plain)) >= 1.15
+
+    measure, calls = _contended_timer(true_ms, slow_calls)
+    best = measure_files(paths, rounds=4, measure=measure)
+    assert all(abs(b / true_ms[p] - 1) <= 0.02 for p, b in zip(paths, best))
+    assert 80 < len(calls) <= 80 + 4 * 20
+
+
+def test_measure_files_on_a_quiet_machine_takes_the_planned_passes(tmp_path):
+    from autocompress.hwmodels.calibrate import measure_files
+
+    paths = [tmp_path / f"{i}.onnx" for i in range(12)]
+    true_ms = {p: 0.5 + 0.3 * i for i, p in enumerate(paths)}
+    measure, calls = _contended_timer(true_ms, set())
+    best = measure_files(paths, rounds=3, measure=measure)
+    assert len(calls) == 36
+    assert all(abs(b / true_ms[p] - 1) <= 0.01 for p, b in zip(paths, best))
+    # every pass visits every file once, in its own order
+    passes = [calls[k * 12:(k + 1) * 12] for k in range(3)]
+    assert all(sorted(p) == sorted(paths) for p in passes) and passes[0] != passes[1]

@@ -44,12 +44,20 @@ def calibrate(
     quick: bool = typer.Option(False, "--quick", help="fewer configurations, variants and runs (about 10 s)"),
     from_csv: Optional[str] = typer.Option(None, "--from-csv", help="fit from measured latencies in a CSV file instead of measuring here"),
     base: str = typer.Option("mobile", "--base", help="with --from-csv: the target whose peaks and energies are the starting point"),
+    model: list[str] = typer.Option([], "--model", help="also measure random compressed variants of this model (repeatable), "
+                                    "so the fit sees the networks you will search; local only"),
+    variants: int = typer.Option(12, "--variants", help="with --model: random variants per model"),
     as_json: bool = typer.Option(False, "--json", help="print the fitted target as JSON"),
 ) -> None:
     """Measure layer configurations (or read them from CSV) and fit a target's coefficients."""
     from autocompress.hwmodels.calibrate import calibrate_from_csv, calibrate_local
 
     if from_csv is not None:
+        if model:
+            from autocompress.errors import UserInputError
+
+            raise UserInputError("--model measures variants here, on `local`; with --from-csv, add your model's "
+                                 "measured variants to the CSV instead")
         fitted, path = calibrate_from_csv(from_csv, name=target, base=base)
     else:
         if target != "local":
@@ -58,7 +66,7 @@ def calibrate(
             raise UserInputError(f"only 'local' can be measured here; for {target!r} measure on the device "
                                  "and pass --from-csv FILE (see docs/hwmodels.md)")
         with console.status("measuring layer configurations, small networks and compressed variants in ONNX Runtime"):
-            fitted, path = calibrate_local(threads=threads, quick=quick)
+            fitted, path = calibrate_local(threads=threads, quick=quick, models=model, per_model=variants)
     if as_json:
         typer.echo(json.dumps(fitted.to_json(), indent=2))
         return
