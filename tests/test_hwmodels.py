@@ -505,3 +505,32 @@ def test_calibrate_local_quick_end_to_end():
     assert all(0 < v <= 3 for v in fitted.efficiency.values())
     assert fitted.fit["median_abs_err"] < 0.25
     assert "fitted" in fitted.sources
+
+
+def test_the_fit_computes_what_predict_computes():
+    """The fit evaluates latencies in vectorised form (calibrate._Problem); for random compressed
+    variants (int8 and float parts, pools, concats, plain kernels, reorders) it must give `predict`'s
+    totals and parts, so a fitted coefficient means in `predict` what it meant in the fit."""
+    import random
+
+    from autocompress.compress import estimate
+    from autocompress.hwmodels.calibrate import _Problem, random_policy
+    from autocompress.hwmodels.predict import PARTS
+    from autocompress.space.space import build_space
+
+    samples = []
+    for spec, shape in (("builtin:digits-net", None), ("torchvision:mobilenet_v2", (1, 3, 96, 96)),
+                        ("torchvision:googlenet", (1, 3, 96, 96))):
+        lm = load_model(spec)
+        space = build_space(trace(lm.model, shape or lm.input_shape), spec)
+        rng = random.Random(spec)
+        samples += [Sample(f"{spec} {v}", estimate(space, random_policy(space, rng)), 1.0) for v in range(4)]
+    for target in (get_target("local"), get_target("mobile")):
+        prob = _Problem(target, samples)
+        x = prob.x0()
+        at = prob.target(x)  # the target the fit evaluates (zero coefficients start at 1e-3)
+        total_us, parts = prob.predicted_parts(x)
+        for s, us, row in zip(samples, total_us, parts):
+            p = predict(s.table, at)
+            assert us / 1e3 == pytest.approx(p.latency_ms, rel=1e-6), (target.name, s.name)
+            assert list(row / 1e3) == pytest.approx([p.parts[k] for k in PARTS], rel=1e-6, abs=1e-9)
