@@ -30,7 +30,7 @@ from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
 from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, llc_choices,
-                                             random_policy, sample_weight)
+                                             random_policy, LAYER_WEIGHT)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.space.space import build_space
@@ -118,9 +118,21 @@ def collect(args: argparse.Namespace) -> dict:
         records = [r for rec, _ in results for r in rec]
         failures = [f for _, fail in results for f in fail]
         print(f"{len(records)} variants built, {time.time() - started:.0f}s; timing", file=sys.stderr, flush=True)
-        times = measure_files([b[2] for b in designed] + [Path(r["path"]) for r in records], **timing)
-        suite = [Sample(name, table, ms, parts=profile_onnx(path, threads=args.threads), weight=w)
-                 for (name, table, path, w), ms in zip(designed, times)]
+        from autocompress.hwmodels.calibrate import robust_ms
+        from autocompress.hwmodels.measure import measure_onnx
+
+        timings = []
+
+        def measure(path: Path) -> float:  # measure_files' own timing, counted
+            timings.append(path)
+            return robust_ms(measure_onnx(path, threads=args.threads, warmup=args.warmup, runs=args.runs))
+
+        paths = [b[2] for b in designed] + [Path(r["path"]) for r in records]
+        times = measure_files(paths, measure=measure, **timing)
+        print(f"{len(timings)} timings of {len(paths)} files ({len(timings) - args.rounds * len(paths)} beyond "
+              f"{args.rounds} passes), {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+        suite = [Sample(name, table, ms, parts=profile_onnx(path, threads=args.threads))
+                 for (name, table, path), ms in zip(designed, times)]
         for r, ms in zip(records, times[len(designed):]):
             r["measured_ms"] = ms
             r["parts"] = profile_onnx(r["path"], threads=args.threads) if r["calib"] else None
@@ -128,7 +140,7 @@ def collect(args: argparse.Namespace) -> dict:
     return {"records": records, "suite": suite, "failures": failures, "seconds": round(time.time() - started),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python", "benchmarks/predictor_accuracy.py", *sys.argv[1:]]), **timing,
-            "jobs": args.jobs}
+            "jobs": args.jobs, "timings": len(timings), "files": len(paths)}
 
 
 def score(raw: dict, models: list[str]) -> dict:
@@ -139,12 +151,11 @@ def score(raw: dict, models: list[str]) -> dict:
              for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
     suite = raw.get("suite", [])
-    for s in suite:  # runs measured before samples carried a weight
-        if "weight" not in vars(s):
-            s.weight = sample_weight(s.table)
     # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
     llc = llc_choices(base)  # as `autocompress calibrate` chooses the cache size
-    fitted = fit_target(base, suite + calib, "local", llc_choices=llc) if len(calib) >= 4 else base
+    # As `calibrate --model` fits: the designed layers weigh LAYER_WEIGHT beside the searched networks' variants.
+    fitted = (fit_target(base, suite + calib, "local", llc_choices=llc, layer_weight=LAYER_WEIGHT)
+              if len(calib) >= 4 else base)
     base = fit_target(base, suite, "local", llc_choices=llc) if len(suite) >= 4 else base  # what calibrate gives
     out = {k: v for k, v in raw.items() if k not in ("records", "suite")}
     out.update({"variants": len(records), "calibration_variants": len(calib), "scored_variants": len(scored),

@@ -388,26 +388,32 @@ def test_the_fit_chooses_the_cache_size_that_explains_the_measurements():
     assert "llc_bytes" in fitted.sources
 
 
-def test_the_fit_follows_the_heavier_samples_and_layers_weigh_less_than_networks():
+def test_the_fit_follows_the_heavier_samples_and_layer_weight_applies_to_single_layers():
     """Two sets of the same configurations disagree by 1.5x: the fit lands near the set that carries
-    the weight. Single-layer tables get LAYER_WEIGHT, networks 1."""
-    from autocompress.hwmodels.calibrate import LAYER_WEIGHT, sample_weight
+    the weight, whether given per sample or, for single-layer tables, by ``layer_weight``."""
+    from autocompress.hwmodels.calibrate import single_layer
 
     truth = get_target("local")
-    heavy, light = [], []
+    heavy, light, nets = [], [], []
     for c, hw in ((64, 56), (128, 28), (256, 14), (32, 112), (96, 56)):
         for k, g in ((1, 1), (3, 1), (3, c)):
             t = table_of(nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, groups=g), nn.ReLU()), (1, c, hw, hw))
             ms = predict(t, truth).latency_ms
             heavy.append(Sample(f"{c}@{hw} k{k} g{g}", t, ms, weight=1.0))
             light.append(Sample(f"{c}@{hw} k{k} g{g} slow", t, 1.5 * ms, weight=0.05))
-    fitted = fit_target(truth, heavy + light)
-    ratios = [predict(s.table, fitted).latency_ms / s.measured_ms for s in heavy]
-    assert sorted(ratios)[len(ratios) // 2] == pytest.approx(1.0, abs=0.08)
+        t = table_of(nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, groups=c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 1)), (1, c, hw, hw))
+        nets.append(Sample(f"block {c}@{hw} slow", t, 1.5 * predict(t, truth).latency_ms))
 
-    assert sample_weight(heavy[0].table) == LAYER_WEIGHT < 1
-    net = table_of(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), (1, 3, 8, 8))
-    assert sample_weight(net) == 1.0
+    def median_ratio(fitted, samples):
+        ratios = sorted(predict(s.table, fitted).latency_ms / s.measured_ms for s in samples)
+        return ratios[len(ratios) // 2]
+
+    assert median_ratio(fit_target(truth, heavy + light), heavy) == pytest.approx(1.0, abs=0.08)
+    # layers at full weight pull toward themselves; at 0.02 the (1.5x slower) networks decide
+    assert median_ratio(fit_target(truth, heavy + nets), heavy) < 1.3
+    assert median_ratio(fit_target(truth, heavy + nets, layer_weight=0.02), nets) == pytest.approx(1.0, abs=0.1)
+    assert all(single_layer(s.table) for s in heavy) and not any(single_layer(s.table) for s in nets)
 
 
 def test_llc_choices_are_powers_of_two_above_the_cache():

@@ -53,12 +53,12 @@ _GLOBAL = ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_
 class _Problem:
     """Samples flattened into per-kernel arrays, so one evaluation is a few numpy ops per sample."""
 
-    def __init__(self, base: Target, samples: Sequence[Sample]) -> None:
+    def __init__(self, base: Target, samples: Sequence[Sample], layer_weight: float = 1.0) -> None:
         import numpy as np
 
         self.base = base
         self.meas = np.array([s.measured_ms * 1e3 for s in samples])
-        self.weight = np.array([s.weight for s in samples])
+        self.weight = np.array([s.weight * (layer_weight if single_layer(s.table) else 1.0) for s in samples])
         self.rows = []
         used_cls: set[str] = set()
         int8_cls: set[str] = set()
@@ -200,8 +200,12 @@ def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> 
 
 
 def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
-               sources_note: str = "fitted by autocompress calibrate", llc_choices: Sequence[int] = ()) -> Target:
+               sources_note: str = "fitted by autocompress calibrate", llc_choices: Sequence[int] = (),
+               layer_weight: float = 1.0) -> Target:
     """Least-squares fit of ``base``'s efficiencies, bandwidths and overheads to ``samples``.
+
+    Each sample's residual is weighted by its ``weight``, times ``layer_weight`` for a single-layer
+    configuration (``single_layer``; ``LAYER_WEIGHT`` when variants of the searched networks are in).
 
     ``llc_choices``: last-level cache sizes (bytes) to try; the one whose fit has the lowest loss is
     kept. A cache size is a threshold, not a smooth parameter, so it is chosen by refitting at each.
@@ -213,7 +217,7 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
         raise UserInputError(f"calibration needs at least 4 measured configurations, got {len(samples)}")
     best = None
     for llc in dict.fromkeys(llc_choices or [base.llc_bytes]):
-        prob = _Problem(base.with_(llc_bytes=int(llc)), samples)
+        prob = _Problem(base.with_(llc_bytes=int(llc)), samples, layer_weight)
         x0 = np.array(prob.x0())
         # Bounds keep the fit physical: efficiencies up to 3x the stated peak, positive overheads.
         # Dispatching a runtime op costs at least ~0.5 µs on any CPU; without that floor the fit trades
@@ -422,19 +426,20 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
     return best
 
 
-Built = tuple  # (name, CostTable, ONNX path, sample weight)
+Built = tuple  # (name, CostTable, ONNX path)
 
-# The weight of a single layer (or pool) configuration in the fit, against 1 for a network. The
-# designed layers keep the coefficients physical; whole networks carry the effects between layers
-# (what stays in cache, fused chains) that the fit is for. Measured on three runs of the accuracy
-# benchmark (docs/hwmodels.md): 1, 0.5, 0.25 and 0.1 gave 82-94, 85-94, 86-94 and 88-94 % of held-out
-# variants within ±10 %.
+# The weight of a single layer (or pool) configuration in a fit that has variants of the networks
+# being searched (``calibrate --model``), against 1 for a network. The designed layers keep the
+# coefficients physical; the searched networks carry the effects between layers (what stays in
+# cache, fused chains) that the predictions are for. Measured on three runs of the accuracy benchmark
+# (docs/hwmodels.md): 1, 0.5, 0.25 and 0.1 gave 82-94, 85-94, 86-94 and 88-94 % of held-out variants
+# within ±10 %. Without such variants layers keep weight 1: on the same runs 0.25 lost up to 9 points.
 LAYER_WEIGHT = 0.25
 
 
-def sample_weight(table: CostTable) -> float:
-    """``LAYER_WEIGHT`` for a table of at most one conv, linear or pool, else 1 (a network)."""
-    return LAYER_WEIGHT if sum(r.op in ("conv", "linear", "pool") for r in table) <= 1 else 1.0
+def single_layer(table: CostTable) -> bool:
+    """A table of at most one conv, linear or pool: a layer configuration, not a network."""
+    return sum(r.op in ("conv", "linear", "pool") for r in table) <= 1
 
 
 def time_built(built: Sequence[Built], threads: int = 1, warmup: int = 10, runs: int = 20, rounds: int = 4,
@@ -444,14 +449,13 @@ def time_built(built: Sequence[Built], threads: int = 1, warmup: int = 10, runs:
     from autocompress.hwmodels.measure import profile_onnx
 
     times = measure_files([b[2] for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
-    return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None, weight=w)
-            for (name, table, path, w), ms in zip(built, times)]
+    return [Sample(name, table, ms, parts=profile_onnx(path, threads=threads) if profile else None)
+            for (name, table, path), ms in zip(built, times)]
 
 
 def build_configs(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], folder: Path) -> list[Built]:
     """Export and trace each configuration into ``folder``; a name starting with "int8 " is
-    exported with every layer at 8 bits, as the int8 exporter deploys it. A configuration of one
-    conv, linear or pool gets ``LAYER_WEIGHT``."""
+    exported with every layer at 8 bits, as the int8 exporter deploys it."""
     import tempfile
 
     import torch
@@ -476,7 +480,7 @@ def build_configs(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...
                     r.wbits = r.abits = 8
         else:
             path = export_onnx(model, x, stem.with_suffix(".onnx"))
-        built.append((name, table, path, sample_weight(table)))
+        built.append((name, table, path))
     return built
 
 
@@ -509,7 +513,7 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
             policy = random_policy(space, rng)
             sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
             path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), sub)
-            built.append((f"{spec} variant {v}", estimate(space, policy), path, 1.0))
+            built.append((f"{spec} variant {v}", estimate(space, policy), path))
     return built
 
 
@@ -602,7 +606,7 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
         built += build_configs(_suite(quick), Path(tmp))
         built += build_variants(nets, 2 if quick else 12, Path(tmp))
         samples = time_built(built, threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
-    fitted = fit_target(base, samples, "local", llc_choices=llc_choices(base),
+    fitted = fit_target(base, samples, "local", llc_choices=llc_choices(base), layer_weight=LAYER_WEIGHT if models else 1.0,
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))"
                         + (f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""))
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated"
