@@ -431,9 +431,9 @@ Built = tuple  # (name, CostTable, ONNX path)
 # The weight of a single layer (or pool) configuration in a fit that has variants of the networks
 # being searched (``calibrate --model``), against 1 for a network. The designed layers keep the
 # coefficients physical; the searched networks carry the effects between layers (what stays in
-# cache, fused chains) that the predictions are for. Measured on three runs of the accuracy benchmark
-# (docs/hwmodels.md): 1, 0.5, 0.25 and 0.1 gave 82-94, 85-94, 86-94 and 88-94 % of held-out variants
-# within ±10 %. Without such variants layers keep weight 1: on the same runs 0.25 lost up to 9 points.
+# cache, fused chains) that the predictions are for. Measured on four runs of the accuracy benchmark
+# (BENCHMARKS.md): weight 1 gave 82.4-93.5 % of held-out variants within ±10 % on four runs, 0.25 gave
+# 85.6-93.5 %. Without such variants layers keep weight 1: on the same runs 0.25 lost up to 9 points.
 LAYER_WEIGHT = 0.25
 
 
