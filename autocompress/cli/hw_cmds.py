@@ -44,9 +44,9 @@ def calibrate(
     quick: bool = typer.Option(False, "--quick", help="fewer configurations, variants and runs (about 10 s)"),
     from_csv: Optional[str] = typer.Option(None, "--from-csv", help="fit from measured latencies in a CSV file instead of measuring here"),
     base: str = typer.Option("mobile", "--base", help="with --from-csv: the target whose peaks and energies are the starting point"),
-    model: list[str] = typer.Option([], "--model", help="also measure random compressed variants of this model (repeatable), "
+    model: list[str] = typer.Option([], "--model", metavar="SPEC", help="also measure random compressed variants of this model (repeatable), "
                                     "so the fit sees the networks you will search; local only"),
-    variants: int = typer.Option(12, "--variants", help="with --model: random variants per model"),
+    variants: int = typer.Option(12, "--variants", metavar="N", help="with --model: random variants per model"),
     as_json: bool = typer.Option(False, "--json", help="print the fitted target as JSON"),
 ) -> None:
     """Measure layer configurations (or read them from CSV) and fit a target's coefficients."""
