@@ -517,19 +517,6 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
     return built
 
 
-def measure_samples(configs: Iterable[tuple[str, Callable[[], Any], tuple[int, ...]]], threads: int = 1,
-                    warmup: int = 10, runs: int = 20, rounds: int = 4, profile: bool = False) -> list[Sample]:
-    """Build (``build_configs``) and time (``time_built``) the configurations.
-
-    With ``profile`` each one is also profiled per node (``measure.profile_onnx``), so the fit
-    sees how the time splits between the model's parts, not only the total.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
-        return time_built(build_configs(configs, Path(tmp)), threads, warmup, runs, rounds, profile)
-
-
 def random_policy(space: Any, rng: Any) -> Any:
     """A random policy over every decision kind: each decision takes a random non-identity choice
     with a probability drawn per policy (0.1-0.6)."""
@@ -569,16 +556,6 @@ VARIANT_NETS = (("builtin:digits-net", None), ("torchvision:resnet18", (1, 3, 11
                 ("torchvision:shufflenet_v2_x0_5", None))
 
 
-def measure_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: int, threads: int = 1,
-                     warmup: int = 10, runs: int = 20, rounds: int = 4, seed: int = 0,
-                     profile: bool = True) -> list[Sample]:
-    """Build (``build_variants``) and time (``time_built``) random compressed variants of ``nets``."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
-        return time_built(build_variants(nets, per_net, Path(tmp), seed), threads, warmup, runs, rounds, profile)
-
-
 def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str] = (),
                     per_model: int = 12) -> tuple[Target, Path]:
     """Measure the designed set on this machine, fit ``local`` and save it in the cache dir.
@@ -599,12 +576,11 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
 
     base = TARGETS.get("local").with_(threads=threads)
     warmup, runs, rounds = (3, 10, 1) if quick else (10, 20, 4)
-    nets = [(spec, shape) for spec, shape in (VARIANT_NETS[:2] if quick else VARIANT_NETS)]
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
         # The user's models first, so a spec that does not load fails before minutes of work.
         built = build_variants([(m, None) for m in dict.fromkeys(models)], per_model, Path(tmp), seed=1)
         built += build_configs(_suite(quick), Path(tmp))
-        built += build_variants(nets, 2 if quick else 12, Path(tmp))
+        built += build_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, Path(tmp))
         samples = time_built(built, threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
     fitted = fit_target(base, samples, "local", llc_choices=llc_choices(base), layer_weight=LAYER_WEIGHT if models else 1.0,
                         sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))"
