@@ -51,7 +51,7 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
         busy = [name for name, r in rows.items()
                 if r[-1]["node"] != cluster.head_id and r[-1]["status"] == "ok" and r[-1]["chunk"] in (1, 2)]
         if proc.poll() is not None:  # the sweep ended before a victim was seen: say what it ran
-            seen = sorted((r[-1]["node"] == cluster.head_id, r[-1]["chunk"]) for r in rows.values())
+            seen = sorted((r[-1]["node"] == cluster.head_id, r[-1].get("chunk", -1)) for r in rows.values())
             raise AssertionError(f"sweep exited ({proc.returncode}) before a kill; (on head, last chunk): {seen}")
         return busy[0] if busy and any(r[-1]["node"] == cluster.head_id for r in rows.values()) else None
 
