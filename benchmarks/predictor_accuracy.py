@@ -118,14 +118,13 @@ def collect(args: argparse.Namespace) -> dict:
         records = [r for rec, _ in results for r in rec]
         failures = [f for _, fail in results for f in fail]
         print(f"{len(records)} variants built, {time.time() - started:.0f}s; timing", file=sys.stderr, flush=True)
-        from autocompress.hwmodels.calibrate import robust_ms
-        from autocompress.hwmodels.measure import measure_onnx
+        from autocompress.hwmodels.calibrate import time_file
 
         timings = []
 
         def measure(path: Path) -> float:  # measure_files' own timing, counted
             timings.append(path)
-            return robust_ms(measure_onnx(path, threads=args.threads, warmup=args.warmup, runs=args.runs))
+            return time_file(path, args.threads, args.warmup, args.runs)
 
         paths = [b[2] for b in designed] + [Path(r["path"]) for r in records]
         times = measure_files(paths, measure=measure, **timing)

@@ -352,6 +352,13 @@ def robust_ms(m: Any) -> float:
     return m.cpu_median_ms if m.threads == 1 and m.cpu_median_ms > 0 else m.median_ms
 
 
+def time_file(path: Path, threads: int = 1, warmup: int = 10, runs: int = 20) -> float:
+    """One timing of one ONNX file (``robust_ms`` of a fresh session): what ``measure_files`` repeats."""
+    from autocompress.hwmodels.measure import measure_onnx
+
+    return robust_ms(measure_onnx(path, threads=threads, warmup=warmup, runs=runs))
+
+
 def _slow_moments(log: Sequence[tuple[float, int, float]], best: Sequence[float], window: int) -> list[float]:
     """For each entry of ``log`` (time, file, ms): how slow the machine ran around it, as the median,
     over the ``window`` measurements of other files nearest in time, of their ms / their file's best."""
@@ -387,10 +394,8 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
     import time
 
     if measure is None:
-        from autocompress.hwmodels.measure import measure_onnx
-
         def measure(path: Path) -> float:
-            return robust_ms(measure_onnx(path, threads=threads, warmup=warmup, runs=runs))
+            return time_file(path, threads, warmup, runs)
 
     n = len(paths)
     best = [math.inf] * n
