@@ -272,6 +272,58 @@ def test_a_pool_runs_uint8_exactly_when_its_input_is_quantised():
     assert next(k for k in st.kernels if k[0] == a)[12] == 2  # DQ of the pool, DQ of b's output for the add
 
 
+def test_a_pool_of_an_nchw_int8_tensor_is_the_slow_uint8_pool():
+    """ONNX Runtime runs an int8 op in NHWC only where its input comes from an int8 kernel: a pool of a
+    single-input int8 concat (QLinearConcat in NCHW), or of another uint8 NCHW pool, pools uint8 in NCHW
+    (SqueezeNet and GoogLeNet variants, profiled), while a multi-input concat of int8 convs stays NHWC."""
+
+    class Cat(nn.Module):
+        def __init__(self, branches: int) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(16, 32, 3, padding=1) for _ in range(branches))
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.pool2 = nn.MaxPool2d(3, 1, 1)
+            self.head = nn.Conv2d(32 * branches, 16, 1)
+
+        def forward(self, x):
+            import torch
+
+            return self.head(self.pool2(self.pool(torch.cat([c(x) for c in self.convs], 1))))
+
+    local = get_target("local")
+
+    def slow_pools(branches: int) -> list[int]:
+        base = table_of(Cat(branches), (1, 16, 56, 56))
+        bits = {n: 8 for n in _conv_names(base) if n != "head"}
+        return [e[6] for e in structure(_set_bits(base, bits), local).elems if e[0].startswith("pool")]
+
+    assert slow_pools(1) == [32 * 28 * 28, 32 * 28 * 28]  # the concat's pool and the pool of that pool
+    assert slow_pools(2) == [0, 0]  # both inputs NHWC from int8 convs: NHWC pools
+
+
+def test_a_layer_that_runs_in_float_reads_float_weights_and_activations():
+    """Bits that do not change the kernel do not change its traffic: a layer with 8-bit weights but float
+    activations is deployed as a float conv (fp32 weights), and 16-bit activations run in fp32 where the
+    target has no fast fp16."""
+    # weight-bound layers (a 1x1 conv on 7x7 positions, a matrix-vector product): bytes decide
+    base = table_of(nn.Sequential(nn.Conv2d(512, 1024, 1), nn.ReLU(), nn.Flatten(), nn.Linear(1024 * 49, 256)),
+                    (1, 512, 7, 7))
+    names = [r.name for r in base if r.op in ("conv", "linear")]
+    fp32 = predict(base.copy(), "local").latency_ms
+    for wbits, abits in ((8, 32), (4, 32), (16, 16), (32, 16)):
+        t = base.copy()
+        for r in t:
+            if r.name in names:
+                r.wbits, r.abits = wbits, abits
+        assert predict(t, "local").latency_ms == pytest.approx(fp32, rel=1e-9), (wbits, abits)
+    # on a target with fast fp16 the 16-bit layers do read half the bytes
+    gpu16 = base.copy()
+    for r in gpu16:
+        if r.name in names:
+            r.wbits, r.abits = 16, 16
+    assert predict(gpu16, "gpu").latency_ms < predict(base.copy(), "gpu").latency_ms
+
+
 def test_each_float_reader_of_a_quantised_tensor_dequantises():
     """The quantiser puts one Q/DQ pair on a tensor for all its readers; ONNX Runtime gives every float
     reader its own DequantizeLinear. One QuantizeLinear per tensor."""

@@ -181,11 +181,21 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
     def windowed_pool(r: Any) -> bool:  # a pool with a window (not a global one)
         src = by_name.get(r.inputs[0]) if r.inputs else None
         return src is not None and 0 < src.out_numel <= 16 * r.out_numel
-    bits = table.activation_bits()
+    def run_bits(r: Any) -> int:  # the activation width a conv/linear runs at on this target
+        dtype = t.compute_dtype(r.wbits, r.abits)
+        return 8 if dtype == "int8" else (16 if dtype == "fp16" else FLOAT_BITS)
+
+    # Bits each tensor is stored at as deployed: 8 when every reader is an int8 kernel, else the widest
+    # width a reader runs at (a layer at 16-bit activations runs in float where there is no fast fp16).
+    bits: dict[str, int] = {}
+    for r in rows:
+        for src in r.inputs:
+            bits[src] = max(bits.get(src, 0), run_bits(r) if r.op in ("conv", "linear") else FLOAT_BITS)
     # Runtimes keep an int8 kernel's output in int8 unless a float conv/linear reads it
     # (quantised residual adds and pools run on int8 tensors too).
     float_read = {s for r in rows if r.op in ("conv", "linear") and r.abits > 8 for s in r.inputs}
     int8_out: set[str] = set()
+    nchw_int8: set[str] = set()  # int8 tensors that ONNX Runtime keeps in NCHW (int8 concats and what pools them)
     blocked: set[str] = set()  # float tensors in the blocked layout
 
     def stored(name: str) -> float:
@@ -260,7 +270,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 # Inputs with fewer channels than a block (an RGB stem) are read unblocked.
                 pad = _padded(ocg, block) * (_padded(icg, block) if icg >= block else 1.0)
                 k_len = icg * kk
-            abits = min(r.abits, FLOAT_BITS)
+            abits = run_bits(r)
             for src in r.inputs:
                 convert(r.name, src, dtype == "int8")
                 if not (is_blocked and r.in_ch < block):
@@ -271,7 +281,11 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 blocked.add(r.name)
             if plain:
                 pad = 1.0
-            kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, r.weight_bytes, r.in_numel * abits / 8,
+            # A kernel reads its weights as it runs: a layer whose weights are at <= 8 bits but that runs in
+            # float (its activations are wider) is deployed with float weights.
+            wbits = r.wbits if dtype == "int8" else (16 if dtype == "fp16" else FLOAT_BITS)
+            w_bytes = r.weight_bytes + r.weight_numel * (wbits - r.wbits) / 8
+            kernels[r.name] = [cls, dtype, r.macs * pad, r.macs, w_bytes, r.in_numel * abits / 8,
                                r.out_numel * stored(r.name), False, r.wbits + 3 * abits, k_len, r.spatial, r.out_numel,
                                plain]
             chain[r.name] = r.name
@@ -282,6 +296,8 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         if op in FREE_OPS:
             if r.inputs and all(s in int8_out for s in r.inputs):
                 int8_out.add(r.name)
+                if any(s in nchw_int8 for s in r.inputs):
+                    nchw_int8.add(r.name)
             elif r.inputs and all(s in blocked for s in r.inputs) and op != "output":
                 blocked.add(r.name)
             elif op == "output":  # the graph output leaves in the plain layout: one reorder, its own dispatch
@@ -346,6 +362,14 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
         siblings = [c for c in consumers.get(r.inputs[0], ()) if c != r.name] if r.inputs else []
         slow_pool = (quantised_reads and not all_int8 and windowed
                      and (any(c in int8_kernels for c in siblings) or (not siblings and r.name in int8_read)))
+        # ONNX Runtime runs int8 ops in NHWC where their input comes from an int8 kernel (NHWC), else in
+        # NCHW: a windowed pool of an NCHW int8 tensor is the slow uint8 pool too. NCHW int8 tensors are the
+        # slow pools' outputs, single-input int8 concats, and what reads an NCHW int8 tensor.
+        nchw_in = quantised_reads and any(s in nchw_int8 for s in r.inputs)
+        if all_int8 and windowed and nchw_in:
+            slow_pool = True
+        if quantised_reads and (slow_pool or (all_int8 and (nchw_in or (op == "concat" and len(r.inputs) == 1)))):
+            nchw_int8.add(r.name)
         if all_int8:
             int8_out.add(r.name)  # pools, concats, adds and reshapes of int8 tensors stay int8
         elif slow_pool:
