@@ -96,7 +96,7 @@ def test_killed_worker_resumes_without_losing_trials(tmp_path, postgres):
     finally:
         kill_group(first)  # SIGKILL mid-search
     before = {t.number: t.values for t in study_trials(url) if t.state == TrialState.COMPLETE}
-    running = [t.number for t in study_trials(url) if t.state == TrialState.RUNNING]
+    running = {t.number: bool(t.user_attrs.get("claimed")) for t in study_trials(url) if t.state == TrialState.RUNNING}
     assert len(before) < trials
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -104,9 +104,37 @@ def test_killed_worker_resumes_without_losing_trials(tmp_path, postgres):
     after = {t.number: t for t in study_trials(url)}
     for number, values in before.items():  # no completed trial lost or changed
         assert after[number].state == TrialState.COMPLETE and after[number].values == values
-    for number in running:  # the killed process's trial is failed, with the reason
-        assert after[number].state == TrialState.FAIL
-        assert after[number].user_attrs.get("fail_reason") == "interrupted"
+    for number, claimed in running.items():
+        if claimed:  # the killed process's fine-tune is failed, with the reason
+            assert after[number].state == TrialState.FAIL
+            assert after[number].user_attrs.get("fail_reason") == "interrupted"
+        else:  # killed between asking and claiming a slot: never fine-tuned, so not counted
+            assert after[number].state == TrialState.PRUNED
+            assert after[number].user_attrs.get("reason") == "interrupted before fine-tuning"
     evaluated = [t for t in after.values() if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert len(evaluated) == trials
     assert read_result(tmp_path / "out")["trials"]["complete"] + read_result(tmp_path / "out")["trials"]["failed"] == trials
+
+
+def test_a_worker_killed_before_claiming_leaves_no_extra_trial(tmp_path, postgres):
+    """A worker killed between asking for a trial and claiming a slot leaves a RUNNING trial with no
+    owner and no heartbeat: once stale it is pruned as never fine-tuned, not failed into the count."""
+    url = fresh_db(postgres, "orphan")
+    model, data = write_factories(tmp_path)
+    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), AUTOCOMPRESS_HEARTBEAT_S="1")
+    first = subprocess.run(search_args(model, data, tmp_path / "out", 2, "--storage", url, "--study-name", STUDY),
+                           env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=_pg_driver(url))
+    orphan = study.ask().number  # asked, then the worker died: no owner, no claim, no heartbeat
+
+    total = 4
+    again = subprocess.run(search_args(model, data, tmp_path / "out", total, "--storage", url, "--study-name", STUDY),
+                           env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {t.number: t for t in study_trials(url)}
+    assert after[orphan].state == TrialState.PRUNED
+    assert after[orphan].user_attrs.get("reason") == "interrupted before fine-tuning"
+    evaluated = [t for t in after.values() if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert len(evaluated) == total
+    assert not [t for t in after.values() if t.state == TrialState.RUNNING]

@@ -226,8 +226,14 @@ class Search:
         for t in running:
             if not rdb or t.user_attrs.get("owner") == self.worker or t.number in dead:
                 try:
-                    self.study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
-                    self.study.tell(t.number, state=TrialState.FAIL)
+                    if rdb and not t.user_attrs.get("claimed"):
+                        # Killed before it took one of the ``trials`` slots: it was never fine-tuned, so
+                        # it is not counted (as FAIL it would push the study past its total).
+                        self.study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted before fine-tuning")
+                        self.study.tell(t.number, state=TrialState.PRUNED)
+                    else:
+                        self.study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
+                        self.study.tell(t.number, state=TrialState.FAIL)
                 except Exception:
                     pass
 
