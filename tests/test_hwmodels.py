@@ -592,3 +592,31 @@ def test_the_fit_computes_what_predict_computes():
             p = predict(s.table, at)
             assert us / 1e3 == pytest.approx(p.latency_ms, rel=1e-6), (target.name, s.name)
             assert list(row / 1e3) == pytest.approx([p.parts[k] for k in PARTS], rel=1e-6, abs=1e-9)
+
+
+class _Relu6(nn.Module):
+    def forward(self, x):
+        return nn.functional.relu6(x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, _Relu6])
+def test_a_clip_after_an_int8_conv_fuses_only_into_int8_readers(act):
+    """ONNX Runtime folds a ReLU (Relu) into QLinearConv but a ReLU6 (Clip) only when int8 kernels read
+    it: for a float reader it dequantises the conv's output and clips in float, a pass of its own
+    (QLinearConv, DequantizeLinear, Clip, profiled); between int8 convs it adds a requantising DQ+Q pair."""
+    local = get_target("local")
+
+    def run(activation: type[nn.Module], tail_bits: int):
+        base = table_of(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), activation(), nn.Conv2d(32, 32, 1)),
+                        (1, 16, 28, 28))
+        first, tail = _conv_names(base)
+        return structure(_set_bits(base, {first: 8, tail: tail_bits}), local)
+
+    relu, clip = run(nn.ReLU, 32), run(act, 32)
+    assert [e[0] for e in relu.elems if e[1] > 0] == []  # the ReLU fused into the int8 conv
+    standalone = [e for e in clip.elems if e[1] > 0]
+    assert len(standalone) == 1 and standalone[0][3] == 32 * 28 * 28  # the Clip runs alone, in float
+    assert standalone[0][5] == 1  # it carries the DequantizeLinear of the conv's output
+    relu8, clip8 = run(nn.ReLU, 8), run(act, 8)
+    assert [e for e in clip8.elems if e[1] > 0] == []  # between int8 convs the Clip folds ...
+    assert clip8.kernels[0][12] == relu8.kernels[0][12] + 2  # ... at the cost of a DQ and a Q

@@ -33,6 +33,7 @@ def kernel_part(cls: str, dtype: str) -> str:
 def elem_part(op: str) -> str:
     return _ELEM_PART.get(op, "other")
 FREE_OPS = ("input", "dropout", "getitem", "output", "const")
+CLIP_FNS = ("ReLU6", "relu6")  # activations (graph op "act") that export as Clip
 VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
 SHAPE_TARGETS = ("size", "dim")  # ops that read a tensor's shape only
 
@@ -307,7 +308,20 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                     cvt[r.name][3] -= 1
                     elems_raw.append((r.name, 0.0, 0, False, 0, 0))
             continue
-        if op in FUSABLE and len(r.inputs) == 1:
+        # ONNX Runtime folds a Clip (ReLU6) into an int8 kernel only when int8 kernels read its output: for a
+        # float reader it dequantises the kernel's output and clips it in float (a pass of its own); between
+        # int8 kernels it requantises (a DequantizeLinear and a QuantizeLinear).
+        float_clip = False
+        if op == "act" and quantised_reads and r.fn in CLIP_FNS and len(r.inputs) == 1:
+            head = chain.get(r.inputs[0])
+            if head is not None and kernels[head][1] == "int8":
+                readers = consumers.get(r.name, [])
+                float_clip = any(c not in int8_kernels for c in readers)
+                if readers and not float_clip:
+                    c = cvt.setdefault(head, [0.0, 0, 0.0, 0])
+                    c[0] += 2 * r.out_numel * 5 * batch
+                    c[1] += 2
+        if op in FUSABLE and len(r.inputs) == 1 and not float_clip:
             src = r.inputs[0]
             head = chain.get(src)
             if head is not None and n_cons.get(src, 0) == 1:
@@ -340,7 +354,7 @@ def structure(table: CostTable, t: Target, batch: int = 1) -> Structure:
                 chain[r.name] = head
                 continue
         # A standalone op: memory traffic plus dispatch. It runs on int8 tensors when every input is int8.
-        all_int8 = bool(r.inputs) and all(s in int8_out for s in r.inputs)
+        all_int8 = bool(r.inputs) and all(s in int8_out for s in r.inputs) and not float_clip
         if op == "other" and r.target in SHAPE_TARGETS:  # reads only its input's shape: no conversion, no reorder
             elems_raw.append((r.name, 0.0, 0, False, 0, 0))
             continue

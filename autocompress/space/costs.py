@@ -43,6 +43,7 @@ class LayerCost:
     params_fixed: int = 0  # params not described by the geometry (e.g. PReLU, LayerNorm)
     wbits: int = FLOAT_BITS
     abits: int = FLOAT_BITS
+    fn: str = ""  # what an activation calls: its module class (ReLU6) or function (relu6)
 
     @property
     def macs(self) -> int:
@@ -109,6 +110,8 @@ class CostTable:
                 row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
             elif a["op"] == "bn":
                 row.in_ch = row.out_ch = a["out_ch"]
+            elif a["op"] == "act":
+                row.fn = a.get("module_type") or a["target"]
             # What the geometry does not explain; negative for a module's second call, whose
             # parameters its first call already counted (the graph gives the second call 0).
             row.params_fixed = a["params"] - row.params
