@@ -15,6 +15,7 @@ is not scored; the rest are scored as nn-Meter reports: % within ±10 %, % withi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -94,7 +95,7 @@ def collect(args: argparse.Namespace) -> dict:
     started = time.time()
     torch.set_num_threads(1)
     timing = {"threads": args.threads, "warmup": args.warmup, "runs": args.runs, "rounds": args.rounds}
-    with tempfile.TemporaryDirectory(prefix="predictor-accuracy-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="predictor-accuracy-") as workdir, contextlib.ExitStack() as stack:
         args.workdir = workdir
         groups = [g for g in (args.models[i::args.jobs] for i in range(args.jobs)) if g]
         if args.jobs == 1:
@@ -102,7 +103,7 @@ def collect(args: argparse.Namespace) -> dict:
         else:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(args.jobs)
+            pool = stack.enter_context(mp.get_context("spawn").Pool(args.jobs))  # workers end with the run, on error too
             pending = pool.map_async(_worker, [(g, args) for g in groups])
         # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
         suite_dir = Path(workdir) / "designed-set"
