@@ -7,7 +7,7 @@ import torch
 
 from autocompress.compress.quant import layer_bits
 from autocompress.evaluators import load_data, train
-from autocompress.export.int8 import export_int8, layer_nodes, module_path_of_node
+from autocompress.export.int8 import export_int8, layer_nodes, module_path_of_node, u8s8_saturates
 from autocompress.models.digits import DigitsNet
 from autocompress.space.graph import symbolic_trace
 
@@ -80,6 +80,42 @@ def test_excluded_layers_stay_float_and_int4_is_reported(trained, tmp_path):
     ref, out = _run(report.fp32_path, xv), _run(report.path, xv)
     assert (np.argmax(ref, 1) == np.argmax(out, 1)).mean() >= 0.97
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("flags, machine, saturates", [
+    ("fpu sse4_2 avx avx2 fma", "x86_64", True),  # AVX2 only: vpmaddubsw sums pairs into int16
+    ("avx2 avx512f avx512bw", "x86_64", True),  # AVX-512 before VNNI
+    ("avx2 avx512f avx512_vnni", "x86_64", False),
+    ("avx2 avx_vnni", "x86_64", False),
+    ("fp asimd asimddp", "aarch64", False),  # Arm: int32 accumulation
+])
+def test_u8s8_saturation_is_read_from_the_cpu_flags(flags, machine, saturates):
+    cpuinfo = f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n"
+    assert u8s8_saturates(cpuinfo, machine) is saturates
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_keeps_int8_weights_to_seven_bits(tmp_path, reduce_range):
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    calib = torch.randn(8, *SHAPE[1:])
+    bits = {p: (8, 8) for p in layer_bits(model)}
+    report = export_int8(model, calib[:1], calib, tmp_path / "m.onnx", bits, reduce_range=reduce_range)
+    assert report.reduce_range is reduce_range and report.to_json()["reduce_range"] is reduce_range
+    proto = onnx.load(str(report.path))
+    q = [w for w in (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+                     if t.data_type == onnx.TensorProto.INT8) if w.ndim >= 2]  # 1-D ones are zero points
+    assert len(q) == 18  # one int8 weight per conv/linear layer
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in q)
+    assert peak <= 64 if reduce_range else peak == 127  # symmetric per-channel: the largest weight maps to qmax
+
+
+def test_default_reduce_range_follows_this_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    calib = torch.randn(4, *SHAPE[1:])
+    report = export_int8(model, calib[:1], calib, tmp_path / "m.onnx", {p: (8, 8) for p in layer_bits(model)})
+    assert report.reduce_range is u8s8_saturates()
 
 
 def test_node_names_of_a_graph_module_map_to_their_modules(tmp_path):

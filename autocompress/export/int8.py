@@ -58,6 +58,7 @@ class Int8Report:
     layers: tuple[LayerInt8, ...]
     int4_supported: bool
     excluded_nodes: tuple[str, ...]
+    reduce_range: bool = False  # weights quantised to 7 bits (see ``u8s8_saturates``)
 
     @property
     def simulated_only(self) -> list[str]:
@@ -69,7 +70,32 @@ class Int8Report:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "fp32_path": str(self.fp32_path), "int4_supported": self.int4_supported,
-                "excluded_nodes": list(self.excluded_nodes), "layers": [l.to_json() for l in self.layers]}
+                "reduce_range": self.reduce_range, "excluded_nodes": list(self.excluded_nodes),
+                "layers": [l.to_json() for l in self.layers]}
+
+
+def u8s8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels on this CPU can saturate.
+
+    On x86-64 without VNNI (AVX2, or AVX-512 before VNNI) ONNX Runtime multiplies
+    uint8 activations by int8 weights with ``vpmaddubsw``, which adds each pair of
+    products into a saturating int16: two large products overflow it. Weights at 7
+    bits (``reduce_range``) keep every pair in range, as ONNX Runtime's quantisation
+    guide advises for these CPUs. VNNI (``vpdpbusd``) and Arm's dot-product
+    instructions accumulate in int32 and do not saturate.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # unknown x86 CPU: 7-bit weights are safe everywhere
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
 def module_path_of_node(name: str) -> str | None:
@@ -328,7 +354,8 @@ def _weight_override(node: Any) -> tuple[str, int]:
 
 def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration_batches: Iterable[torch.Tensor] | torch.Tensor,
                 path: str | os.PathLike, layer_bits: Mapping[str, tuple[int, int]], *,
-                fp32_path: str | os.PathLike | None = None, int4: bool = False) -> Int8Report:
+                fp32_path: str | os.PathLike | None = None, int4: bool = False,
+                reduce_range: bool | None = None) -> Int8Report:
     """Write ``path`` (QDQ int8/int4 ONNX) from ``float_model`` and per-layer ``layer_bits``.
 
     ``float_model`` is the compressed model without fake quantisation
@@ -338,12 +365,18 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     as ``*.fp32.onnx``). ``int4=True`` stores weights of layers at <= 4 bits as
     int4; by default they are int8, because ONNX Runtime's CPU provider has no
     int4 conv kernel: an int4 QDQ conv runs in float, its weights dequantised on
-    every call, slower than the fp32 model.
+    every call, slower than the fp32 model. ``reduce_range`` quantises weights
+    to 7 bits; by default it is on where ONNX Runtime's int8 kernels on this
+    machine would saturate (``u8s8_saturates``: x86-64 without VNNI), so the
+    artifact evaluated here keeps its accuracy. Pass ``False`` for full 8-bit
+    weights when the file will only run on VNNI or Arm dot-product CPUs.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     path = Path(path)
+    if reduce_range is None:
+        reduce_range = u8s8_saturates()
     fp32 = Path(fp32_path) if fp32_path is not None else path.with_name(path.stem + ".fp32.onnx")
     if isinstance(calibration_batches, torch.Tensor):
         calibration_batches = [calibration_batches]
@@ -376,7 +409,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
         root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger; the library stays quiet
         try:
             quantize_static(str(fp32), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            "TensorQuantOverrides": overrides})
@@ -399,4 +432,4 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     # Layers the exporter did not name after their module cannot be told apart: reported as float.
     layers += tuple(LayerInt8(mpath, None, tuple(bits), (FLOAT, FLOAT))  # type: ignore[arg-type]
                     for mpath, bits in layer_bits.items() if mpath not in nodes)
-    return Int8Report(path, fp32, layers, use_int4, tuple(exclude))
+    return Int8Report(path, fp32, layers, use_int4, tuple(exclude), reduce_range=bool(quantised) and reduce_range)
