@@ -20,7 +20,6 @@ import time
 
 from autocompress.api import open_model
 from autocompress.compress import estimate
-from autocompress.compress.apply import base_table
 from autocompress.hwmodels import predict
 from autocompress.space.policy import Policy
 
@@ -52,7 +51,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ws = open_model(args.model)
-    base_table(ws.space)  # built once per search
+    ws.space.base_table()  # built once per search
     setup = time.perf_counter() - t0
     policies = random_policies(ws.space, args.policies, args.seed)
     for p in policies[:5]:  # warm-up
@@ -74,7 +73,7 @@ def main() -> None:
     times.sort()
     cpu.sort()
     print(f"model {args.model}: {len(ws.space)} decisions ({', '.join(f'{k} {v}' for k, v in kinds.items())}), "
-          f"{len(base_table(ws.space))} table rows; load+trace+space {setup:.1f} s")
+          f"{len(ws.space.base_table())} table rows; load+trace+space {setup:.1f} s")
     print(f"{len(times)} random policies, target {args.target}: median {statistics.median(times):.2f} ms, "
           f"p10 {times[len(times) // 10]:.2f} ms, p90 {times[9 * len(times) // 10]:.2f} ms per policy; "
           f"CPU time median {statistics.median(cpu):.2f} ms")

@@ -34,7 +34,7 @@ from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deploye
                                              random_policy, LAYER_WEIGHT)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
-from autocompress.space.space import build_space
+from autocompress.compress import build_space
 
 MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
           "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")

@@ -15,7 +15,7 @@ from autocompress.export.onnx import export_onnx
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import trace
 from autocompress.space.policy import Policy
-from autocompress.space.space import build_space
+from autocompress.compress import build_space
 
 from conftest import small_shape, workspace
 from test_merge import ZOO, fresh, lively, loaded, policy, rel_err

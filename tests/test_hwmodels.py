@@ -131,7 +131,7 @@ def test_int8_is_faster_only_where_the_isa_has_fast_int8():
 def test_pruning_half_the_channels_lowers_the_layer_latency():
     from autocompress.compress import estimate
     from autocompress.space.policy import Policy
-    from autocompress.space.space import build_space
+    from autocompress.compress import build_space
 
     lm = load_model("builtin:digits-net")
     space = build_space(trace(lm.model, lm.input_shape), "builtin:digits-net")
@@ -574,7 +574,7 @@ def test_the_fit_computes_what_predict_computes():
     from autocompress.compress import estimate
     from autocompress.hwmodels.calibrate import _Problem, random_policy
     from autocompress.hwmodels.predict import PARTS
-    from autocompress.space.space import build_space
+    from autocompress.compress import build_space
 
     samples = []
     for spec, shape in (("builtin:digits-net", None), ("torchvision:mobilenet_v2", (1, 3, 96, 96)),

@@ -11,7 +11,7 @@ from autocompress.compress.lowrank import factorise, target_rank
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import trace
 from autocompress.space.policy import Policy
-from autocompress.space.space import build_space
+from autocompress.compress import build_space
 from conftest import SMALL_SHAPE, workspace
 
 

@@ -15,7 +15,7 @@ from autocompress.compress.merge import RebirthMerge
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import trace
 from autocompress.space.policy import Policy
-from autocompress.space.space import build_space
+from autocompress.compress import build_space
 from conftest import small_shape, workspace
 
 ZOO = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",

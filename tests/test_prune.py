@@ -9,7 +9,7 @@ from torch import nn
 from autocompress.compress import apply, estimate
 from autocompress.compress.prune import kept_channels
 from autocompress.space.policy import Policy
-from autocompress.space.space import build_space
+from autocompress.compress import build_space
 from autocompress.space.graph import trace
 from conftest import SMALL_SHAPE, workspace
 

@@ -12,7 +12,8 @@ from autocompress.models.digits import DigitsNet
 from autocompress.space.costs import CostTable, LayerCost
 from autocompress.space.graph import symbolic_trace, trace
 from autocompress.space.policy import Policy
-from autocompress.space.space import Decision, build_space
+from autocompress.compress import build_space
+from autocompress.space.space import Decision
 
 SHAPE = (1, 1, 32, 32)
 

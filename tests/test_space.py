@@ -9,7 +9,8 @@ from torch import nn
 
 from autocompress.compress import estimate
 from autocompress.space.policy import Policy
-from autocompress.space.space import KINDS, build_space
+from autocompress.compress import build_space
+from autocompress.space.space import KINDS
 from conftest import ZOO, run_cli, small_shape, workspace
 
 ALWAYS = {"prune", "wbits", "abits", "rank"}

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from autocompress.compress.base import ApplyContext
+from autocompress.compress.primitives import PRIMITIVES
 from autocompress.space.costs import CostTable
 from autocompress.space.policy import Policy
 from autocompress.space.space import SearchSpace
 
 
 def _chosen_by_primitive(space: SearchSpace, policy: Policy) -> list[tuple[Any, list]]:
-    from autocompress.compress import PRIMITIVES
-
     chosen = policy.non_identity(space)
     out = []
     for _, prim in PRIMITIVES.items():
@@ -27,19 +26,11 @@ def _chosen_by_primitive(space: SearchSpace, policy: Policy) -> list[tuple[Any, 
 
 def estimate(space: SearchSpace, policy: Policy, base: CostTable | None = None) -> CostTable:
     """The cost table of the model under ``policy``, without building it."""
-    table = (base or base_table(space)).copy()
+    table = (base or space.base_table()).copy()
     for prim, mine in _chosen_by_primitive(space, policy):
         if mine:
             prim.estimate(table, mine, space)
     return table
-
-
-def base_table(space: SearchSpace) -> CostTable:
-    cached = getattr(space, "_base_table", None)
-    if cached is None:
-        cached = CostTable.from_graph(space.graph)
-        space._base_table = cached  # type: ignore[attr-defined]
-    return cached
 
 
 def apply(model: nn.Module, policy: Policy, space: SearchSpace, *, calibration: torch.Tensor | None = None,

@@ -26,18 +26,16 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autocompress.compress._tp_ops import GRAPH_OPS
 from autocompress.compress.base import ApplyContext, Chosen, Primitive
 from autocompress.errors import PolicyError
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
-from autocompress.space.space import Decision, SearchSpace
+from autocompress.space.space import IMPORTANCE, Decision, SearchSpace
 
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-IMPORTANCE = ("l2", "l1", "bn", "random")
 # Layers whose channel surgery we cost exactly, plus Torch-Pruning's parameter-free graph ops.
-_SURGERY_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, tp.ops._ElementWiseOp, tp.ops._ConcatOp,
-                  tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._SliceOp, tp.ops._OutputOp, tp.ops._UnbindOp,
-                  tp.ops._ExpandOp)
+_SURGERY_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, *GRAPH_OPS)
 _PASS_OPS = ("bn", "act", "pool", "dropout")
 _BOUNDARY_OPS = ("conv", "linear")
 

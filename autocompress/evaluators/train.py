@@ -51,6 +51,9 @@ def batches(n: int, batch_size: int, generator: torch.Generator, limit: int | No
         yield order[b * batch_size:(b + 1) * batch_size]
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, limit: int = 512) -> nn.Module:
     """Re-estimate BatchNorm running statistics as exact averages over the first ``limit`` samples.
@@ -59,7 +62,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, lim
     compression), which makes eval-mode accuracy collapse while train-mode
     accuracy is fine; one forward pass fixes that. Only BN layers run in train mode.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     if not bns:
         return model
     was_training = model.training

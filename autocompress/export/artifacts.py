@@ -21,6 +21,7 @@ from torch import nn
 
 from autocompress.errors import UserInputError
 from autocompress.export.onnx import export_onnx
+from autocompress.space.costs import runs_int8
 from autocompress.space.policy import Policy
 
 
@@ -73,22 +74,16 @@ def _export_program(model: nn.Module, example_input: torch.Tensor):
         return torch.export.export(model, (example_input,))
 
 
-def quantised_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
-    from autocompress.compress.quant import layer_bits
-
-    return {k: v for k, v in layer_bits(model).items() if min(v) < 32}
-
-
 def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Path,
                       calibration: torch.Tensor | None = None) -> dict[str, Any]:
-    """model.onnx (fp32), model.int8.onnx where layers are at <= 8 bits, model.pt2, model.state.pt."""
+    """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.pt2, model.state.pt."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
 
     info: dict[str, Any] = {}
     float_model = strip_fake_quant(model)
     export_onnx(float_model, example_input, folder / "model.onnx")
     bits = layer_bits(model)
-    if any(w <= 8 for w, _ in bits.values()):
+    if any(runs_int8(w, a) for w, a in bits.values()):
         from autocompress.export.int8 import export_int8
 
         calib = calibration if calibration is not None else torch.randn(16, *example_input.shape[1:])

@@ -500,7 +500,7 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
 
     from autocompress.compress import apply, estimate
     from autocompress.space.graph import trace
-    from autocompress.space.space import build_space
+    from autocompress.compress import build_space
 
     built = []
     for spec, shape in nets:

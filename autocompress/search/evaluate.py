@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autocompress.api import Workspace
+from autocompress.workspace import Workspace
 from autocompress.compress import ApplyContext, apply
 from autocompress.evaluators.accuracy import evaluate, predict_logits
 from autocompress.evaluators.data import DataBundle, as_tensors
@@ -66,7 +66,3 @@ class CandidateEvaluator:
 
     def held_out(self, model: nn.Module) -> float:
         return evaluate(model, self.val)
-
-
-def describe(scored: Scored) -> dict[str, Any]:
-    return {"accuracy_select": scored.accuracy, "boosted": scored.boosted, "notes": scored.notes}

@@ -88,7 +88,7 @@ def build_context(job: JobSpec) -> _Context:
     key = repr((job.model, job.data, job.weights, job.input_shape, sorted(job.options.items()), job.config))
     if key in _CONTEXTS:
         return _CONTEXTS[key]
-    from autocompress.api import open_model
+    from autocompress.workspace import open_model
     from autocompress.evaluators.data import load_data
     from autocompress.search.evaluate import CandidateEvaluator
 

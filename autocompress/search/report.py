@@ -148,7 +148,7 @@ def write_report(path: Path, result: dict, search: Any, front: list, decisions: 
 
 def write_search_outputs(search: Any, evaluator: Any, base_acc: dict, out: Path, *, model: str, data: str,
                          measure: bool = True) -> dict[str, Any]:
-    from autocompress.api import record_measured
+    from autocompress.deploy import record_measured
     from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
 
     policy = search.best_policy

@@ -24,7 +24,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                callback: Callable[[TrialEvent], None] | None = None,
                on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a search and write ``out``; return the result.json content."""
-    from autocompress.api import open_model
+    from autocompress.workspace import open_model
     from autocompress.evaluators.data import load_data
     from autocompress.hwmodels import get_target, parse_budget
     from autocompress.search.evaluate import CandidateEvaluator

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from autocompress.compress import estimate
-from autocompress.compress.apply import base_table
+from autocompress.hwmodels.summary import cost_summary
 from autocompress.space.policy import Policy
 from autocompress.space.space import Decision, SearchSpace
 
@@ -78,17 +78,13 @@ CostFn = Callable[[Policy], dict[str, Any]]
 
 
 def cost_fn(space: SearchSpace, target: str) -> CostFn:
-    from autocompress.hwmodels import get_target, predict
+    from autocompress.hwmodels import get_target
 
     tgt = get_target(target)
-    base = base_table(space)
+    base = space.base_table()
 
     def costs(policy: Policy) -> dict[str, Any]:
-        table = estimate(space, policy, base)
-        pred = predict(table, tgt)
-        totals = table.totals()
-        return {"latency_ms": pred.latency_ms, "energy_mj": pred.energy_mj,
-                "size_bytes": int(totals["weight_bytes"]), "macs": int(totals["macs"]), "params": int(totals["params"])}
+        return cost_summary(estimate(space, policy, base), tgt)
 
     return costs
 

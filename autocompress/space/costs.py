@@ -14,6 +14,13 @@ from typing import Iterable, Iterator
 from autocompress.space.graph import ModelGraph
 
 FLOAT_BITS = 32
+INT8_BITS = 8
+
+
+def runs_int8(wbits: int, abits: int) -> bool:
+    """Whether a conv/linear deploys as an int8 kernel: weights and input activations both at <= 8 bits.
+    (A layer with narrow weights but wide activations runs in float; the int8 exporter leaves it out.)"""
+    return wbits <= INT8_BITS and abits <= INT8_BITS
 
 
 @dataclass

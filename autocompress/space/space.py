@@ -3,7 +3,7 @@
 A :class:`Decision` has a stable id (``"<kind>:<first layer>"``), a kind, the
 layers it touches, its choices and the identity choice that leaves the model
 unchanged. Each compression primitive (``autocompress.compress``) offers the
-decisions of its kinds; :func:`build_space` collects them in a fixed order.
+decisions of its kinds; ``compress.build_space`` collects them in a fixed order.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from autocompress.errors import PolicyError
+from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
 
 KINDS = ("prune", "wbits", "abits", "rank", "merge", "branch")
+IMPORTANCE = ("l2", "l1", "bn", "random")  # channel importance criteria of ``prune_importance``
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class SearchSpace:
     def input_shape(self) -> tuple[int, ...]:
         return self.graph.input_shape
 
+    # The unmodified model's cost table, built on first use: every estimate starts from a copy of it.
+    _base: CostTable | None = field(default=None, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         self._by_id = {d.id: d for d in self.decisions}
         if len(self._by_id) != len(self.decisions):
@@ -60,6 +66,12 @@ class SearchSpace:
 
     def __len__(self) -> int:
         return len(self.decisions)
+
+    def base_table(self) -> CostTable:
+        """The cost table of the uncompressed model (shared: copy it before editing)."""
+        if self._base is None:
+            self._base = CostTable.from_graph(self.graph)
+        return self._base
 
     def of_kind(self, *kinds: str) -> list[Decision]:
         return [d for d in self.decisions if d.kind in kinds]
@@ -77,9 +89,6 @@ class SearchSpace:
 
 def check_options(options: Mapping[str, Any]) -> None:
     """Raise PolicyError for an unknown space option or a bad value, naming the valid ones."""
-    from autocompress.compress.prune import IMPORTANCE
-    from autocompress.errors import PolicyError
-
     valid = {"prune_round_to": "a whole number >= 1", "prune_importance": " or ".join(IMPORTANCE)}
     for key, value in options.items():
         if key not in valid:
@@ -88,21 +97,3 @@ def check_options(options: Mapping[str, Any]) -> None:
             else value in IMPORTANCE
         if not ok:
             raise PolicyError(f"space option {key}={value!r} is not valid; expected {valid[key]}")
-
-
-def build_space(graph: ModelGraph, model_spec: str = "", kinds: Iterable[str] = KINDS,
-                options: Mapping[str, Any] | None = None) -> SearchSpace:
-    """Collect every primitive's decisions on ``graph``, restricted to ``kinds``.
-
-    ``options`` are space-wide settings that change what a choice means (e.g.
-    ``prune_round_to``); a policy carries them so it re-applies identically.
-    """
-    from autocompress.compress import PRIMITIVES
-
-    check_options(options or {})
-    wanted = set(kinds)
-    decisions: list[Decision] = []
-    for _, primitive in PRIMITIVES.items():
-        if wanted & set(primitive.kinds):
-            decisions.extend(d for d in primitive.decisions(graph) if d.kind in wanted)
-    return SearchSpace(model_spec, graph, decisions, dict(options or {}))
