@@ -45,12 +45,12 @@ def _config(trials: int):
 
 
 def one_optuna(model: str, data: str, out: str, trials: int, storage: str | None, study: str | None) -> dict:
-    """Run in a child process: the Optuna backend with ``Search.run`` timed."""
-    from autocompress.search import core
+    """Run in a child process: the Optuna backend with ``OptunaDriver.run`` timed."""
+    from autocompress.search import optuna_driver
     from autocompress.search.run import run_search
 
     timing = {}
-    run = core.Search.run
+    run = optuna_driver.OptunaDriver.run
 
     def timed(self):
         t = time.perf_counter()
@@ -62,7 +62,7 @@ def one_optuna(model: str, data: str, out: str, trials: int, storage: str | None
             timing["finetune_s"] = sum(tr.user_attrs.get("seconds", 0.0) for tr in mine)
             timing["mine"] = sum(tr.state.name in ("COMPLETE", "FAIL") for tr in mine)
 
-    core.Search.run = timed
+    optuna_driver.OptunaDriver.run = timed
     result = run_search(_config(trials), model=model, data=data, out=out, storage=storage, study_name=study,
                         measure=False)
     return {**timing, "trials": result["trials"]}

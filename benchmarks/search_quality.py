@@ -221,26 +221,28 @@ class Bench:
     def search(self, frac: float, sampler: str, seeds: bool) -> dict[str, Any]:
         import optuna
 
-        from autocompress.search.core import Search, SearchConfig
+        from autocompress.search.core import SearchConfig
+        from autocompress.search.optuna_driver import OptunaDriver
 
         started = time.time()
         cfg = SearchConfig(target="mobile", budget=f"{frac:g}x", trials=self.args.trials, sampler=sampler,
                            seed=self.args.seed, low_epochs=self.args.low_epochs, full_epochs=self.args.full_epochs,
                            finalists=self.args.finalists, seeds=seeds)
         torch.manual_seed(cfg.seed)
-        s = Search(self.ws, self.ev, cfg, storage=optuna.storages.InMemoryStorage(),
-                   study_name=f"sq-{sampler}-{frac}",
-                   callback=lambda e: print(f"  [{sampler} {frac:g}x] trial {e.number} {e.state} {e.message}", flush=True))
-        s.run()
-        c = self.costs(s.best_policy)
+        driver = OptunaDriver(self.ws, self.ev, cfg, storage=optuna.storages.InMemoryStorage(),
+                              study_name=f"sq-{sampler}-{frac}",
+                              callback=lambda e: print(f"  [{sampler} {frac:g}x] trial {e.number} {e.state} {e.message}",
+                                                       flush=True))
+        found = driver.run()
+        c = self.costs(found.best_policy)
         kinds: dict[str, int] = {}
-        for k in s.best_policy.decisions:
+        for k in found.best_policy.decisions:
             kinds[self.ws.space[k].kind] = kinds.get(self.ws.space[k].kind, 0) + 1
+        pick = next(f for f in found.finalists if f.number == found.best_trial)
         info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
-                "trials": s.counts(), "best_trial": s.best_trial.number,
-                "best_origin": s.best_trial.user_attrs.get("origin", "sampler"),
-                "low_fidelity_best_select": s.best_trial.values[0], "decisions_by_kind": kinds}
-        return self.finish(s.best_model, info, started, self.budget_ms)
+                "trials": found.counts, "best_trial": found.best_trial, "best_origin": pick.origin,
+                "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds}
+        return self.finish(found.best_model, info, started, self.budget_ms)
 
     def uniform(self, frac: float, bits: int | None) -> dict[str, Any]:
         from autocompress.search.space_params import _with

@@ -127,7 +127,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tiny: Path, tmp_path
     # Every candidate fails on the corrupt labels: the search says so instead of inventing a result.
     assert res.exit_code == 1, res.output
     assert "no candidate could be evaluated" in res.stderr
-    from autocompress.search.core import make_storage
+    from autocompress.search.optuna_driver import make_storage
     import optuna
 
     storage = make_storage(None, out)
@@ -160,7 +160,7 @@ def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     import optuna
-    from autocompress.search.core import make_storage
+    from autocompress.search.optuna_driver import make_storage
 
     deadline = time.time() + 240
     done_before: dict[int, dict] = {}

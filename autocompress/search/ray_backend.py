@@ -1,6 +1,7 @@
 """The search on a Ray cluster: Ray Tune schedules, Optuna samples, ASHA stops weak candidates.
 
-The same space, objectives and budget as :class:`autocompress.search.core.Search`:
+The same space, objectives, budget and finalists rung as the Optuna driver
+(:mod:`autocompress.search.optuna_driver`), over :mod:`autocompress.search.core`:
 
 - ``OptunaSearch`` (multi-objective, the same sampler) proposes parameters;
 - each trial screens its candidate analytically first: over budget, it reports
@@ -13,8 +14,9 @@ The same space, objectives and budget as :class:`autocompress.search.core.Search
 
 Workers receive only specs (model, data, weights path, config, parameters)
 and rebuild the workspace once per worker process. The driver rebuilds it
-too, turns Tune's results into an Optuna study, fine-tunes the finalists and
-writes the same output folder as the Optuna backend.
+too, turns Tune's results into an in-memory Optuna study (for trials.csv and
+the Pareto plot), fine-tunes the finalists and writes the same output folder
+as the Optuna driver.
 
 This module imports ray at the top: only the CLI's ``--backend ray`` path imports it.
 """
@@ -22,12 +24,8 @@ This module imports ray at the top: only the CLI's ``--backend ray`` path import
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
-import secrets
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,14 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.errors import TrialFailed, UserInputError
-from autocompress.search.core import OBJECTIVES, Search, SearchConfig, _sampler, study_name_for
-from autocompress.search.space_params import repair, starting_points
+from autocompress.search import _ray_session
+from autocompress.search.core import (OBJECTIVES, SearchConfig, check_target_and_budget, model_and_data,
+                                      study_name_for)
+from autocompress.search.optuna_driver import conclude, distributions, make_sampler
+from autocompress.search.screen import Screen
+from autocompress.search.space_params import ParamSpace
 from autocompress.space.policy import Policy
 
-METRICS = ("accuracy", "latency_ms", "energy_mj", "size_bytes")
 MAX_FAILURES = 3  # retries of a trial whose worker or node died
 
 
@@ -67,7 +68,9 @@ class JobSpec:
 
 @dataclass
 class _Context:
-    search: Search
+    screen: Screen
+    params: ParamSpace
+    distributions: dict[str, Any]
     evaluator: Any
     digest: str
 
@@ -98,8 +101,10 @@ def build_context(job: JobSpec) -> _Context:
     bundle = load_data(job.data, ws.space.input_shape)
     torch.manual_seed(job.config.seed)
     evaluator = CandidateEvaluator(ws, bundle, seed=job.config.seed)
-    search = Search(ws, evaluator, job.config, storage=optuna.storages.InMemoryStorage())
-    _CONTEXTS[key] = ctx = _Context(search, evaluator, _digest(evaluator.teacher))
+    params = ParamSpace(ws.space, job.config.tie)
+    screen = Screen(ws.space, job.config.target, job.config.budget)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _CONTEXTS[key] = ctx = _Context(screen, params, distributions(params), evaluator, _digest(evaluator.teacher))
     return ctx
 
 
@@ -109,12 +114,11 @@ def evaluate_trial(params: dict[str, Any], job: JobSpec) -> None:
     torch.set_num_threads(max(1, job.threads))
     node = ray.get_runtime_context().get_node_id()
     ctx = build_context(job)
-    search = ctx.search
-    policy = search.params.to_policy({k: v for k, v in params.items() if k in search.distributions})
-    costs = search.costs(policy)
+    policy = ctx.params.to_policy({k: v for k, v in params.items() if k in ctx.distributions})
+    costs = ctx.screen.costs(policy)
     base = {"latency_ms": costs["latency_ms"], "energy_mj": costs["energy_mj"], "size_bytes": costs["size_bytes"],
             "macs": costs.get("macs", 0), "params": costs.get("params", 0), "node": node, "pid": os.getpid()}
-    if search.violations(costs):
+    if ctx.screen.violations(costs):
         tune.report({**base, "accuracy": 0.0, "status": "infeasible", "reason": "over budget"})
         return
     if job.teacher_digest and ctx.digest != job.teacher_digest:
@@ -170,97 +174,23 @@ class ScreeningOptunaSearch(OptunaSearch):
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def _start_points(search: Search, warm: Policy | None, limit: int) -> list[dict[str, Any]]:
-    """Warm start and uniform seeds, repaired into the budget on the driver (milliseconds each)."""
-    starts = ([warm] if warm else []) + (starting_points(search.space, search.feasible) if search.config.seeds else [])
-    points: list[dict[str, Any]] = []
-    for p in starts:
-        if not search.feasible(p):
-            p = repair(search.space, p, search.feasible)
-        if p is None:
-            continue
-        point = search.params.to_params(p)
-        if point not in points:
-            points.append(point)
-    return points[:limit]
-
-
-def _connect(address: str | None, cpus: float) -> tuple[bool, str | None, dict[str, str | None]]:
-    """Join ``address`` or start a private local instance.
-
-    Returns (started here, its temp folder, environment variables to restore afterwards).
-    """
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if ray.is_initialized():
-        return False, None, {}
-    saved: dict[str, str | None] = {}
-    if not address:
-        # Ray swaps 127.0.0.1 for the machine's outward address unless told this is a one-machine
-        # cluster; keep every connection of a private local instance on 127.0.0.1.
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        saved["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes ray.init starts
-    if address:
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UserInputError(f"cannot join the Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
-                                 "start it with `ray start --head` and check the address and RAY_AUTH_TOKEN_PATH") from exc
-        return True, None, saved
-    # Unix socket paths must stay short, so the session folder goes to a private folder in the
-    # system temp dir rather than under --out; never the shared default /tmp/ray.
-    temp = tempfile.mkdtemp(prefix="acray-")
-    if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        # A private token for this instance, instead of Ray writing one to the shared ~/.ray.
-        token = Path(temp) / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-        for k, v in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", str(token))):
-            saved[k] = os.environ.get(k)
-            os.environ[k] = v
-        _reload_ray_auth()
-    ray.init(num_cpus=max(int(cpus), os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp,
-             object_store_memory=200 * 1024 * 1024, **quiet)
-    return True, temp, saved
-
-
-def _reload_ray_auth() -> None:
-    """Ray reads its authentication settings once per process; make it read them again."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if saved:
-        _reload_ray_auth()
-
-
-def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: str, storage: str, early_stop: bool,
+def _tuner(job: JobSpec, ctx: _Context, points: list[dict[str, Any]], *, name: str, storage: str, early_stop: bool,
            cpus: float, gpus: float, max_concurrent: int) -> tune.Tuner:
     resources = {"cpu": cpus, "gpu": gpus}
     trainable = tune.with_resources(tune.with_parameters(evaluate_trial, job=job), resources)
     experiment = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment):
         return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    objectives = list(search.config.objectives)
-    searcher = ScreeningOptunaSearch(space=dict(search.distributions), metric=objectives,
+    objectives = list(job.config.objectives)
+    searcher = ScreeningOptunaSearch(space=dict(ctx.distributions), metric=objectives,
                                      mode=["max" if OBJECTIVES[o] == "maximize" else "min" for o in objectives],
-                                     points_to_evaluate=points or None, sampler=_sampler(search.config))
+                                     points_to_evaluate=points or None, sampler=make_sampler(job.config))
     scheduler = (ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration", max_t=job.chunks,
                                grace_period=1, reduction_factor=2) if early_stop else FIFOScheduler())
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                                    scheduler=scheduler, num_samples=search.config.trials,
+                                    scheduler=scheduler, num_samples=job.config.trials,
                                     max_concurrent_trials=max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
@@ -268,16 +198,16 @@ def _tuner(job: JobSpec, search: Search, points: list[dict[str, Any]], *, name: 
     )
 
 
-def _to_study(search: Search, grid: Any, chunks: int) -> dict[str, Any]:
-    """Copy Tune's trials into the driver's Optuna study; return the Ray-specific summary."""
+def _to_study(study: optuna.Study, ctx: _Context, config: SearchConfig, grid: Any, chunks: int) -> dict[str, Any]:
+    """Copy Tune's trials into ``study``; return the Ray-specific summary."""
     summary = {"screened": 0, "stopped_early": 0, "errored": 0, "nodes": {}}
     results = sorted(grid, key=_order)
     for r in results:
         m = dict(r.metrics or {})
-        params = {k: v for k, v in (r.config or {}).items() if k in search.distributions}
-        dists = {k: search.distributions[k] for k in params}
+        params = {k: v for k, v in (r.config or {}).items() if k in ctx.distributions}
+        dists = {k: ctx.distributions[k] for k in params}
         attrs = {k: m[k] for k in ("latency_ms", "energy_mj", "size_bytes", "macs", "params", "node") if k in m}
-        attrs["policy"] = dict(search.params.to_policy(params).decisions)
+        attrs["policy"] = dict(ctx.params.to_policy(params).decisions)
         attrs["ray_trial"] = Path(r.path).name if r.path else ""
         if "node" in m:
             summary["nodes"][m["node"]] = summary["nodes"].get(m["node"], 0) + 1
@@ -297,13 +227,13 @@ def _to_study(search: Search, grid: Any, chunks: int) -> dict[str, Any]:
             summary["stopped_early"] += 1
         elif status == "ok":
             state = TrialState.COMPLETE
-            values = [m["accuracy"] if o == "accuracy" else m[o] for o in search.config.objectives]
-            attrs["fidelity_epochs"] = search.config.low_epochs
+            values = [m["accuracy"] if o == "accuracy" else m[o] for o in config.objectives]
+            attrs["fidelity_epochs"] = config.low_epochs
         else:
             attrs["fail_reason"] = "no result reported"
         trial = optuna.trial.create_trial(state=state, values=values, params=params, distributions=dists,
                                           user_attrs=attrs)
-        search.study.add_trial(trial)
+        study.add_trial(trial)
     return summary
 
 
@@ -315,19 +245,13 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                    resume: bool = False, measure: bool = True, chunks: int = 3,
                    early_stop: bool = True) -> dict[str, Any]:
     """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
-    from autocompress.hwmodels import get_target, parse_budget
     from autocompress.search.report import write_search_outputs
-    from autocompress.search.run import DEFAULT_DATA, DEFAULT_MODEL
 
-    get_target(config.target)
-    parse_budget(config.budget)
+    check_target_and_budget(config)
     if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
         raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "
                              f"{gpus_per_trial} (>= 0), --max-concurrent {max_concurrent} (>= 1)")
-    model = model or DEFAULT_MODEL
-    data = data or DEFAULT_DATA.get(model)
-    if data is None:
-        raise UserInputError(f"--data is needed to search {model}: give imagefolder:PATH, sklearn:digits or file.py:factory")
+    model, data = model_and_data(model, data)
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out).resolve()
     job = JobSpec(model=model, data=data, config=config, weights=str(Path(weights).resolve()) if weights else None,
@@ -335,10 +259,9 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                   chunks=chunks, threads=max(1, int(cpus_per_trial)))
     ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
     if warm is not None:
-        warm.validate(ctx.search.space)
+        warm.validate(ctx.screen.space)
     job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest})
-    search = ctx.search
-    name = study_name_for(search.space.fingerprint, config)
+    name = study_name_for(ctx.screen.space.fingerprint, config)
     storage = str(storage_path or out / "ray-tune")
     if "://" not in storage:  # s3://, gs://... go to Ray's storage layer as given
         storage = str(Path(storage).resolve())
@@ -349,29 +272,20 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints no tables; the CLI reports
     if resume and not tune.Tuner.can_restore(experiment):
         raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
-    started, temp, saved_env = _connect(address, cpus_per_trial)
-    try:
-        points = _start_points(search, warm, config.trials)
-        tuner = _tuner(job, search, points, name=name, storage=storage, early_stop=early_stop, cpus=cpus_per_trial,
+    with _ray_session.session(address, cpus_per_trial):
+        # Ray counts a screened trial against --trials, so the starting points are repaired into the budget here.
+        starts = ctx.screen.start_points(ctx.params, warm, seeds=config.seeds, repaired=True)
+        points = [params for params, _ in starts][: config.trials]
+        tuner = _tuner(job, ctx, points, name=name, storage=storage, early_stop=early_stop, cpus=cpus_per_trial,
                        gpus=gpus_per_trial, max_concurrent=max_concurrent)
         grid = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
-        _restore_env(saved_env)
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
     # The driver's study is a fresh in-memory copy of Tune's trials; Tune's folder is the durable record.
-    search.study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
-                                       directions=[OBJECTIVES[o] for o in config.objectives])
-    summary = _to_study(search, grid, chunks)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
+                                directions=[OBJECTIVES[o] for o in config.objectives])
+    summary = _to_study(study, ctx, config, grid, chunks)
     base_acc = ctx.evaluator.baseline()
-    search._finalise()
-    result = write_search_outputs(search, ctx.evaluator, base_acc, out, model=model, data=data, measure=measure)
-    result["ray"] = {**summary, "experiment": experiment, "address": address or "local",
-                     "chunks": chunks, "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
-                     "gpus_per_trial": gpus_per_trial}
-    from autocompress.export.artifacts import write_json
-
-    write_json(out / "result.json", result)
-    return result
+    result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
+    ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,
+                   "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial}
+    return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=model, data=data,
+                                measure=measure, extra={"ray": ray_summary})

@@ -1,4 +1,8 @@
-"""The search's output folder: artifacts, result.json, report.md, pareto.png, trials.csv."""
+"""The search's output folder: artifacts, result.json, report.md, pareto.png, trials.csv.
+
+Written from a :class:`~autocompress.search.core.SearchResult`; trials.csv and the Pareto plot read
+every trial from the driver's Optuna study.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+
+from autocompress.search.core import SearchResult
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -101,7 +107,7 @@ def per_layer_table(space: Any, decisions: dict) -> list[str]:
     return out
 
 
-def write_report(path: Path, result: dict, search: Any, front: list, decisions: dict) -> None:
+def write_report(path: Path, result: dict, found: SearchResult, front: list, decisions: dict) -> None:
     b, s = result["baseline"], result["best"]
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
              f"Budget: {json.dumps(result['budget'])}. Feasible: **{result['feasible']}**. "
@@ -123,7 +129,7 @@ def write_report(path: Path, result: dict, search: Any, front: list, decisions: 
     lines += ["", "## Chosen decisions per layer", "",
               "Prune ratios apply to a layer's coupled channel group (all layers that must keep the same "
               "width); blank cells keep the identity.", ""]
-    lines += per_layer_table(search.space, decisions)
+    lines += per_layer_table(found.space, decisions)
     lines += ["", "The root layer of a coupled channel group shows its prune ratio; the other members show it in "
               "brackets, or after `in` where only their input channels shrink."]
     if result.get("int8"):
@@ -137,44 +143,42 @@ def write_report(path: Path, result: dict, search: Any, front: list, decisions: 
               "| trial | latency (ms) | accuracy |", "|---:|---:|---:|"]
     lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
     lines += ["", "Finalists re-trained at full fidelity:", ""]
-    for t in search.finalists:
-        lines.append(f"- trial {t.number}: selection accuracy {t.values[0]:.4f} (short) -> "
-                     f"{search.study.user_attrs.get(f'full:{t.number}', float('nan')):.4f} (full)")
+    for f in found.finalists:
+        lines.append(f"- trial {f.number}: selection accuracy {f.accuracy_low:.4f} (short) -> "
+                     f"{f.accuracy_full:.4f} (full)")
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     lines += ["", "![Pareto front](pareto.png)", ""]
     path.write_text("\n".join(lines))
 
 
-def write_search_outputs(search: Any, evaluator: Any, base_acc: dict, out: Path, *, model: str, data: str,
-                         measure: bool = True) -> dict[str, Any]:
+def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, out: Path, *, study: Any, model: str,
+                         data: str, measure: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``out`` (all files or none) and return the result.json content; ``extra`` adds driver-specific keys."""
     from autocompress.deploy import record_measured
     from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
 
-    policy = search.best_policy
-    best_costs = dict(search.costs(policy))
-    baseline = dict(search.baseline_costs)
+    policy, config = found.best_policy, found.config
+    best_costs = dict(found.best_costs)
+    baseline = dict(found.baseline_costs)
     baseline["accuracy"] = base_acc["accuracy"]
-    best_costs["accuracy"] = evaluator.held_out(search.best_model)
-    best_costs["accuracy_select"] = search.best_scored.accuracy
-    counts = search.counts()
-    feasible = not search.violations(best_costs)
+    best_costs["accuracy"] = evaluator.held_out(found.best_model)
+    best_costs["accuracy_select"] = found.best_scored.accuracy
 
     def build(folder: Path) -> dict[str, Any]:
-        info = write_model_files(search.best_model, evaluator.example, folder, evaluator.calibration)
+        info = write_model_files(found.best_model, evaluator.example, folder, evaluator.calibration)
         if measure:
             record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline)
-        result = {"target": search.config.target, "budget": search.budget.to_json(), "baseline": baseline,
-                  "best": best_costs, "trials": counts, "feasible": feasible, "model": model, "data": data,
-                  "fingerprint": search.space.fingerprint, "study": search.study.study_name,
-                  "best_trial": search.best_trial.number, "lowest_reachable": search.lowest,
-                  "fidelity": {"low_epochs": search.config.low_epochs, "full_epochs": search.config.full_epochs},
-                  "boosted": search.best_scored.boosted, "notes": search.best_scored.notes, **info}
+        result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
+                  "best": best_costs, "trials": dict(found.counts), "feasible": found.feasible, "model": model,
+                  "data": data, "fingerprint": found.space.fingerprint, "study": found.study_name,
+                  "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
+                  "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
+                  "boosted": found.best_scored.boosted, "notes": found.best_scored.notes, **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)
-        write_trials_csv(search.study, folder / "trials.csv")
-        front = plot_pareto(search.study, search.budget.latency_ms, baseline, search.best_trial.number,
-                            folder / "pareto.png")
-        write_report(folder / "report.md", result, search, front, dict(policy.decisions))
+        write_trials_csv(study, folder / "trials.csv")
+        front = plot_pareto(study, found.budget.latency_ms, baseline, found.best_trial, folder / "pareto.png")
+        write_report(folder / "report.md", result, found, front, dict(policy.decisions))
         return result
 
     return commit_folder(out, build)

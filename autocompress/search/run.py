@@ -1,4 +1,4 @@
-"""``search``: from a model spec and a budget to the output folder."""
+"""``search``: from a model spec and a budget to the output folder, with the Optuna driver."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ from typing import Any, Callable
 
 import torch
 
-from autocompress.errors import UserInputError
-from autocompress.search.core import Search, SearchConfig, TrialEvent, make_storage
+from autocompress.search.core import SearchConfig, TrialEvent, check_target_and_budget, model_and_data
 from autocompress.space.policy import Policy
-
-DEFAULT_MODEL = "builtin:digits-net"
-DEFAULT_DATA = {"builtin:digits-net": "sklearn:digits"}
 
 
 def run_search(config: SearchConfig, *, model: str | None = None, data: str | None = None,
@@ -24,21 +20,17 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                callback: Callable[[TrialEvent], None] | None = None,
                on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a search and write ``out``; return the result.json content."""
-    from autocompress.workspace import open_model
     from autocompress.evaluators.data import load_data
-    from autocompress.hwmodels import get_target, parse_budget
+    from autocompress.export.artifacts import check_out
     from autocompress.search.evaluate import CandidateEvaluator
+    from autocompress.search.optuna_driver import OptunaDriver, make_storage
+    from autocompress.search.report import write_search_outputs
+    from autocompress.workspace import open_model
 
     phase = on_phase or (lambda s: None)
-    from autocompress.export.artifacts import check_out
-
-    get_target(config.target)
-    parse_budget(config.budget)  # bad budget strings and a bad --out fail before any work
+    check_target_and_budget(config)  # bad budget strings and a bad --out fail before any work
     check_out(out)
-    model = model or DEFAULT_MODEL
-    data = data or DEFAULT_DATA.get(model)
-    if data is None:
-        raise UserInputError(f"--data is needed to search {model}: give imagefolder:PATH, sklearn:digits or file.py:factory")
+    model, data = model_and_data(model, data)
     warm = Policy.load(warm_start) if warm_start else None
     phase("preparing the model (a built-in model is trained once and cached)")
     ws = open_model(model, weights=weights, input_shape=input_shape, leaf=leaf,
@@ -49,13 +41,12 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     torch.manual_seed(config.seed)
     evaluator = CandidateEvaluator(ws, bundle, seed=config.seed)
     out = Path(out)
-    search = Search(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
-                    warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
+    driver = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
+                          warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
     phase("measuring the baseline")
     base_acc = evaluator.baseline()
     phase("searching")
-    search.run()
+    found = driver.run()
     phase("writing the output folder")
-    from autocompress.search.report import write_search_outputs
-
-    return write_search_outputs(search, evaluator, base_acc, out, model=model, data=data, measure=measure)
+    return write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model, data=data,
+                                measure=measure)

@@ -4,7 +4,8 @@ Each worker asks and tells on the shared storage. What Optuna leaves to the
 caller lives here: a PostgreSQL advisory lock around the few check-then-act
 steps (enqueueing the seeds once, taking one of the ``trials`` slots), reads
 that bypass the per-process trial cache, and heartbeats for ask/tell trials
-(Optuna records them only inside ``Study.optimize``).
+(Optuna records them only inside ``Study.optimize``). Optuna's storage
+internals these need are in ``_optuna_storage``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import optuna
 
 from autocompress.errors import UserInputError
+from autocompress.search import _optuna_storage
 
 
 GRACE_BEATS = 3  # heartbeats a trial may miss before it is stale
@@ -64,8 +66,7 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def rdb_backend(study: optuna.Study) -> optuna.storages.RDBStorage | None:
-    backend = getattr(study._storage, "_backend", study._storage)
-    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+    return _optuna_storage.rdb_backend(study)
 
 
 def fresh_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -73,7 +74,7 @@ def fresh_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     rdb = rdb_backend(study)
     if rdb is None:
         return study.get_trials(deepcopy=False)
-    return rdb.get_all_trials(study._study_id, deepcopy=False)
+    return _optuna_storage.uncached_trials(study, rdb)
 
 
 @contextlib.contextmanager
@@ -98,20 +99,15 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
 
-def heartbeat_interval(study: optuna.Study) -> int | None:
-    storage = study._storage
-    return storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-
-
 def grace_seconds(study: optuna.Study) -> int:
     """How long a heartbeat may be missing before its trial counts as stale."""
-    return GRACE_BEATS * (heartbeat_interval(study) or heartbeat_seconds())
+    return GRACE_BEATS * (_optuna_storage.heartbeat_interval(study) or heartbeat_seconds())
 
 
 @contextlib.contextmanager
 def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat every interval while the block runs, so others see it is alive."""
-    interval = heartbeat_interval(study)
+    interval = _optuna_storage.heartbeat_interval(study)
     if not interval:
         yield
         return
@@ -120,7 +116,7 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a missed beat only risks a late stale check
-                study._storage.record_heartbeat(trial._trial_id)
+                _optuna_storage.record_heartbeat(study, trial)
             if stop.wait(interval):
                 return
 

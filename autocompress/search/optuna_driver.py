@@ -1,0 +1,254 @@
+"""The Optuna driver: ask/tell over the space on one machine, or on one RDB study shared by several workers.
+
+1. Every asked candidate is costed analytically first (milliseconds); one
+   that breaks the budget is repaired (pruned further) and re-enqueued, or
+   recorded as pruned: no training is spent on infeasible candidates.
+2. Feasible candidates are fine-tuned briefly (``low_epochs``) with
+   distillation and scored on a selection split (low fidelity).
+3. The finalists rung of :mod:`autocompress.search.core` runs over the
+   completed trials.
+
+The study lives in Optuna storage (by default a journal file in the output
+folder), so an interrupted search resumes with the same command; finalists'
+scores are stored on the study too (``full:<trial number>``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from autocompress.errors import TrialFailed, UserInputError
+from autocompress.search import _optuna_storage, workers
+from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, SearchResult, TrialEvent, finalise,
+                                      study_name_for)
+from autocompress.search.screen import Screen
+from autocompress.search.space_params import ParamSpace
+from autocompress.space.policy import Policy
+
+
+def make_storage(storage: str | None, out: Path) -> Any:
+    if storage:
+        if storage.startswith(("sqlite:", "postgresql", "mysql")):
+            return workers.rdb_storage(storage)
+        if storage.endswith(".journal") or storage.endswith(".log"):
+            return _journal(Path(storage))
+        raise UserInputError(f"bad --storage {storage!r}: give sqlite:///FILE, postgresql://..., or FILE.journal")
+    out.mkdir(parents=True, exist_ok=True)
+    return _journal(out / "study.journal")
+
+
+def _journal(path: Path) -> Any:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+    """Samplers read the budget margins that ``Trial.set_constraint`` stores on each trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if config.sampler == "nsga2":
+            pop = max(6, min(50, config.trials // 3))
+            return optuna.samplers.NSGAIISampler(population_size=pop, seed=config.seed)
+        if config.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=config.seed)
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True,
+                                          n_startup_trials=max(4, config.trials // 4))
+
+
+def distributions(params: ParamSpace) -> dict[str, CategoricalDistribution]:
+    return {k: CategoricalDistribution(v) for k, v in params.params().items()}
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = workers.fresh_trials(study)
+    return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+
+
+def candidates(study: optuna.Study, params: ParamSpace) -> list[Candidate]:
+    """The study's completed trials as records, in trial order (the first objective value is the accuracy)."""
+    return [Candidate(t.number, tuple(sorted(t.params.items())), params.to_policy(t.params), t.values[0],
+                      t.user_attrs.get("latency_ms", 0.0), t.user_attrs.get("origin", "sampler"))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def conclude(study: optuna.Study, params: ParamSpace, screen: Screen, evaluator: Any, config: SearchConfig, *,
+             callback: Callable[[TrialEvent], None] = lambda e: None) -> SearchResult:
+    """The finalists rung over the study's completed trials; each finalist's full-fidelity score goes on the study."""
+    return finalise(candidates(study, params), evaluator, screen, config, study_name=study.study_name,
+                    counts=lambda: counts(study), callback=callback,
+                    on_final=lambda f: study.set_user_attr(f"full:{f.number}", f.accuracy_full))
+
+
+class OptunaDriver:
+    """One search over a workspace; ``run`` drives Optuna through ask/tell and returns the result."""
+
+    def __init__(self, ws: Any, evaluator: Any, config: SearchConfig, *, storage: Any, study_name: str | None = None,
+                 warm_start: Policy | None = None, callback: Callable[[TrialEvent], None] | None = None,
+                 worker: str | None = None) -> None:
+        self.ws, self.evaluator, self.config, self.callback = ws, evaluator, config, callback or (lambda e: None)
+        self.space = ws.space
+        self.params = ParamSpace(self.space, config.tie)
+        self.distributions = distributions(self.params)
+        self.screen = Screen(self.space, config.target, config.budget)
+        directions = [OBJECTIVES[o] for o in config.objectives]
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(storage=storage, study_name=study_name or study_name_for(self.space.fingerprint, config),
+                                         directions=directions, sampler=make_sampler(config), load_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names(list(config.objectives))
+        self.warm_start = warm_start
+        # Who owns a RUNNING trial: a restarted worker (same host, same output folder) knows its dead
+        # predecessor's trials by this name and fails them at once instead of waiting for heartbeats.
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- several workers on one RDB study (see workers.py) ------------------------------------------
+    def _shared(self) -> bool:
+        return workers.rdb_backend(self.study) is not None
+
+    def _claim(self, trial: optuna.Trial) -> bool:
+        """Take one of the ``trials`` slots for this candidate; False when other workers took the last ones."""
+        if not self._shared():
+            return True
+        with workers.study_lock(self.study):
+            if workers.taken(workers.fresh_trials(self.study)) >= self.config.trials:
+                return False
+            trial.set_user_attr("claimed", True)
+            return True
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _evaluated(self) -> int:
+        c = counts(self.study)
+        return c["complete"] + c["failed"]
+
+    def _recover_stale(self) -> None:
+        """Trials left RUNNING by a killed process are marked failed, so the count stays honest.
+
+        A journal file belongs to one process, so every RUNNING trial in it is stale. An RDB study may
+        be shared by live workers: there only trials whose heartbeats stopped are failed."""
+        rdb = self._shared()
+        if rdb:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        # A worker killed between asking for a trial and claiming a slot left no heartbeat to go stale:
+        # such a trial is stale once it is older than the heartbeat grace period.
+        dead = ({t.number for t in workers.unclaimed_stale(running, self.worker, workers.grace_seconds(self.study))}
+                if rdb else set())
+        for t in running:
+            if not rdb or t.user_attrs.get("owner") == self.worker or t.number in dead:
+                try:
+                    if rdb and not t.user_attrs.get("claimed"):
+                        # Killed before it took one of the ``trials`` slots: it was never fine-tuned, so
+                        # it is not counted (as FAIL it would push the study past its total).
+                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before fine-tuning")
+                        self.study.tell(t.number, state=TrialState.PRUNED)
+                    else:
+                        _optuna_storage.set_trial_user_attr(self.study, t, "fail_reason", "interrupted")
+                        self.study.tell(t.number, state=TrialState.FAIL)
+                except Exception:
+                    pass
+
+    def _enqueue_starts(self) -> None:
+        with workers.study_lock(self.study):  # two workers starting together enqueue the seeds once
+            if workers.fresh_trials(self.study):
+                return
+            for params, origin in self.screen.start_points(self.params, self.warm_start, seeds=self.config.seeds):
+                self.study.enqueue_trial(params, user_attrs={"origin": origin})
+
+    def _known(self, params: dict) -> bool:
+        """Whether a trial with these parameters is already evaluated, running or queued."""
+        return any(t.params == params for t in self.study.get_trials(deepcopy=False)
+                   if t.state != TrialState.PRUNED and t.params)
+
+    def best_accuracy(self) -> float | None:
+        accs = [t.values[0] for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return max(accs) if accs else None
+
+    def run(self) -> SearchResult:
+        self._recover_stale()
+        self._enqueue_starts()
+        total = self.config.trials
+        asks = 0
+        while self._evaluated() < total and asks < 50 * total:
+            if self._shared() and self._evaluated() + workers.in_flight(workers.fresh_trials(self.study), self.worker) >= total:
+                time.sleep(1.0)  # other workers are fine-tuning the last slots; wait for their results
+                self._recover_stale()
+                continue
+            asks += 1
+            with warnings.catch_warnings():  # heartbeats are sent by workers.heartbeat below, not by ``optimize``
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask(self.distributions)
+            trial.set_user_attr("owner", self.worker)
+            policy = self.params.to_policy(trial.params)
+            costs = self.screen.costs(policy)
+            if self.screen.violations(costs):
+                self._screen_out(trial, policy, costs)
+                continue
+            if not self._claim(trial):
+                trial.set_user_attr("reason", f"not fine-tuned: other workers took the last of the {total} trials")
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            with workers.heartbeat(self.study, trial):
+                self._evaluate(trial, policy, costs)
+        self._recover_stale()
+        return conclude(self.study, self.params, self.screen, self.evaluator, self.config, callback=self.callback)
+
+    def _screen_out(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:
+        """Record an over-budget candidate as pruned; enqueue its repair unless that is already known."""
+        fixed = self.screen.repair(policy)
+        trial.set_user_attr("reason", "over budget" + (": repaired into a later trial" if fixed else ""))
+        for k, v in costs.items():
+            trial.set_user_attr(k, v)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        if fixed is not None and not self._known(self.params.to_params(fixed)):
+            self.study.enqueue_trial(self.params.to_params(fixed), user_attrs={"origin": f"repair of {trial.number}"})
+        self.callback(TrialEvent(trial.number, "pruned", self._evaluated(), self.config.trials, self.best_accuracy(),
+                                 "screen"))
+
+    def _evaluate(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:
+        for k, v in costs.items():
+            trial.set_user_attr(k, v)
+        for key, margin in self.screen.margins(costs).items():
+            trial.set_constraint(key, margin)
+        started = time.time()
+        try:
+            scored = self.evaluator(policy, self.config.low_epochs)
+        except TrialFailed as exc:
+            self._fail(trial, str(exc))
+            return
+        except Exception as exc:  # a candidate that cannot be built or trained fails alone
+            self._fail(trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        trial.set_user_attr("seconds", round(time.time() - started, 2))
+        trial.set_user_attr("fidelity_epochs", self.config.low_epochs)
+        trial.set_user_attr("policy", dict(policy.decisions))
+        if scored.notes:
+            trial.set_user_attr("notes", scored.notes[:20])
+        values = [scored.accuracy if o == "accuracy" else costs[o] for o in self.config.objectives]
+        if not all(math.isfinite(v) for v in values):
+            self._fail(trial, "non-finite objective")
+            return
+        self.study.tell(trial, values)
+        self.callback(TrialEvent(trial.number, "complete", self._evaluated(), self.config.trials, self.best_accuracy(),
+                                 "search", f"acc {scored.accuracy:.4f}, {costs['latency_ms']:.2f} ms"))
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("fail_reason", reason[:300])
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.callback(TrialEvent(trial.number, "failed", self._evaluated(), self.config.trials, self.best_accuracy(),
+                                 "search", reason[:120]))
