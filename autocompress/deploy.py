@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autocompress.export.onnx import export_onnx
-from autocompress.hwmodels.calibrate import measure_files
+from autocompress.hwmodels.measure import measure_files
 from autocompress.hwmodels.targets import get_target
 
 

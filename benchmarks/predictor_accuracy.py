@@ -89,8 +89,8 @@ def collect(args: argparse.Namespace) -> dict:
     lowest over passes of the quietest block's median CPU time (``measure.quiet_latency``), and more
     passes for files whose best came at a slow moment.
     """
-    from autocompress.hwmodels.calibrate import (VARIANT_NETS, Sample, _suite, build_configs, build_variants,
-                                                 measure_files)
+    from autocompress.hwmodels.calibrate import VARIANT_NETS, Sample, build_configs, build_variants, designed_set
+    from autocompress.hwmodels.measure import measure_files, time_file
 
     started = time.time()
     torch.set_num_threads(1)
@@ -108,7 +108,7 @@ def collect(args: argparse.Namespace) -> dict:
         # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
         suite_dir = Path(workdir) / "designed-set"
         suite_dir.mkdir()
-        designed = build_configs(_suite(False), suite_dir) + build_variants(VARIANT_NETS, 12, suite_dir)
+        designed = build_configs(designed_set(False), suite_dir) + build_variants(VARIANT_NETS, 12, suite_dir)
         print(f"designed set: {len(designed)} built, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
         if pending is None:
             results = [build_models(groups[0], args)]
@@ -119,20 +119,18 @@ def collect(args: argparse.Namespace) -> dict:
         records = [r for rec, _ in results for r in rec]
         failures = [f for _, fail in results for f in fail]
         print(f"{len(records)} variants built, {time.time() - started:.0f}s; timing", file=sys.stderr, flush=True)
-        from autocompress.hwmodels.calibrate import time_file
-
         timings = []
 
         def measure(path: Path) -> float:  # measure_files' own timing, counted
             timings.append(path)
             return time_file(path, args.threads, args.warmup, args.runs)
 
-        paths = [b[2] for b in designed] + [Path(r["path"]) for r in records]
+        paths = [b.path for b in designed] + [Path(r["path"]) for r in records]
         times = measure_files(paths, measure=measure, **timing)
         print(f"{len(timings)} timings of {len(paths)} files ({len(timings) - args.rounds * len(paths)} beyond "
               f"{args.rounds} passes), {time.time() - started:.0f}s", file=sys.stderr, flush=True)
-        suite = [Sample(name, table, ms, parts=profile_onnx(path, threads=args.threads))
-                 for (name, table, path), ms in zip(designed, times)]
+        suite = [Sample(b.name, b.table, ms, parts=profile_onnx(b.path, threads=args.threads))
+                 for b, ms in zip(designed, times)]
         for r, ms in zip(records, times[len(designed):]):
             r["measured_ms"] = ms
             r["parts"] = profile_onnx(r["path"], threads=args.threads) if r["calib"] else None

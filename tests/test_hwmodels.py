@@ -11,7 +11,7 @@ from autocompress.errors import UnknownNameError, UserInputError
 from autocompress.hwmodels import TARGETS, Target, get_target, predict, target_names
 from autocompress.hwmodels.calibrate import (Sample, calibrate_from_csv, fit_target, layer_table, llc_choices,
                                              read_csv_samples)
-from autocompress.hwmodels.predict import structure
+from autocompress.hwmodels.fusion import structure
 from autocompress.hwmodels.published import PUBLISHED, TOLERANCE
 from autocompress.hwmodels.target import KERNEL_CLASSES
 from autocompress.models import load_model
@@ -262,14 +262,14 @@ def test_a_pool_runs_uint8_exactly_when_its_input_is_quantised():
 
     base = table_of(Fork(), (1, 16, 56, 56))
     stem, a, b = _conv_names(base)
-    pools = lambda bits: [e[6] for e in structure(_set_bits(base.copy(), bits), get_target("local")).elems]
+    pools = lambda bits: [o.slow_pool_elements for o in structure(_set_bits(base.copy(), bits), get_target("local")).ops]
     assert sum(pools({a: 8})) == 0  # b reads the pool's input in float: the pool runs in float
     assert sum(pools({a: 8, b: 8})) == 64 * 28 * 28  # every reader int8: the slow uint8 pool
     # b in int8 quantises the pool's input for every reader, so the pool runs uint8 even though a reads
     # it in float (a DequantizeLinear after the pool): GoogLeNet's pool branches beside an int8 branch.
     assert sum(pools({b: 8})) == 64 * 28 * 28
     st = structure(_set_bits(base.copy(), {b: 8}), get_target("local"))
-    assert next(k for k in st.kernels if k[0] == a)[12] == 2  # DQ of the pool, DQ of b's output for the add
+    assert next(k for k in st.kernels if k.head == a).conversions == 2  # DQ of the pool, DQ of b's output for the add
 
 
 def test_a_pool_of_an_nchw_int8_tensor_is_the_slow_uint8_pool():
@@ -295,7 +295,7 @@ def test_a_pool_of_an_nchw_int8_tensor_is_the_slow_uint8_pool():
     def slow_pools(branches: int) -> list[int]:
         base = table_of(Cat(branches), (1, 16, 56, 56))
         bits = {n: 8 for n in _conv_names(base) if n != "head"}
-        return [e[6] for e in structure(_set_bits(base, bits), local).elems if e[0].startswith("pool")]
+        return [o.slow_pool_elements for o in structure(_set_bits(base, bits), local).ops if o.name.startswith("pool")]
 
     assert slow_pools(1) == [32 * 28 * 28, 32 * 28 * 28]  # the concat's pool and the pool of that pool
     assert slow_pools(2) == [0, 0]  # both inputs NHWC from int8 convs: NHWC pools
@@ -345,7 +345,7 @@ def test_each_float_reader_of_a_quantised_tensor_dequantises():
 
     def conversions(bits, target):
         st = structure(_set_bits(base.copy(), bits), target)
-        return sum(k[12] for k in st.kernels) + sum(e[5] for e in st.elems)
+        return sum(k.conversions for k in st.kernels) + sum(o.conversions for o in st.ops)
 
     local = get_target("local")
     assert conversions({a: 8}, local) == 1 + 2 + 1  # Q of y; DQ for b and c; DQ of a's output for the add
@@ -360,7 +360,7 @@ def test_convs_on_unaligned_channels_run_plain_kernels():
 
     def run(cin: int, cout: int, groups: int, target=local):
         t = table_of(nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups)), (1, cin, 28, 28))
-        return structure(t, target).kernels[0][16], predict(t, target).latency_ms
+        return structure(t, target).kernels[0].plain, predict(t, target).latency_ms
 
     assert run(60, 60, 60)[0] is False and run(58, 58, 58)[0] is True
     assert run(64, 64, 1)[0] is False and run(3, 64, 1)[0] is False and run(29, 64, 1)[0] is True
@@ -378,11 +378,11 @@ def test_a_windowed_pool_on_whole_blocks_runs_blocked():
     def pool_elem(width: int):
         net = nn.Sequential(nn.Conv2d(29, width, 1), nn.ReLU(), nn.MaxPool2d(3, 1, 1))  # 29 inputs: a plain conv
         st = structure(table_of(net, (1, 29, 28, 28)), local)
-        return next(e for e in st.elems if e[0] == "_2")
+        return next(o for o in st.ops if o.name == "_2")
 
     blocked, plain = pool_elem(64), pool_elem(72)
-    assert blocked[10] == 0 and blocked[8] == 1  # blocked pool, one reorder of its plain input
-    assert plain[10] == 72 * 28 * 28 and plain[8] == 0
+    assert blocked.plain_pool_elements == 0 and blocked.reorders == 1  # blocked pool, one reorder of its plain input
+    assert plain.plain_pool_elements == 72 * 28 * 28 and plain.reorders == 0
 
 
 def test_partial_channel_blocks_reorder_around_a_pool():
@@ -415,8 +415,8 @@ def test_weights_come_from_the_level_the_whole_model_fits():
     def classifier_ms(table, target):
         return predict(table, target).layers[-1].latency_ms
 
-    assert structure(alone, local).kernels[0][17] == 1  # 2 MB: the last-level cache
-    assert structure(behind, local).kernels[-1][17] == 2  # the model's 76 MB: DRAM
+    assert structure(alone, local).kernels[0].weight_level == 1  # 2 MB: the last-level cache
+    assert structure(behind, local).kernels[-1].weight_level == 2  # the model's 76 MB: DRAM
     assert classifier_ms(alone, local) == pytest.approx(classifier_ms(behind, local.with_(model_weights_level=False)))
     # 2 MB at the DRAM instead of the LLC bandwidth (the GEMV is memory-bound)
     assert classifier_ms(behind, local) == pytest.approx(classifier_ms(alone, local) * local.llc_gbs / local.dram_gbs,
@@ -566,13 +566,13 @@ def test_calibrate_local_quick_end_to_end():
 
 
 def test_the_fit_computes_what_predict_computes():
-    """The fit evaluates latencies in vectorised form (calibrate._Problem); for random compressed
+    """The fit evaluates latencies over all of a sample's kernels at once (calibrate.FitProblem); for random compressed
     variants (int8 and float parts, pools, concats, plain kernels, reorders) it must give `predict`'s
     totals and parts, so a fitted coefficient means in `predict` what it meant in the fit."""
     import random
 
     from autocompress.compress import estimate
-    from autocompress.hwmodels.calibrate import _Problem, random_policy
+    from autocompress.hwmodels.calibrate import FitProblem, random_policy
     from autocompress.hwmodels.predict import PARTS
     from autocompress.compress import build_space
 
@@ -584,7 +584,7 @@ def test_the_fit_computes_what_predict_computes():
         rng = random.Random(spec)
         samples += [Sample(f"{spec} {v}", estimate(space, random_policy(space, rng)), 1.0) for v in range(4)]
     for target in (get_target("local"), get_target("mobile")):
-        prob = _Problem(target, samples)
+        prob = FitProblem(target, samples)
         x = prob.x0()
         at = prob.target(x)  # the target the fit evaluates (zero coefficients start at 1e-3)
         total_us, parts = prob.predicted_parts(x)
@@ -613,10 +613,10 @@ def test_a_clip_after_an_int8_conv_fuses_only_into_int8_readers(act):
         return structure(_set_bits(base, {first: 8, tail: tail_bits}), local)
 
     relu, clip = run(nn.ReLU, 32), run(act, 32)
-    assert [e[0] for e in relu.elems if e[1] > 0] == []  # the ReLU fused into the int8 conv
-    standalone = [e for e in clip.elems if e[1] > 0]
-    assert len(standalone) == 1 and standalone[0][3] == 32 * 28 * 28  # the Clip runs alone, in float
-    assert standalone[0][5] == 1  # it carries the DequantizeLinear of the conv's output
+    assert [o.name for o in relu.ops if o.bytes_moved > 0] == []  # the ReLU fused into the int8 conv
+    standalone = [o for o in clip.ops if o.bytes_moved > 0]
+    assert len(standalone) == 1 and standalone[0].output_elements == 32 * 28 * 28  # the Clip runs alone, in float
+    assert standalone[0].conversions == 1  # it carries the DequantizeLinear of the conv's output
     relu8, clip8 = run(nn.ReLU, 8), run(act, 8)
-    assert [e for e in clip8.elems if e[1] > 0] == []  # between int8 convs the Clip folds ...
-    assert clip8.kernels[0][12] == relu8.kernels[0][12] + 2  # ... at the cost of a DQ and a Q
+    assert [o for o in clip8.ops if o.bytes_moved > 0] == []  # between int8 convs the Clip folds ...
+    assert clip8.kernels[0].conversions == relu8.kernels[0].conversions + 2  # ... at the cost of a DQ and a Q

@@ -8,8 +8,7 @@ from torch import nn
 from autocompress.errors import UserInputError
 from autocompress.export.onnx import export_onnx
 from autocompress.hwmodels import Measurement, measure_model, measure_onnx
-from autocompress.hwmodels.calibrate import robust_ms
-from autocompress.hwmodels.measure import quiet_latency
+from autocompress.hwmodels.measure import quiet_latency, robust_ms
 
 
 def _tiny() -> nn.Module:
@@ -136,7 +135,7 @@ def test_measure_files_times_again_a_file_whose_best_came_in_a_slow_stretch(tmp_
     """20 files, 4 passes; the machine is slow for passes 1-2, half of pass 3 and half of pass 4,
     so some files never see a quiet moment. Those (and only few others) are timed again after,
     and every file ends within 2 % of its true latency; without the extra passes some stay >= 15 % slow."""
-    from autocompress.hwmodels.calibrate import measure_files
+    from autocompress.hwmodels.measure import measure_files
 
     paths = [tmp_path / f"{i}.onnx" for i in range(20)]
     true_ms = {p: 1.0 + 0.1 * i for i, p in enumerate(paths)}
@@ -153,7 +152,7 @@ def test_measure_files_times_again_a_file_whose_best_came_in_a_slow_stretch(tmp_
 
 
 def test_measure_files_on_a_quiet_machine_takes_the_planned_passes(tmp_path):
-    from autocompress.hwmodels.calibrate import measure_files
+    from autocompress.hwmodels.measure import measure_files
 
     paths = [tmp_path / f"{i}.onnx" for i in range(12)]
     true_ms = {p: 0.5 + 0.3 * i for i, p in enumerate(paths)}

@@ -7,13 +7,15 @@ is asked for.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from autocompress.errors import AutocompressError, UserInputError
 
@@ -47,12 +49,9 @@ def quiet_latency(series: list[float], block: int = QUIET_BLOCK) -> float:
     quietest stretch of the measurement.
 
     On a shared machine other tenants slow a run down for seconds at a time (cache and memory
-    bandwidth taken, not CPU time: a process's own CPU time grows with it). Measured on this
-    project's 2-core VM, one MobileNetV2 file ran at 6.3 ms for a second, then at 8.6 ms for the
-    next, in the same session. A median over the whole series lands on either level, or between
-    them; the best block's median is the uncontended latency, within a few per cent, whenever the
-    measurement saw one quiet stretch. A block's median, not the single fastest run, keeps one
-    lucky run from setting it.
+    bandwidth taken, not CPU time: a process's own CPU time grows with it), so a median over the
+    whole series lands between the levels (docs/hwmodels.md, "Measurement"). A block's median, not
+    the single fastest run, keeps one lucky run from setting it.
     """
     if not series:
         raise ValueError("quiet_latency needs at least one run")
@@ -199,3 +198,85 @@ def profile_onnx(path: str | os.PathLike, threads: int = 1, warmup: int = 5, run
     for (part, _), durs in per_node.items():
         parts[part] = parts.get(part, 0.0) + statistics.median(durs)
     return parts
+
+
+# ---- timing many files on a shared machine ---------------------------------------------------
+
+def robust_ms(m: Measurement) -> float:
+    """The latency of one measurement that the fit and the benchmark use: its ``quiet_ms``.
+
+    With one intra-op thread that is CPU time, which ORT spends in the calling thread (equal to
+    wall time on an idle core, blind to time the process spent preempted), in the quietest block
+    of runs (``quiet_latency``), which other tenants' cache and memory traffic did not slow.
+    """
+    if m.quiet_ms > 0:
+        return m.quiet_ms
+    return m.cpu_median_ms if m.threads == 1 and m.cpu_median_ms > 0 else m.median_ms
+
+
+def time_file(path: Path, threads: int = 1, warmup: int = 10, runs: int = 20) -> float:
+    """One timing of one ONNX file (``robust_ms`` of a fresh session): what ``measure_files`` repeats."""
+    return robust_ms(measure_onnx(path, threads=threads, warmup=warmup, runs=runs))
+
+
+def _slow_moments(log: Sequence[tuple[float, int, float]], best: Sequence[float], window: int) -> list[float]:
+    """For each entry of ``log`` (time, file, ms): how slow the machine ran around it, as the median,
+    over the ``window`` measurements of other files nearest in time, of their ms / their file's best."""
+    out = []
+    for k, (_, i, _) in enumerate(log):
+        near = [log[j] for j in range(max(0, k - window), min(len(log), k + window + 1)) if log[j][1] != i]
+        out.append(statistics.median(ms / best[j] for _, j, ms in near) if near else 1.0)
+    return out
+
+
+def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, runs: int = 20,
+                  rounds: int = 4, extra_rounds: int | None = None, tolerance: float = 0.03, seed: int = 0,
+                  measure: Callable[[Path], float] | None = None) -> list[float]:
+    """Uncontended latency (ms) of each ONNX file: ``rounds`` passes over all files (each pass in a
+    new shuffled order), each file in a fresh session per pass (``warmup`` + ``runs`` calls), and the
+    lowest ``robust_ms`` over passes.
+
+    Interleaving the passes spreads each file's blocks over the whole measurement, so a file is not
+    timed only during one slow stretch of a shared machine (docs/hwmodels.md, "Measurement").
+    Slow stretches that outlast a pass are caught by the files themselves: every file timed at the
+    same moment runs slow. A file whose best time came at a moment when the files timed just
+    before and after it ran more than ``tolerance`` slower (relative to their own bests) than at the
+    quietest moment of the measurement is timed again, in up to ``extra_rounds`` (default
+    ``rounds``) more passes over such files. ``measure`` replaces the timing of one file (tests).
+    """
+    if measure is None:
+        def measure(path: Path) -> float:
+            return time_file(path, threads, warmup, runs)
+
+    n = len(paths)
+    best = [math.inf] * n
+    log: list[tuple[float, int, float]] = []
+    rng = random.Random(seed)
+
+    def time_one(i: int) -> None:
+        ms = measure(paths[i])
+        log.append((time.monotonic(), i, ms))
+        best[i] = min(best[i], ms)
+
+    order = list(range(n))
+    for _ in range(max(1, rounds)):
+        rng.shuffle(order)
+        for i in order:
+            time_one(i)
+    window = 4
+    for _ in range(rounds if extra_rounds is None else extra_rounds):
+        if n < 2 * window:
+            break
+        slow = _slow_moments(log, best, window)
+        quietest = min(slow)
+        slowness_at_best = {}
+        for (_, i, ms), s in zip(log, slow):
+            if ms == best[i]:
+                slowness_at_best[i] = s
+        again = [i for i in range(n) if slowness_at_best[i] > quietest * (1 + tolerance)]
+        if not again:
+            break
+        rng.shuffle(again)
+        for i in again:
+            time_one(i)
+    return best

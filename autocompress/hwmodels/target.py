@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from autocompress.errors import UserInputError
+from autocompress.space.costs import runs_int8
 
 FORMAT = "autocompress.target/1"
 
@@ -121,7 +122,7 @@ class Target:
 
     def compute_dtype(self, wbits: int, abits: int) -> str:
         """The dtype a conv/linear runs in: int8 only with fast int8, fp16 only with fast fp16."""
-        if wbits <= 8 and abits <= 8:
+        if runs_int8(wbits, abits):
             return "int8" if self.fast_int8 else "fp32"
         if wbits <= 16 and abits <= 16:
             return "fp16" if self.fast_fp16 else "fp32"
