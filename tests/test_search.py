@@ -214,3 +214,15 @@ def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period()
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in workers.unclaimed_stale(trials, "host:3", 0.0)] == [dead.number]
     assert workers.unclaimed_stale(trials, "host:3", 3600.0) == []  # too young to call dead
+
+
+def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() -> None:
+    from autocompress.search.core import Candidate, pick_finalists
+
+    def cand(number: int, prune: float, acc: float, ms: float) -> Candidate:
+        return Candidate(number, (("prune:*", prune),), None, acc, ms)  # type: ignore[arg-type]
+
+    ranked = pick_finalists([cand(0, 0.5, 0.8, 2.0), cand(1, 0.25, 0.9, 3.0), cand(2, 0.25, 0.9, 3.0),
+                             cand(3, 0.125, 0.9, 2.5), cand(4, 0.75, 0.7, 1.0)], 3)
+    assert [c.number for c in ranked] == [3, 1, 0]  # trial 2 repeats trial 1's parameters
+    assert [c.number for c in pick_finalists([cand(0, 0.5, 0.8, 2.0)], 0)] == [0]  # always at least one
