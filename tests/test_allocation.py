@@ -1,0 +1,144 @@
+"""Sensitivity of single choices and the allocation of choices under a budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.compress import ApplyContext, apply, build_space
+from autocompress.search.allocate import allocate, cached_costs, conflicting_options, slots
+from autocompress.search.sensitivity import SensitivityTable, choice_key, measure_sensitivity
+from autocompress.search.space_params import cost_fn, extreme_policies
+from autocompress.space.graph import trace
+from autocompress.space.policy import Policy
+
+SHAPE = (1, 3, 16, 16)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc2(self.fc1(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    for bn in (model.bn1, model.bn2):  # running statistics as after training, not the init's 0/1
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    space = build_space(trace(model, SHAPE), "test:net")
+    batch = torch.randn(32, *SHAPE[1:])
+    return model, space, batch
+
+
+def test_a_layer_the_output_depends_on_outweighs_an_identity_near_choice(setup) -> None:
+    model, space, batch = setup
+    table = measure_sensitivity(space, model, batch)
+    assert table.measure == "kl" and table.samples == 32
+    near_identity = table.of("wbits:conv2", 16)
+    assert near_identity < 1e-4
+    assert table.of("prune:conv1", 0.75) > 100 * max(near_identity, 1e-7)
+    assert table.of("rank:fc2", 0.125) > 100 * max(near_identity, 1e-7)
+    # more compression of the same decision costs at least roughly as much
+    assert table.of("prune:conv1", 0.75) > table.of("prune:conv1", 0.125)
+    assert table.of("rank:conv2", 1.0) == 0.0  # the identity is never scored
+    assert SensitivityTable.from_json(table.to_json()) == table
+
+
+def test_replaying_only_what_changed_equals_running_the_whole_compressed_model(setup) -> None:
+    """Quantisation and factorisation scores come from a partial re-run; they match a full run."""
+    from autocompress.search.sensitivity import divergence
+
+    model, space, batch = setup
+    decisions = [space["wbits:conv2"], space["abits:fc1"], space["rank:conv2"]]
+    table = measure_sensitivity(space, model, batch, decisions=decisions)
+    with torch.no_grad():
+        reference = model(batch)
+    for d in decisions:
+        for c in d.choices:
+            if c == d.identity:
+                continue
+            small = apply(model, Policy(space.model, space.fingerprint, {d.id: c}), space, calibration=batch)
+            with torch.no_grad():
+                full = divergence(small(batch), reference)
+            assert table.of(d.id, c) == pytest.approx(full, rel=1e-3, abs=1e-7), (d.id, c)
+
+
+def _random_table(space, seed: int) -> SensitivityTable:
+    rng = random.Random(seed)
+    scores = {d.id: {choice_key(c): rng.uniform(0, 1) * (i + 1) for i, c in enumerate(d.choices) if c != d.identity}
+              for d in space.decisions}
+    return SensitivityTable(scores, "kl", 32, 0.0, space.fingerprint)
+
+
+def _removed(model, space):
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+    def removed(assign):
+        small = apply(model, Policy(space.model, space.fingerprint, dict(assign)), space)
+        mods = dict(small.named_modules())
+        return {p for p in layers if not isinstance(mods.get(p), (nn.Conv2d, nn.Linear))}
+    return removed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_meets_the_budget_and_never_takes_conflicting_choices(setup, seed: int) -> None:
+    model, space, batch = setup
+    searched = [d for d in space.decisions if not d.id.startswith("merge:bn:")]
+    slot_list = slots(space, searched)
+    conflicts = conflicting_options(space, slot_list, _removed(model, space))
+    assert conflicts, "merging fc1 into fc2 makes fc2's factorisation and bit-widths moot"
+    costs = cached_costs(cost_fn(space, "mobile"))
+    base = costs(Policy.identity(space))["latency_ms"]
+    table = _random_table(space, seed)
+    lowest = min(costs(p)["latency_ms"] for p in extreme_policies(space))
+    assert allocate(space, table, costs, {"latency_ms": 1e-6}, slot_list, conflicts=conflicts) is None
+    for frac in (0.9, 0.7, 0.5, lowest / base * 1.05):
+        limit = base * frac
+        result = allocate(space, table, costs, {"latency_ms": limit}, slot_list, conflicts=conflicts)
+        assert result is not None, frac
+        assert costs(result.policy)["latency_ms"] <= limit * (1 + 1e-9)
+        assert result.costs["latency_ms"] == pytest.approx(costs(result.policy)["latency_ms"])
+        chosen = result.policy.resolved(space)
+        for (a, i), (b, j) in conflicts:
+            both = all(chosen[k] == v for k, v in {**slot_list[a].options[i], **slot_list[b].options[j]}.items())
+            assert not both, (slot_list[a].options[i], slot_list[b].options[j])
+        ctx = ApplyContext(space, batch[:1], calibration=batch)
+        apply(model, result.policy, space, calibration=batch, ctx=ctx)
+        assert not [n for n in ctx.notes if "skipped" in n], ctx.notes
+        # a layer's weights and activations are allocated together: no narrow weights that run wide
+        for d in space.of_kind("wbits"):
+            w, a = chosen[d.id], chosen["abits:" + d.id.split(":", 1)[1]]
+            assert w == a or (w <= 8 and a == 8), (d.id, w, a)
+
+
+def test_allocation_prefers_what_costs_least_sensitivity(setup) -> None:
+    """With int8 free of sensitivity and pruning expensive, a budget int8 alone meets is met by int8."""
+    model, space, _ = setup
+    scores = {d.id: {choice_key(c): (0.0 if d.kind in ("wbits", "abits") else 1.0 + float(i))
+                     for i, c in enumerate(d.choices) if c != d.identity} for d in space.decisions}
+    table = SensitivityTable(scores, "kl", 1, 0.0)
+    costs = cached_costs(cost_fn(space, "mobile"))
+    all_int8 = Policy(space.model, space.fingerprint,
+                      {d.id: 8 for d in space.of_kind("wbits", "abits")})
+    limit = costs(all_int8)["latency_ms"] * 1.01
+    slot_list = slots(space, [d for d in space.decisions if not d.id.startswith("merge:bn:")])
+    result = allocate(space, table, costs, {"latency_ms": limit}, slot_list)
+    assert result is not None and result.sensitivity == pytest.approx(0.0, abs=1e-6)
+    assert not any(k.startswith(("prune:", "rank:")) for k in result.policy.decisions)
