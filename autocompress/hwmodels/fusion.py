@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable
 
-from autocompress.hwmodels.kernels import (CACHE, CONVERSION_BYTES_PER_ELEMENT, DRAM, LAST_LEVEL_CACHE, Kernel, StandaloneOp,
-                                          Structure, kernel_class)
+from autocompress.hwmodels.kernels import (CACHE, CONVERSION_BYTES_PER_ELEMENT, DRAM, LAST_LEVEL_CACHE, Kernel,
+                                          StandaloneOp, Structure, kernel_class)
 from autocompress.hwmodels.target import Target
 from autocompress.space.costs import FLOAT_BITS, INT8_BITS, CostTable, LayerCost
 
@@ -25,6 +25,7 @@ FREE_OPS = ("input", "dropout", "getitem", "output", "const")
 CLIP_FNS = ("ReLU6", "relu6")  # activations (graph op "act") that export as Clip
 VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
 SHAPE_TARGETS = ("size", "dim")  # ops that read a tensor's shape only
+RUN_BITS = {"int8": INT8_BITS, "fp16": 16, "fp32": FLOAT_BITS}  # the width a kernel of each dtype reads and writes
 
 
 def _padding_factor(n: int, block: int) -> float:
@@ -61,6 +62,8 @@ class _Passes:
     reorders: int = 0
 
 
+_NO_PASSES = _Passes()  # read only: for a kernel or op that pays for none
+
 @dataclass
 class _OpDraft:
     name: str
@@ -75,7 +78,7 @@ class _Fuser:
     """What the fusion rules read and change while walking a table's rows in order."""
 
     def __init__(self, table: CostTable, t: Target, batch: int) -> None:
-        self.t, self.batch = t, batch
+        self.target, self.batch = t, batch
         self.block = max(1, t.channel_block)
         self.cache_bytes, self.llc_bytes = t.cache_bytes, max(t.llc_bytes, t.cache_bytes)
         self.layouts = t.block_fallback and self.block > 1
@@ -98,14 +101,14 @@ class _Fuser:
         self.wide_reads = {s for r in self.rows if r.op in HEAD_OPS and r.abits > INT8_BITS for s in r.inputs}
         self.int8_kernels = {r.name for r in self.rows
                              if r.op in HEAD_OPS and t.compute_dtype(r.wbits, r.abits) == "int8"}
-        self.int8_read = {s for r in self.rows if r.name in self.int8_kernels for s in r.inputs}
-        self.int8_out: set[str] = set()
+        self.int8_inputs = {s for r in self.rows if r.name in self.int8_kernels for s in r.inputs}  # what they read
+        self.int8_tensors: set[str] = set()  # tensors stored in int8
         self.nchw_int8: set[str] = set()  # int8 tensors ONNX Runtime keeps in NCHW (int8 concats, what pools them)
         self.blocked: set[str] = set()  # float tensors in the blocked layout
         self.channels: dict[str, int] = {}
         self.passes: dict[str, _Passes] = {}
-        self.converted: set[tuple[str, object]] = set()
-        self.reordered: set[tuple[str, bool]] = set()
+        self.converted: set[tuple[str, object]] = set()  # (tensor, True) quantised; (tensor, reader) dequantised
+        self.reordered: set[tuple[str, bool]] = set()  # (tensor, to blocked) already reordered
         self.kernels: dict[str, _KernelDraft] = {}
         self.kernel_of: dict[str, str] = {}
         self.ops: list[_OpDraft] = []
@@ -115,12 +118,11 @@ class _Fuser:
 
     def run_bits(self, r: LayerCost) -> int:
         """The activation width a conv/linear runs at on this target."""
-        dtype = self.t.compute_dtype(r.wbits, r.abits)
-        return 8 if dtype == "int8" else (16 if dtype == "fp16" else FLOAT_BITS)
+        return RUN_BITS[self.target.compute_dtype(r.wbits, r.abits)]
 
     def stored_bytes(self, name: str) -> float:
         """Bytes per element of a tensor as deployed."""
-        if name in self.int8_out and name not in self.wide_reads:
+        if name in self.int8_tensors and name not in self.wide_reads:
             return 1.0
         return self.bits.get(name, FLOAT_BITS) / 8
 
@@ -130,10 +132,13 @@ class _Fuser:
         return src is not None and 0 < src.out_numel <= 16 * r.out_numel
 
     def all_int8(self, r: LayerCost) -> bool:
-        return bool(r.inputs) and all(s in self.int8_out for s in r.inputs)
+        return bool(r.inputs) and all(s in self.int8_tensors for s in r.inputs)
 
     def passes_of(self, consumer: str) -> _Passes:
-        return self.passes.setdefault(consumer, _Passes())
+        p = self.passes.get(consumer)
+        if p is None:
+            p = self.passes[consumer] = _Passes()
+        return p
 
     def convert(self, consumer: str, src: str, to_int8: bool) -> None:
         """One QuantizeLinear per float tensor that int8 kernels read. The quantiser puts the Q/DQ pair on
@@ -142,11 +147,11 @@ class _Fuser:
         if src not in self.by_name:
             return
         if to_int8:
-            if src in self.int8_out or (src, True) in self.converted:
+            if src in self.int8_tensors or (src, True) in self.converted:
                 return
             self.converted.add((src, True))
         else:
-            quantised = src in self.int8_out or (self.dq_per_reader and src in self.int8_read)
+            quantised = src in self.int8_tensors or (self.dq_per_reader and src in self.int8_inputs)
             if not quantised or (src, consumer) in self.converted:
                 return
             self.converted.add((src, consumer))
@@ -168,7 +173,7 @@ class _Fuser:
         """``name`` is fused into ``head``'s kernel: its output has the kernel's dtype and layout."""
         self.kernel_of[name] = head
         if self.kernels[head].dtype == "int8":
-            self.int8_out.add(name)
+            self.int8_tensors.add(name)
         elif head in self.blocked:
             self.blocked.add(name)
 
@@ -176,20 +181,20 @@ class _Fuser:
         batch = self.batch
         ops = []
         for d in self.ops:
-            p = self.passes.get(d.name, _Passes())
+            p = self.passes.get(d.name, _NO_PASSES)
             nbytes = d.bytes_moved + p.conversion_bytes
             ops.append(StandaloneOp(d.name, nbytes, self.level(nbytes), d.output_elements, d.view,
                                     int(p.conversions), d.slow_pool_elements, p.reordered_elements,
                                     int(p.reorders), p.conversion_bytes, d.plain_pool_elements))
         model_weight_level = (self.level(sum(k.weight_bytes for k in self.kernels.values()))
-                              if self.t.model_weights_level else CACHE)
+                              if self.target.model_weights_level else CACHE)
         kernels = []
         for head, k in self.kernels.items():
             nbytes = k.weight_bytes + (k.input_bytes + k.output_bytes) * batch
             # A matrix-vector product streams its weights once, which hardware prefetch may serve at cache speed.
-            gemv = k.kernel_class == "linear" and batch == 1 and self.t.gemv_from_cache
+            gemv = k.kernel_class == "linear" and batch == 1 and self.target.gemv_from_cache
             lvl = CACHE if gemv else self.level(nbytes)
-            p = self.passes.get(head, _Passes())
+            p = self.passes.get(head, _NO_PASSES)
             kernels.append(Kernel(head, k.kernel_class, k.dtype, k.padded_macs * batch, k.macs * batch, nbytes, lvl,
                                   k.rf_bits_per_mac, k.weight_bytes, k.reduction_length, k.output_positions * batch,
                                   p.conversion_bytes, int(p.conversions), p.reordered_elements, int(p.reorders),
@@ -204,7 +209,7 @@ def _head_kernel(f: _Fuser, r: LayerCost) -> None:
     not a multiple of the block is padded) when their input channels are a multiple of ``channel_align``,
     else a plain kernel; grouped convs, linear layers and int8 kernels (NHWC in ONNX Runtime) read and
     write plain tensors."""
-    t, block = f.t, f.block
+    t, block = f.target, f.block
     dtype = t.compute_dtype(r.wbits, r.abits)
     cls = kernel_class(r.op, r.in_ch, r.groups, r.kernel)
     area = r.kernel[0] * r.kernel[1]
@@ -222,19 +227,19 @@ def _head_kernel(f: _Fuser, r: LayerCost) -> None:
         padding = _padding_factor(out_per_group, block) * (
             _padding_factor(in_per_group, block) if in_per_group >= block else 1.0)
         reduction = in_per_group * area
-    abits = f.run_bits(r)
+    abits = RUN_BITS[dtype]
     for src in r.inputs:
         f.convert(r.name, src, dtype == "int8")
         if not (is_blocked and r.in_ch < block):
             f.relayout(r.name, src, is_blocked)
     if dtype == "int8":
-        f.int8_out.add(r.name)
+        f.int8_tensors.add(r.name)
     elif is_blocked:
         f.blocked.add(r.name)
     if plain:
         padding = 1.0
     # A layer whose weights are at <= 8 bits but that runs in float is deployed with float weights.
-    wbits = r.wbits if dtype == "int8" else (16 if dtype == "fp16" else FLOAT_BITS)
+    wbits = r.wbits if dtype == "int8" else RUN_BITS[dtype]
     weight_bytes = r.weight_bytes + r.weight_numel * (wbits - r.wbits) / 8
     f.kernels[r.name] = _KernelDraft(cls, dtype, r.macs * padding, r.macs, weight_bytes, r.in_numel * abits / 8,
                                      r.out_numel * f.stored_bytes(r.name), False, r.wbits + 3 * abits, reduction,
@@ -245,7 +250,7 @@ def _head_kernel(f: _Fuser, r: LayerCost) -> None:
 def _pass_through(f: _Fuser, r: LayerCost) -> None:
     """Inputs, dropouts, getitems, constants: free, keeping their input's dtype and layout."""
     if f.all_int8(r):
-        f.int8_out.add(r.name)
+        f.int8_tensors.add(r.name)
         if any(s in f.nchw_int8 for s in r.inputs):
             f.nchw_int8.add(r.name)
     elif r.inputs and all(s in f.blocked for s in r.inputs) and r.op != "output":
@@ -304,7 +309,7 @@ def _residual_add(f: _Fuser, r: LayerCost) -> None:
             if head is None or f.n_consumers.get(s, 0) != 1:
                 continue
             k = f.kernels[head]
-            if not k.absorbed_add and (f.t.int8_fuses_add or k.dtype != "int8"):
+            if not k.absorbed_add and (f.target.int8_fuses_add or k.dtype != "int8"):
                 absorbable.append(s)
     if not absorbable:
         _standalone(f, r)
@@ -327,7 +332,7 @@ def _reshape(f: _Fuser, r: LayerCost) -> None:
         _standalone(f, r)
         return
     if f.all_int8(r):
-        f.int8_out.add(r.name)
+        f.int8_tensors.add(r.name)
     else:
         for src in r.inputs:
             f.relayout(r.name, src, False)
@@ -357,19 +362,19 @@ def _standalone(f: _Fuser, r: LayerCost, float_clip: bool = False) -> None:
     windowed = op == "pool" and f.windowed_pool(r)
     siblings = [c for c in f.consumers.get(r.inputs[0], ()) if c != r.name] if r.inputs else []
     slow_pool = (quantised_reads and not all_int8 and windowed
-                 and (any(c in f.int8_kernels for c in siblings) or (not siblings and r.name in f.int8_read)))
+                 and (any(c in f.int8_kernels for c in siblings) or (not siblings and r.name in f.int8_inputs)))
     nchw_in = quantised_reads and any(s in f.nchw_int8 for s in r.inputs)
     if all_int8 and windowed and nchw_in:
         slow_pool = True
     if quantised_reads and (slow_pool or (all_int8 and (nchw_in or (op == "concat" and len(r.inputs) == 1)))):
         f.nchw_int8.add(r.name)
     if all_int8:
-        f.int8_out.add(r.name)
+        f.int8_tensors.add(r.name)
     elif slow_pool:
         for src in r.inputs:
             f.convert(r.name, src, True)
             f.relayout(r.name, src, False)
-        f.int8_out.add(r.name)
+        f.int8_tensors.add(r.name)
     else:
         for src in r.inputs:
             f.convert(r.name, src, False)
