@@ -62,7 +62,7 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     policy = Policy.load(policy_path)
     ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=dict(policy.options),
                     pretrained=True)
-    policy.validate(ws.space)
+    policy = policy.validate(ws.space)  # values normalised to the space's choices
     bundle = None
     if data:
         from autocompress.evaluators.data import as_tensors, load_data

@@ -48,5 +48,12 @@ class WeightsError(UserInputError):
     """A weights file that cannot be read or does not match the model."""
 
 
+class EnvironmentProblem(AutocompressError):
+    """The machine, not the input: permissions, a read-only or missing folder, a missing optional
+    driver, storage that cannot be opened. Exit code 3."""
+
+    exit_code = 3
+
+
 class TrialFailed(AutocompressError):
     """A candidate failed to build, train or export; the search records it and goes on."""

@@ -42,6 +42,8 @@ def guard(fn: F) -> F:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except AutocompressError as exc:
             fail(str(exc).splitlines()[0], exc.exit_code)
+        except PermissionError as exc:  # the environment, not the input
+            fail(f"permission denied: {exc.filename or exc}; check the folder's permissions", 3)
         except BrokenPipeError:  # output piped into e.g. `head`
             sys.stderr.close()
             raise typer.Exit(0)

@@ -87,12 +87,14 @@ def apply(model: str = ModelOpt, policy: Path = typer.Option(..., "--policy"),
           data: Optional[str] = typer.Option(None, "--data", help="fine-tune with distillation on this data"),
           target: str = typer.Option("mobile", "--target", "-t"), epochs: float = typer.Option(1.0, "--epochs"),
           input_shape: Optional[str] = ShapeOpt, leaf: list[str] = LeafOpt,
-          seed: int = typer.Option(0, "--seed")) -> None:
+          seed: int = typer.Option(0, "--seed"),
+          measure: bool = typer.Option(True, "--measure/--no-measure",
+                                       help="time the written files in ONNX Runtime on this machine")) -> None:
     """Apply a policy and write the compressed model (fine-tunes when data is given)."""
     from autocompress.api import apply_policy
 
     result = apply_policy(model, policy, out, weights=weights, data=data, target=target, epochs=epochs,
-                          input_shape=_shape(input_shape), leaf=leaf, seed=seed)
+                          input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure)
     b, a = result["baseline"], result["best"]
     table = Table(title=f"{model} -> {out}")
     for col in ("", "MACs", "params", "size MB", f"{target} ms", "local ms", "accuracy"):

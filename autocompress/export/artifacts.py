@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from autocompress.errors import UserInputError
+from autocompress.errors import EnvironmentProblem, UserInputError
 from autocompress.export.onnx import export_onnx
 from autocompress.space.costs import runs_int8
 from autocompress.space.policy import Policy
@@ -103,28 +103,65 @@ def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Pat
     return info
 
 
+STAGING_PREFIX = ".partial-"
+
+
 def check_out(out: str | os.PathLike) -> None:
-    """Refuse an output path that exists and is not a folder, before any work is done."""
-    if Path(out).exists() and not Path(out).is_dir():
+    """Refuse an output path that exists and is not a folder, or cannot be written, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"--out {str(out)!r}: {str(existing)!r} is not writable; choose a folder you can "
+                                 "write to or fix its permissions")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(out: Path) -> None:
+    """Remove staging folders that killed runs left in ``out`` (their process is gone)."""
+    for p in out.glob(f"{STAGING_PREFIX}*") if out.is_dir() else ():
+        pid = p.name[len(STAGING_PREFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def commit_folder(out: str | os.PathLike, build: Callable[[Path], Any]) -> Any:
-    """Run ``build(staging)`` and move its files into ``out`` only if it succeeds."""
+    """Run ``build(staging)`` and move its files into ``out`` only if it succeeds.
+
+    The staging folder lives inside ``out``, so the final renames never cross filesystems (``out``
+    may be a mount point: a container volume, a tmpfs)."""
     out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create --out {str(out)!r}: {exc.strerror or exc}") from None
+    clean_stale_staging(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    ok = False
     try:
         result = build(staging)
-        out.mkdir(exist_ok=True)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
+        ok = True
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not ok and not any(out.iterdir()):
+            out.rmdir()
 
 
 def write_policy_and_result(folder: Path, policy: Policy, result: Mapping[str, Any]) -> None:

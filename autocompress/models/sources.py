@@ -8,6 +8,7 @@ models are built with random initialisation unless a weights file is given.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,8 +109,9 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in parts)  # an empty or non-numeric part is an error, never skipped
     except ValueError:
         shape = ()
     if len(shape) < 2 or any(s <= 0 for s in shape):

@@ -14,11 +14,13 @@ from autocompress.errors import PolicyError
 from autocompress.space.space import SearchSpace
 
 FORMAT = "autocompress.policy/1"
+MAX_BYTES = 1 << 20  # a policy names at most a few thousand decisions; anything larger is not one
+CHOICE_TOLERANCE = 1e-6  # a value this close to a choice is that choice (hand-edited or printed floats)
 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+        return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=CHOICE_TOLERANCE)
     return a == b
 
 
@@ -70,6 +72,10 @@ class Policy:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
         try:
+            size = Path(path).stat().st_size
+            if size > MAX_BYTES:
+                raise PolicyError(f"policy file {str(path)!r} is {size:,} bytes; a policy is at most {MAX_BYTES:,} "
+                                  "bytes: is this the right file?")
             text = Path(path).read_text()
         except FileNotFoundError:
             raise PolicyError(f"policy file {str(path)!r} does not exist") from None
@@ -79,6 +85,8 @@ class Policy:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PolicyError(f"policy file {str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except RecursionError:
+            raise PolicyError(f"policy file {str(path)!r} is nested too deeply to be a policy") from None
         return cls.from_json(data, source=f"policy file {str(path)!r}")
 
     @classmethod
@@ -86,7 +94,8 @@ class Policy:
         return cls(space.model, space.fingerprint, {}, space.options)
 
     def validate(self, space: SearchSpace, check_fingerprint: bool = True) -> "Policy":
-        """Raise PolicyError naming every unknown id, out-of-domain value or fingerprint mismatch."""
+        """Raise PolicyError naming every unknown id, out-of-domain value or fingerprint mismatch; else the
+        policy with each value replaced by the space's choice it stands for (within ``CHOICE_TOLERANCE``)."""
         problems = []
         if check_fingerprint and self.fingerprint and self.fingerprint != space.fingerprint:
             problems.append(
@@ -101,11 +110,14 @@ class Policy:
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
             problems.append(f"unknown decision ids {', '.join(map(repr, unknown[:3]))}{more}")
         for k, v in self.decisions.items():
-            if k in space and not any(_same(v, c) for c in space[k].choices):
+            if k in space and (isinstance(v, bool) or not any(_same(v, c) for c in space[k].choices)):
                 problems.append(f"{k}={v!r} is not one of {list(space[k].choices)}")
         if problems:
             raise PolicyError("policy does not fit the model: " + "; ".join(problems[:4]))
-        return self
+        exact = {k: next(c for c in space[k].choices if _same(v, c)) for k, v in self.decisions.items()}
+        if all(type(exact[k]) is type(v) and exact[k] == v for k, v in self.decisions.items()):
+            return self
+        return Policy(self.model, self.fingerprint, exact, self.options)
 
     def resolved(self, space: SearchSpace) -> dict[str, Any]:
         """Every decision of ``space`` with this policy's choice or the identity."""

@@ -1,0 +1,107 @@
+"""Bad input and hostile environments: one-line errors with the right exit code, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from autocompress.errors import EnvironmentProblem, PolicyError, UserInputError
+from autocompress.export.artifacts import STAGING_PREFIX, commit_folder
+from autocompress.models.sources import parse_input_shape
+from autocompress.space.policy import MAX_BYTES, Policy
+from tests.conftest import assert_one_line_error, run_cli, workspace
+
+
+@pytest.mark.parametrize("text", ["1,1,x,32", "1,,3", "1,3,a,4", "3", "1,0,4,4", "-1,3,4,4"])
+def test_malformed_input_shapes_are_refused(text: str) -> None:
+    with pytest.raises(UserInputError, match="bad input shape"):
+        parse_input_shape(text)
+
+
+def test_well_formed_input_shapes_parse() -> None:
+    assert parse_input_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert parse_input_shape("1x3x32x32") == (1, 3, 32, 32)
+    assert parse_input_shape(" 1, 1, 32, 32 ") == (1, 1, 32, 32)
+
+
+def _policy_file(tmp_path: Path, decisions: dict) -> Path:
+    space = workspace("builtin:digits-net").space
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"format": "autocompress.policy/1", "model": space.model,
+                                "fingerprint": space.fingerprint, "decisions": decisions}))
+    return path
+
+
+def test_a_value_within_tolerance_of_a_choice_becomes_that_choice(tmp_path: Path) -> None:
+    space = workspace("builtin:digits-net").space
+    prune = space.of_kind("prune")[0].id
+    policy = Policy.load(_policy_file(tmp_path, {prune: 0.5000000001})).validate(space)
+    assert policy.decisions[prune] == 0.5 and repr(policy.decisions[prune]) == "0.5"
+    with pytest.raises(PolicyError, match="is not one of"):
+        Policy.load(_policy_file(tmp_path, {prune: 0.51})).validate(space)
+    with pytest.raises(PolicyError, match="is not one of"):
+        Policy.load(_policy_file(tmp_path, {prune: True})).validate(space)
+
+
+def test_an_oversized_or_deeply_nested_policy_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:
+        fh.truncate(MAX_BYTES + 1)
+    with pytest.raises(PolicyError, match="at most"):
+        Policy.load(big)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        Policy.load(deep)
+
+
+def test_apply_writes_the_normalised_policy(tmp_path: Path) -> None:
+    space = workspace("builtin:digits-net").space
+    prune = space.of_kind("prune")[0].id
+    res = run_cli("apply", "--model", "builtin:digits-net", "--policy", str(_policy_file(tmp_path, {prune: 0.5000000001})),
+                  "--out", str(tmp_path / "out"), "--no-measure")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "policy.json").read_text())["decisions"] == {prune: 0.5}
+
+
+def test_staging_lives_inside_the_output_folder_and_stale_staging_is_cleaned(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f"{STAGING_PREFIX}999999999"  # no such process
+    dead.mkdir()
+    (dead / "model.onnx").write_text("half")
+    seen = []
+
+    def build(folder: Path) -> int:
+        seen.append(folder)
+        (folder / "a.txt").write_text("x")
+        return 7
+
+    assert commit_folder(out, build) == 7
+    assert seen[0].parent == out  # same filesystem as the destination, even when out is a mount point
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+
+
+def test_a_failed_build_leaves_no_new_empty_output_folder(tmp_path: Path) -> None:
+    def build(folder: Path) -> None:
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        commit_folder(tmp_path / "new", build)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unwritable_output_folder_exits_3(tmp_path: Path, monkeypatch) -> None:
+    real_access = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    space = workspace("builtin:digits-net").space
+    res = run_cli("apply", "--model", "builtin:digits-net", "--policy", str(_policy_file(tmp_path, {})),
+                  "--out", str(ro / "out"), "--no-measure")
+    assert_one_line_error(res, "not writable", code=3)
+    assert space is not None
