@@ -80,7 +80,7 @@ def fit_numbers() -> dict[str, Any]:
             if k in data}
 
 
-def search_numbers(folder: Path) -> dict[str, Any]:
+def search_numbers(folder: Path, space: str = "tradeoff") -> dict[str, Any]:
     """A seeded 6-trial search of the tiny model in tests/test_search.py: every trial's state and policy, and the pick."""
     from autocompress.search.core import SearchConfig
     from autocompress.search.run import run_search
@@ -89,7 +89,7 @@ def search_numbers(folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tiny.py").write_text(TINY)
     config = SearchConfig(target="mobile", budget="0.8x", trials=6, seed=3, low_epochs=0.5, full_epochs=0.5,
-                          finalists=2)
+                          finalists=2, space=space)
     result = run_search(config, model=f"{folder}/tiny.py:model", data=f"{folder}/tiny.py:data", out=folder / "out",
                         measure=False)
     rows = (folder / "out" / "trials.csv").read_text().splitlines()
@@ -105,7 +105,7 @@ def compute(folder: Path) -> dict[str, Any]:
     from tests.conftest import ZOO, small_shape
 
     return {"models": {spec: model_numbers(spec, small_shape(spec)) for spec in ZOO}, "fit": fit_numbers(),
-            "search": search_numbers(folder)}
+            "search": search_numbers(folder / "tradeoff"), "search_layers": search_numbers(folder / "layers", "layers")}
 
 
 if __name__ == "__main__":

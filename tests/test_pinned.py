@@ -46,3 +46,9 @@ def test_fit_is_pinned() -> None:
 
 def test_seeded_search_is_pinned(tmp_path) -> None:
     assert_same(json.loads(json.dumps(search_numbers(tmp_path))), PINNED_DATA["search"], 1e-9, "search")
+
+
+def test_seeded_search_over_one_parameter_per_decision_is_pinned(tmp_path) -> None:
+    """``--space layers`` searches exactly as the search did before the trade-off space existed."""
+    got = json.loads(json.dumps(search_numbers(tmp_path, "layers")))
+    assert_same(got, PINNED_DATA["search_layers"], 1e-9, "search_layers")

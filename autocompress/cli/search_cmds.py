@@ -31,7 +31,11 @@ def search(
     low_epochs: float = typer.Option(0.5, "--low-epochs", help="fine-tune epochs per candidate (low fidelity)"),
     full_epochs: float = typer.Option(4.0, "--full-epochs", help="fine-tune epochs for the finalists"),
     finalists: int = typer.Option(3, "--finalists"),
-    tie: list[str] = typer.Option([], "--tie", help="decision kind to share one value across layers (repeatable)"),
+    space: str = typer.Option("tradeoff", "--space",
+                              help="tradeoff: the sensitivity-guided allocation's trade-offs (default); "
+                                   "layers: one parameter per decision"),
+    tie: list[str] = typer.Option([], "--tie", help="layers space: a decision kind to share one value across "
+                                                    "layers (repeatable)"),
     objectives: str = typer.Option("accuracy", "--objectives",
                                    help="comma-separated: accuracy plus any of latency_ms, energy_mj, size_bytes "
                                         "(more than one makes the study multi-objective)"),
@@ -52,6 +56,7 @@ def search(
 
     config = SearchConfig(target=target, budget=budget, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
+                          space=space,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray":

@@ -13,6 +13,7 @@ a :class:`SearchResult` that ``report.write_search_outputs`` writes out.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ from autocompress.search.screen import Screen
 from autocompress.space.policy import Policy
 
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_bytes": "minimize"}
+SPACES = ("tradeoff", "layers")
 DEFAULT_MODEL = "builtin:digits-net"
 DEFAULT_DATA = {"builtin:digits-net": "sklearn:digits"}
 
@@ -40,6 +42,8 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("accuracy",)
     tie: tuple[str, ...] = ()
     seeds: bool = True  # enqueue uniform starting points in a fresh study
+    # What the sampler searches: the allocation's trade-offs (``tradeoff``) or one parameter per decision.
+    space: str = "tradeoff"
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tpe", "nsga2", "random"):
@@ -47,8 +51,15 @@ class SearchConfig:
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or "accuracy" not in self.objectives:
             raise UserInputError(f"objectives must include accuracy and come from {', '.join(OBJECTIVES)}; got {bad}")
+        if self.space not in SPACES:
+            raise UserInputError(f"unknown search space {self.space!r}; valid: {', '.join(SPACES)}")
         if self.trials < 1:
             raise UserInputError(f"--trials must be at least 1, got {self.trials}")
+        for name, value in (("--low-epochs", self.low_epochs), ("--full-epochs", self.full_epochs)):
+            if not (math.isfinite(value) and 0 < value <= 1000):
+                raise UserInputError(f"{name} must be a number of epochs above 0 (at most 1000), got {value}")
+        if self.finalists < 1:
+            raise UserInputError(f"--finalists must be at least 1, got {self.finalists}")
 
 
 @dataclass
@@ -125,6 +136,8 @@ def model_and_data(model: str | None, data: str | None) -> tuple[str, str]:
 
 def study_name_for(space_fp: str, config: SearchConfig) -> str:
     key = f"{config.target}|{config.budget}|{config.objectives}|{config.tie}"
+    if config.space != "layers":  # another parameter space is another study
+        key += f"|{config.space}"
     return f"autocompress-{space_fp}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
@@ -133,7 +146,7 @@ def pick_finalists(candidates: Sequence[Candidate], n: int) -> list[Candidate]:
     ranked = sorted(candidates, key=lambda c: (-c.accuracy, c.latency_ms))
     distinct: list[Candidate] = []
     for c in ranked:  # the same policy twice would spend two full fine-tunes on one candidate
-        if all(c.params != f.params for f in distinct):
+        if all(c.params != f.params and c.policy != f.policy for f in distinct):
             distinct.append(c)
     return distinct[: max(1, n)]
 

@@ -33,6 +33,9 @@ from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, Searc
                                       study_name_for)
 from autocompress.search.screen import Screen
 from autocompress.search.space_params import ParamSpace
+from autocompress.search.tradeoff import make_params
+
+SENSITIVITY_ATTR = "sensitivity"
 from autocompress.space.policy import Policy
 
 
@@ -72,9 +75,13 @@ def distributions(params: ParamSpace) -> dict[str, CategoricalDistribution]:
 
 def counts(study: optuna.Study) -> dict[str, int]:
     trials = workers.fresh_trials(study)
-    return {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "failed": sum(t.state == TrialState.FAIL for t in trials),
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+    duplicates = sum(t.state == TrialState.COMPLETE and "duplicate_of" in t.user_attrs for t in trials)
+    out = {"complete": sum(t.state == TrialState.COMPLETE for t in trials) - duplicates,
+           "failed": sum(t.state == TrialState.FAIL for t in trials),
+           "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+    if duplicates:
+        out["duplicates"] = duplicates
+    return out
 
 
 def candidates(study: optuna.Study, params: ParamSpace) -> list[Candidate]:
@@ -100,8 +107,6 @@ class OptunaDriver:
                  worker: str | None = None) -> None:
         self.ws, self.evaluator, self.config, self.callback = ws, evaluator, config, callback or (lambda e: None)
         self.space = ws.space
-        self.params = ParamSpace(self.space, config.tie)
-        self.distributions = distributions(self.params)
         self.screen = Screen(self.space, config.target, config.budget)
         directions = [OBJECTIVES[o] for o in config.objectives]
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,6 +116,11 @@ class OptunaDriver:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(list(config.objectives))
         self.warm_start = warm_start
+        # The sensitivity table lives on the study: a resumed search or another worker reads it back.
+        self.params = make_params(config.space, self.screen, evaluator.teacher, evaluator.calibration, tie=config.tie,
+                                  warm=warm_start, stored=self.study.user_attrs.get(SENSITIVITY_ATTR),
+                                  store=lambda data: self.study.set_user_attr(SENSITIVITY_ATTR, data))
+        self.distributions = distributions(self.params)
         # Who owns a RUNNING trial: a restarted worker (same host, same output folder) knows its dead
         # predecessor's trials by this name and fails them at once instead of waiting for heartbeats.
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
@@ -167,7 +177,7 @@ class OptunaDriver:
         with workers.study_lock(self.study):  # two workers starting together enqueue the seeds once
             if workers.fresh_trials(self.study):
                 return
-            for params, origin in self.screen.start_points(self.params, self.warm_start, seeds=self.config.seeds):
+            for params, origin in self.params.start_points(self.screen, self.warm_start, seeds=self.config.seeds):
                 self.study.enqueue_trial(params, user_attrs={"origin": origin})
 
     def _known(self, params: dict) -> bool:
@@ -196,6 +206,8 @@ class OptunaDriver:
             trial.set_user_attr("owner", self.worker)
             policy = self.params.to_policy(trial.params)
             costs = self.screen.costs(policy)
+            if self._tell_duplicate(trial, policy, costs):
+                continue
             if self.screen.violations(costs):
                 self._screen_out(trial, policy, costs)
                 continue
@@ -207,6 +219,20 @@ class OptunaDriver:
                 self._evaluate(trial, policy, costs)
         self._recover_stale()
         return conclude(self.study, self.params, self.screen, self.evaluator, self.config, callback=self.callback)
+
+    def _tell_duplicate(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> bool:
+        """Parameters that give a policy already evaluated get its score without a fine-tune and do not
+        count against the total (allocations at different weights often agree)."""
+        same = next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get("policy") == dict(policy.decisions)), None)
+        if same is None:
+            return False
+        trial.set_user_attr("duplicate_of", same.number)
+        for k, v in costs.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("policy", dict(policy.decisions))
+        self.study.tell(trial, list(same.values))
+        return True
 
     def _screen_out(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:
         """Record an over-budget candidate as pruned; enqueue its repair unless that is already known."""
@@ -221,6 +247,7 @@ class OptunaDriver:
                                  "screen"))
 
     def _evaluate(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:
+        trial.set_user_attr("policy", dict(policy.decisions))  # failed trials name their policy too
         for k, v in costs.items():
             trial.set_user_attr(k, v)
         for key, margin in self.screen.margins(costs).items():
@@ -236,7 +263,6 @@ class OptunaDriver:
             return
         trial.set_user_attr("seconds", round(time.time() - started, 2))
         trial.set_user_attr("fidelity_epochs", self.config.low_epochs)
-        trial.set_user_attr("policy", dict(policy.decisions))
         if scored.notes:
             trial.set_user_attr("notes", scored.notes[:20])
         values = [scored.accuracy if o == "accuracy" else costs[o] for o in self.config.objectives]

@@ -45,7 +45,7 @@ from autocompress.search.core import (OBJECTIVES, SearchConfig, check_target_and
                                       study_name_for)
 from autocompress.search.optuna_driver import conclude, distributions, make_sampler
 from autocompress.search.screen import Screen
-from autocompress.search.space_params import ParamSpace
+from autocompress.search.tradeoff import make_params
 from autocompress.space.policy import Policy
 
 MAX_FAILURES = 3  # retries of a trial whose worker or node died
@@ -64,15 +64,18 @@ class JobSpec:
     chunks: int = 3
     teacher_digest: str = ""
     threads: int = 1
+    warm: dict[str, Any] = field(default_factory=dict)  # the warm-start policy's JSON
+    sensitivity: dict[str, Any] = field(default_factory=dict)  # measured once on the driver, read on the workers
 
 
 @dataclass
 class _Context:
     screen: Screen
-    params: ParamSpace
+    params: Any  # ParamSpace or TradeoffSpace
     distributions: dict[str, Any]
     evaluator: Any
     digest: str
+    sensitivity: dict[str, Any]
 
 
 _CONTEXTS: dict[str, _Context] = {}  # one workspace per worker process and job
@@ -88,7 +91,8 @@ def _digest(model: torch.nn.Module) -> str:
 
 def build_context(job: JobSpec) -> _Context:
     """The workspace, evaluator and screening of one job, seeded so every node builds the same teacher."""
-    key = repr((job.model, job.data, job.weights, job.input_shape, sorted(job.options.items()), job.config))
+    key = repr((job.model, job.data, job.weights, job.input_shape, sorted(job.options.items()), job.config,
+                sorted(job.warm.get("decisions", {}).items())))
     if key in _CONTEXTS:
         return _CONTEXTS[key]
     from autocompress.workspace import open_model
@@ -101,10 +105,14 @@ def build_context(job: JobSpec) -> _Context:
     bundle = load_data(job.data, ws.space.input_shape)
     torch.manual_seed(job.config.seed)
     evaluator = CandidateEvaluator(ws, bundle, seed=job.config.seed)
-    params = ParamSpace(ws.space, job.config.tie)
     screen = Screen(ws.space, job.config.target, job.config.budget)
+    measured: dict[str, Any] = dict(job.sensitivity)
+    params = make_params(job.config.space, screen, evaluator.teacher, evaluator.calibration, tie=job.config.tie,
+                         warm=Policy.from_json(job.warm) if job.warm else None, stored=job.sensitivity or None,
+                         store=measured.update)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _CONTEXTS[key] = ctx = _Context(screen, params, distributions(params), evaluator, _digest(evaluator.teacher))
+    _CONTEXTS[key] = ctx = _Context(screen, params, distributions(params), evaluator, _digest(evaluator.teacher),
+                                    measured)
     return ctx
 
 
@@ -256,11 +264,11 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     out = Path(out).resolve()
     job = JobSpec(model=model, data=data, config=config, weights=str(Path(weights).resolve()) if weights else None,
                   input_shape=tuple(input_shape) if input_shape else None, options=dict(warm.options) if warm else {},
-                  chunks=chunks, threads=max(1, int(cpus_per_trial)))
+                  chunks=chunks, threads=max(1, int(cpus_per_trial)), warm=warm.to_json() if warm else {})
     ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
     if warm is not None:
         warm.validate(ctx.screen.space)
-    job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest})
+    job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest, "sensitivity": ctx.sensitivity})
     name = study_name_for(ctx.screen.space.fingerprint, config)
     storage = str(storage_path or out / "ray-tune")
     if "://" not in storage:  # s3://, gs://... go to Ray's storage layer as given
@@ -274,7 +282,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
         raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
     with _ray_session.session(address, cpus_per_trial):
         # Ray counts a screened trial against --trials, so the starting points are repaired into the budget here.
-        starts = ctx.screen.start_points(ctx.params, warm, seeds=config.seeds, repaired=True)
+        starts = ctx.params.start_points(ctx.screen, warm, seeds=config.seeds, repaired=True)
         points = [params for params, _ in starts][: config.trials]
         tuner = _tuner(job, ctx, points, name=name, storage=storage, early_stop=early_stop, cpus=cpus_per_trial,
                        gpus=gpus_per_trial, max_concurrent=max_concurrent)
@@ -283,6 +291,8 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
                                 directions=[OBJECTIVES[o] for o in config.objectives])
     summary = _to_study(study, ctx, config, grid, chunks)
+    if ctx.sensitivity:
+        study.set_user_attr("sensitivity", ctx.sensitivity)
     base_acc = ctx.evaluator.baseline()
     result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
     ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,

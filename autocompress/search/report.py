@@ -14,6 +14,8 @@ from typing import Any
 from optuna.trial import TrialState
 
 from autocompress.search.core import SearchResult
+from autocompress.search.sensitivity import SensitivityTable
+from autocompress.search.sensitivity_report import plot_sensitivity, sensitivity_lines
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -26,7 +28,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def write_trials_csv(study: Any, path: Path) -> None:
     keys = ["latency_ms", "energy_mj", "size_bytes", "macs", "params", "seconds", "accuracy_full_select", "origin",
-            "reason", "fail_reason"]
+            "reason", "fail_reason", "duplicate_of"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["number", "state", "accuracy_select", *keys, "policy"])
@@ -107,7 +109,8 @@ def per_layer_table(space: Any, decisions: dict) -> list[str]:
     return out
 
 
-def write_report(path: Path, result: dict, found: SearchResult, front: list, decisions: dict) -> None:
+def write_report(path: Path, result: dict, found: SearchResult, front: list, decisions: dict,
+                 extra_sections: list[str] = ()) -> None:
     b, s = result["baseline"], result["best"]
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
              f"Budget: {json.dumps(result['budget'])}. Feasible: **{result['feasible']}**. "
@@ -146,6 +149,8 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     for f in found.finalists:
         lines.append(f"- trial {f.number}: selection accuracy {f.accuracy_low:.4f} (short) -> "
                      f"{f.accuracy_full:.4f} (full)")
+    if extra_sections:
+        lines += ["", *extra_sections]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     lines += ["", "![Pareto front](pareto.png)", ""]
@@ -174,11 +179,18 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
                   "data": data, "fingerprint": found.space.fingerprint, "study": found.study_name,
                   "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
+                  "search_space": config.space,
                   "boosted": found.best_scored.boosted, "notes": found.best_scored.notes, **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)
         write_trials_csv(study, folder / "trials.csv")
         front = plot_pareto(study, found.budget.latency_ms, baseline, found.best_trial, folder / "pareto.png")
-        write_report(folder / "report.md", result, found, front, dict(policy.decisions))
+        sections: list[str] = []
+        stored = study.user_attrs.get("sensitivity")
+        if stored:
+            table = SensitivityTable.from_json(stored)
+            plot_sensitivity(table, found.space, folder / "sensitivity.png")
+            sections = sensitivity_lines(table, found.space) + ["", "![Sensitivity](sensitivity.png)"]
+        write_report(folder / "report.md", result, found, front, dict(policy.decisions), sections)
         return result
 
     return commit_folder(out, build)

@@ -34,6 +34,7 @@ from autocompress.space.space import Decision, SearchSpace
 
 FORMAT = "autocompress.sensitivity/1"
 LOCAL_KINDS = ("wbits", "abits", "rank", "prune")  # recomputed downstream of the changed modules only
+FAILED = 1e6  # the score of a choice that cannot be applied or run, or whose outputs are not finite
 STRUCTURAL = ("prune",)  # BN statistics downstream of a pruned group are re-estimated on the batch
 
 
@@ -174,6 +175,19 @@ def _quantised(original: _Original, d: Decision, choice: Any) -> dict[str, nn.Mo
     return {path: q}
 
 
+def _run_one(original: _Original, space: SearchSpace, d: Decision, choice: Any, module_paths: list[str]) -> Any:
+    """The model's outputs on the batch with ``d`` at ``choice`` and everything else original."""
+    if d.kind in ("wbits", "abits"):
+        return original.replay(_quantised(original, d, choice), batch_stats=False)
+    policy = Policy(space.model, space.fingerprint, {d.id: choice}, space.options)
+    model = apply(original.teacher, policy, space, calibration=original.batch)
+    replaced = _changed_modules(original.gm, model, module_paths) if d.kind in LOCAL_KINDS else None
+    if replaced is not None:
+        return original.replay(replaced, batch_stats=d.kind in STRUCTURAL)
+    with torch.no_grad():
+        return model.eval()(original.batch)
+
+
 def measure_sensitivity(space: SearchSpace, teacher: nn.Module, batch: torch.Tensor, *,
                         decisions: Iterable[Decision] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
@@ -185,20 +199,11 @@ def measure_sensitivity(space: SearchSpace, teacher: nn.Module, batch: torch.Ten
             if c != d.identity]
     scores: dict[str, dict[str, float]] = {}
     for i, (d, choice) in enumerate(todo):
-        out = None
-        if d.kind in ("wbits", "abits"):
-            out = original.replay(_quantised(original, d, choice), batch_stats=False)
-        else:
-            policy = Policy(space.model, space.fingerprint, {d.id: choice}, space.options)
-            model = apply(original.teacher, policy, space, calibration=batch)
-            replaced = _changed_modules(original.gm, model, module_paths) if d.kind in LOCAL_KINDS else None
-            if replaced is not None:
-                out = original.replay(replaced, batch_stats=d.kind in STRUCTURAL)
-            else:
-                with torch.no_grad():
-                    out = model.eval()(batch)
-        score = divergence(out, original.output)
-        scores.setdefault(d.id, {})[choice_key(choice)] = score if math.isfinite(score) else 1e6
+        try:
+            score = divergence(_run_one(original, space, d, choice, module_paths), original.output)
+        except Exception:  # a choice the model cannot run with is as bad as it gets; the search avoids it
+            score = FAILED
+        scores.setdefault(d.id, {})[choice_key(choice)] = score if math.isfinite(score) else FAILED
         if progress is not None:
             progress(i + 1, len(todo))
     return SensitivityTable(scores, measure_name(original.output), int(batch.shape[0]),

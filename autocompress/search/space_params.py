@@ -65,6 +65,11 @@ class ParamSpace:
                 choices[d.id] = v
         return Policy(self.space.model, self.space.fingerprint, choices, self.space.options)
 
+    def start_points(self, screen: Any, warm: Policy | None, *, seeds: bool,
+                     repaired: bool = False) -> list[tuple[dict[str, Any], str]]:
+        """The warm start and the uniform seeds on the budget's edge (``screen.Screen.start_points``)."""
+        return screen.start_points(self, warm, seeds=seeds, repaired=repaired)
+
     def to_params(self, policy: Policy) -> dict[str, Any]:
         resolved = policy.resolved(self.space)
         out: dict[str, Any] = {}
