@@ -92,10 +92,12 @@ def write_factories(folder: Path) -> tuple[str, str]:
 
 
 def search_args(model: str, data: str, out: Path, trials: int, *extra: str) -> list[str]:
-    """A fast ``autocompress search`` command line for the tiny model."""
+    """A fast ``autocompress search`` command line for the tiny model, over one parameter per decision: these
+    tests drive the workers' mechanics (screening, claims, failures), which need candidates the sampler
+    proposes freely, over budget and broken ones included."""
     return [CLI, "search", "--model", model, "--data", data, "--target", "mobile", "--budget", "0.0008MB",
             "--trials", str(trials), "--low-epochs", "0.5", "--full-epochs", "0.5", "--finalists", "1",
-            "--no-measure", "--out", str(out), *extra]
+            "--no-measure", "--out", str(out), "--space", "layers", *extra]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

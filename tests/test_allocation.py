@@ -142,3 +142,25 @@ def test_allocation_prefers_what_costs_least_sensitivity(setup) -> None:
     result = allocate(space, table, costs, {"latency_ms": limit}, slot_list)
     assert result is not None and result.sensitivity == pytest.approx(0.0, abs=1e-6)
     assert not any(k.startswith(("prune:", "rank:")) for k in result.policy.decisions)
+
+
+
+def test_a_choice_the_model_cannot_run_with_scores_worst_and_is_never_allocated(setup, monkeypatch) -> None:
+    from autocompress.search import sensitivity
+
+    model, space, batch = setup
+    real = sensitivity._run_one
+
+    def brittle(original, space_, d, choice, paths):  # as a model with a hard-coded width would
+        if d.id == "prune:conv2" and choice >= 0.5:
+            raise RuntimeError("shape mismatch")
+        return real(original, space_, d, choice, paths)
+
+    monkeypatch.setattr(sensitivity, "_run_one", brittle)
+    table = measure_sensitivity(space, model, batch, decisions=space.of_kind("prune"))
+    assert table.of("prune:conv2", 0.5) == sensitivity.FAILED == table.of("prune:conv2", 0.75)
+    assert table.of("prune:conv2", 0.25) < sensitivity.FAILED
+    costs = cached_costs(cost_fn(space, "mobile"))
+    limit = costs(Policy.identity(space))["latency_ms"] * 0.7
+    result = allocate(space, table, costs, {"latency_ms": limit}, slots(space, space.of_kind("prune")))
+    assert result is not None and result.policy.decisions.get("prune:conv2", 0.0) < 0.5

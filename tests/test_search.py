@@ -141,7 +141,7 @@ def test_a_raising_trial_is_failed_with_its_reason_and_the_search_goes_on(tiny: 
                                                                           monkeypatch) -> None:
     monkeypatch.setenv("TINY_RAISE", "1")
     out = tmp_path / "out"
-    res = run_cli(*_search_args(tiny, out, trials=6))
+    res = run_cli(*_search_args(tiny, out, trials=6), "--space", "layers")  # the sampler proposes broken candidates
     assert res.exit_code == 0, res.output
     result = json.loads((out / "result.json").read_text())
     assert result["trials"]["failed"] >= 1 and result["trials"]["complete"] >= 1
@@ -218,11 +218,31 @@ def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period()
 
 def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() -> None:
     from autocompress.search.core import Candidate, pick_finalists
+    from autocompress.space.policy import Policy
 
     def cand(number: int, prune: float, acc: float, ms: float) -> Candidate:
-        return Candidate(number, (("prune:*", prune),), None, acc, ms)  # type: ignore[arg-type]
+        return Candidate(number, (("prune:*", prune),), Policy("m", "f", {"prune:a": prune}), acc, ms)
 
     ranked = pick_finalists([cand(0, 0.5, 0.8, 2.0), cand(1, 0.25, 0.9, 3.0), cand(2, 0.25, 0.9, 3.0),
                              cand(3, 0.125, 0.9, 2.5), cand(4, 0.75, 0.7, 1.0)], 3)
     assert [c.number for c in ranked] == [3, 1, 0]  # trial 2 repeats trial 1's parameters
     assert [c.number for c in pick_finalists([cand(0, 0.5, 0.8, 2.0)], 0)] == [0]  # always at least one
+
+
+
+def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    from autocompress.search import sensitivity
+
+    calls = []
+    real = sensitivity.measure_sensitivity
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "out"
+    first = run_cli(*_search_args(tiny, out, trials=2))
+    assert first.exit_code == 0, first.output
+    assert len(calls) == 1
+    again = run_cli(*_search_args(tiny, out, trials=3))  # the same study, one trial more
+    assert again.exit_code == 0, again.output
+    assert len(calls) == 1  # measured once, read back from the study on resume
+    result = json.loads((out / "result.json").read_text())
+    assert result["trials"]["complete"] >= 2
+    assert "## Sensitivity per layer" in (out / "report.md").read_text() and (out / "sensitivity.png").is_file()

@@ -109,5 +109,7 @@ def _summary(result: dict, out: Path) -> None:
                       f"{r['size_bytes'] / 1e6:.3f}", f"{r['macs']:,}")
     console.print(table)
     t = result["trials"]
-    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned']} screened out, "
-                  f"{t['failed']} failed; results in {out}/ (report.md, policy.json, model.onnx)")
+    repeats = t.get("duplicates", 0)
+    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned'] - repeats} screened "
+                  f"out, {t['failed']} failed" + (f", {repeats} repeats of an evaluated policy skipped" if repeats else "")
+                  + f"; results in {out}/ (report.md, policy.json, model.onnx)")

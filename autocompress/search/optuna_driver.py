@@ -75,12 +75,12 @@ def distributions(params: ParamSpace) -> dict[str, CategoricalDistribution]:
 
 def counts(study: optuna.Study) -> dict[str, int]:
     trials = workers.fresh_trials(study)
-    duplicates = sum(t.state == TrialState.COMPLETE and "duplicate_of" in t.user_attrs for t in trials)
-    out = {"complete": sum(t.state == TrialState.COMPLETE for t in trials) - duplicates,
+    out = {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
            "failed": sum(t.state == TrialState.FAIL for t in trials),
            "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+    duplicates = sum(t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs for t in trials)
     if duplicates:
-        out["duplicates"] = duplicates
+        out["duplicates"] = duplicates  # pruned without a fine-tune: their policy was evaluated already
     return out
 
 
@@ -194,7 +194,9 @@ class OptunaDriver:
         self._enqueue_starts()
         total = self.config.trials
         asks = 0
-        while self._evaluated() < total and asks < 50 * total:
+        self.duplicates = 0
+        # A sampler that keeps proposing evaluated policies has exhausted what the space offers.
+        while self._evaluated() < total and asks < 50 * total and self.duplicates < 3 * total:
             if self._shared() and self._evaluated() + workers.in_flight(workers.fresh_trials(self.study), self.worker) >= total:
                 time.sleep(1.0)  # other workers are fine-tuning the last slots; wait for their results
                 self._recover_stale()
@@ -221,17 +223,21 @@ class OptunaDriver:
         return conclude(self.study, self.params, self.screen, self.evaluator, self.config, callback=self.callback)
 
     def _tell_duplicate(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> bool:
-        """Parameters that give a policy already evaluated get its score without a fine-tune and do not
-        count against the total (allocations at different weights often agree)."""
-        same = next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get("policy") == dict(policy.decisions)), None)
+        """Parameters that give a policy already evaluated or being evaluated (allocations at different
+        weights often agree) are pruned without a fine-tune and do not count against the total; pruned,
+        they steer the sampler away from what it has seen."""
+        same = next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                                                  TrialState.FAIL))
+                     if t.number != trial.number and t.user_attrs.get("policy") == dict(policy.decisions)), None)
         if same is None:
             return False
         trial.set_user_attr("duplicate_of", same.number)
+        trial.set_user_attr("reason", f"same policy as trial {same.number}")
         for k, v in costs.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("policy", dict(policy.decisions))
-        self.study.tell(trial, list(same.values))
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self.duplicates += 1
         return True
 
     def _screen_out(self, trial: optuna.Trial, policy: Policy, costs: dict[str, Any]) -> None:

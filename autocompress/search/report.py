@@ -114,7 +114,8 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     b, s = result["baseline"], result["best"]
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
              f"Budget: {json.dumps(result['budget'])}. Feasible: **{result['feasible']}**. "
-             f"Trials: {result['trials']['complete']} evaluated, {result['trials']['pruned']} screened out by the "
+             f"Trials: {result['trials']['complete']} evaluated, "
+             f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0)} screened out by the "
              f"analytic model, {result['trials']['failed']} failed.", "",
              "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
     rows = [("accuracy (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
