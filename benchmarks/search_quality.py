@@ -8,10 +8,12 @@ and is scored on the same held-out split (the sklearn digits 25 % test split,
 which no method sees while choosing).
 
 Methods
-  ours           Search (TPE, uniform seed trials, screening + repair, N low-fidelity
-                 trials, best ``--finalists`` re-trained at full fidelity, the most
-                 accurate on the selection split wins)
-  random         the same SearchConfig with sampler="random", seeds=False
+  ours           the default search: TPE over the allocation's trade-offs (--space tradeoff: per-kind
+                 sensitivity weights, budget fill, or a uniform starting point), N low-fidelity trials,
+                 best ``--finalists`` re-trained at full fidelity, the most accurate on the selection split wins
+  allocation     sensitivity + allocation alone at neutral weights, no search: one model, full fine-tune
+  ours-layers    the per-decision search (--space layers: TPE, uniform seed trials, screening + repair)
+  random         the per-decision space with sampler="random", seeds=False
   uniform-fp32   one prune ratio everywhere: the smallest in the space's choices that meets the budget
   uniform-int8   the same with every layer's weights and activations at 8 bits
   tp-fp32        Torch-Pruning MetaPruner, global_pruning=True, MagnitudeImportance(p=2), classifier
@@ -50,7 +52,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("ours", "random", "uniform-fp32", "uniform-int8", "tp-fp32", "tp-int8")
+METHODS = ("ours", "allocation", "ours-layers", "random", "uniform-fp32", "uniform-int8", "tp-fp32", "tp-int8")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -218,7 +220,25 @@ class Bench:
         return finetune(model, self.ev.teacher, self.ev.finetune_bundle, epochs=self.args.full_epochs, lr=self.ev.lr,
                         boosted=boosted, seed=self.ev.seed, teacher_logits=self.ev.teacher_logits)
 
-    def search(self, frac: float, sampler: str, seeds: bool) -> dict[str, Any]:
+    def allocation(self, frac: float) -> dict[str, Any]:
+        from autocompress.search.screen import Screen
+        from autocompress.search.tradeoff import ALLOCATION, make_params
+
+        started = time.time()
+        screen = Screen(self.ws.space, "mobile", f"{frac:g}x")
+        params = make_params("tradeoff", screen, self.ev.teacher, self.ev.calibration)
+        policy = params.to_policy({"origin": ALLOCATION})
+        c = self.costs(policy)
+        chosen = time.time() - started
+        scored = self.ev(policy, self.args.full_epochs)
+        kinds: dict[str, int] = {}
+        for k in policy.decisions:
+            kinds[self.ws.space[k].kind] = kinds.get(self.ws.space[k].kind, 0) + 1
+        info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
+                "choose_s": round(chosen, 1), "decisions_by_kind": kinds}
+        return self.finish(scored.model, info, started, self.budget_ms)
+
+    def search(self, frac: float, sampler: str, seeds: bool, space: str = "tradeoff") -> dict[str, Any]:
         import optuna
 
         from autocompress.search.core import SearchConfig
@@ -227,7 +247,7 @@ class Bench:
         started = time.time()
         cfg = SearchConfig(target="mobile", budget=f"{frac:g}x", trials=self.args.trials, sampler=sampler,
                            seed=self.args.seed, low_epochs=self.args.low_epochs, full_epochs=self.args.full_epochs,
-                           finalists=self.args.finalists, seeds=seeds)
+                           finalists=self.args.finalists, seeds=seeds, space=space)
         torch.manual_seed(cfg.seed)
         driver = OptunaDriver(self.ws, self.ev, cfg, storage=optuna.storages.InMemoryStorage(),
                               study_name=f"sq-{sampler}-{frac}",
@@ -316,7 +336,9 @@ class Bench:
                 out["baseline"]["measure_error"] = str(exc)[:200]
         methods = {
             "ours": lambda f: self.search(f, "tpe", True),
-            "random": lambda f: self.search(f, "random", False),
+            "allocation": self.allocation,
+            "ours-layers": lambda f: self.search(f, "tpe", True, "layers"),
+            "random": lambda f: self.search(f, "random", False, "layers"),
             "tp-fp32": lambda f: self.torch_pruning(f, None),
             "tp-int8": lambda f: self.torch_pruning(f, 8),
             "uniform-fp32": lambda f: self.uniform(f, None),
@@ -383,10 +405,12 @@ def report(paths: list[Path]) -> str:
                     lines.append(f"| {frac}x ({entry['budget_ms']:.3f} ms) | {name} | — | — | — | — | — | "
                                  f"{r.get('wall_s', '')} | {r.get('error') or r.get('infeasible')} |")
                     continue
-                if name in ("ours", "random"):
+                if name in ("ours", "ours-layers", "random"):
                     t = r["trials"]
                     choice = (f"trial {r['best_trial']} ({r['best_origin']}); {t['complete']} run, {t['pruned']} screened"
                               + (f", {t['failed']} failed" if t["failed"] else ""))
+                elif name == "allocation":
+                    choice = ", ".join(f"{v} {k}" for k, v in sorted(r.get("decisions_by_kind", {}).items()))
                 elif name.startswith("uniform"):
                     choice = f"ratio {r['ratio']}"
                 else:
@@ -397,6 +421,36 @@ def report(paths: list[Path]) -> str:
                              f"{r['accuracy_select']:.4f} | {r['latency_ms']:.3f}{ok} | {r['macs'] / 1e6:.2f} | {ort} | "
                              f"{r['wall_s']:.0f} | {choice} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def summary(paths: list[Path]) -> str:
+    """Held-out accuracy mean ± sd over the seeds (one result file per seed), per model, budget and method."""
+    import statistics
+
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    budget_ms: dict[tuple[str, str], float] = {}
+    base: dict[str, float] = {}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        base[d["model"]] = d["baseline"]["accuracy"]
+        for frac, entry in d["budgets"].items():
+            budget_ms[(d["model"], frac)] = entry["budget_ms"]
+            for name, r in entry["methods"].items():
+                if "accuracy" in r:
+                    cells.setdefault((d["model"], frac), {}).setdefault(name, []).append(r["accuracy"])
+    lines = ["| model | budget | method | held-out acc, mean ± sd | seeds | vs best baseline |", "|---|---|---|---|---|---|"]
+    for (model, frac), methods in sorted(cells.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
+        baselines = [statistics.mean(v) for k, v in methods.items() if k.startswith(("uniform", "tp-"))]
+        best_base = max(baselines) if baselines else None
+        for name in METHODS:
+            v = methods.get(name)
+            if not v:
+                continue
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            diff = f"{100 * (statistics.mean(v) - best_base):+.2f} pts" if best_base is not None else ""
+            lines.append(f"| {model} (uncompressed {base[model]:.4f}) | {frac}x ({budget_ms[(model, frac)]:.3f} ms) | "
+                         f"{name} | {statistics.mean(v):.4f} ± {sd:.4f} | {len(v)} | {diff} |")
     return "\n".join(lines)
 
 
@@ -416,9 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 trials, tiny epochs, one budget")
     ap.add_argument("--report", nargs="+", type=Path, help="print the markdown table of result files and exit")
+    ap.add_argument("--summary", nargs="+", type=Path, help="mean ± sd over seeds of result files, and exit")
     args = ap.parse_args(argv)
     if args.report:
         print(report(args.report))
+        return 0
+    if args.summary:
+        print(summary(args.summary))
         return 0
     if args.quick:
         args.trials, args.low_epochs, args.full_epochs, args.finalists = 3, 0.05, 0.1, 1

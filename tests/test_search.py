@@ -155,7 +155,7 @@ def test_a_raising_trial_is_failed_with_its_reason_and_the_search_goes_on(tiny: 
 
 def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "autocompress.cli.main", *_search_args(tiny, out, trials=6)]
+    cmd = [sys.executable, "-m", "autocompress.cli.main", *_search_args(tiny, out, trials=6), "--space", "layers"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -187,7 +187,7 @@ def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path)
     assert len(done_before) >= 2
     assert not (out / "result.json").exists()
 
-    res = run_cli(*_search_args(tiny, out, trials=6))
+    res = run_cli(*_search_args(tiny, out, trials=6), "--space", "layers")
     assert res.exit_code == 0, res.output
     study = optuna.load_study(study_name=names[0], storage=make_storage(None, out))
     after = {t.number: t.params for t in study.trials if t.state.name == "COMPLETE"}
