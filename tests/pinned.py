@@ -18,7 +18,10 @@ POLICIES_PER_MODEL = 5
 
 
 def random_choices(space: Any, rng: random.Random) -> dict[str, Any]:
-    """Each decision takes a random non-identity choice with a probability drawn per policy (0.1-0.6)."""
+    """Each decision takes a random non-identity choice with a probability drawn per policy (0.1-0.6).
+
+    The same rule as ``calibrate.random_policy``, restated on purpose: the pinned policies must not move
+    when the product's variant generator changes."""
     p = rng.uniform(0.1, 0.6)
     chosen = {}
     for d in space.decisions:

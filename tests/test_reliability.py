@@ -105,3 +105,14 @@ def test_an_unwritable_output_folder_exits_3(tmp_path: Path, monkeypatch) -> Non
                   "--out", str(ro / "out"), "--no-measure")
     assert_one_line_error(res, "not writable", code=3)
     assert space is not None
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--low-epochs", "-1"], "--low-epochs"), (["--full-epochs", "nan"], "--full-epochs"),
+    (["--finalists", "0"], "--finalists"), (["--space", "grid"], "unknown search space"),
+    (["--tie", "prune"], "--space layers"), (["--input-shape", "1,1,x,32"], "bad input shape"),
+])
+def test_bad_search_options_are_one_line_errors(args: list[str], fragment: str, tmp_path: Path) -> None:
+    res = run_cli("search", "--target", "mobile", "--budget", "5ms", "--out", str(tmp_path / "out"), *args)
+    assert_one_line_error(res, fragment)
+    assert not (tmp_path / "out").exists()  # refused before any work

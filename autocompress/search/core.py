@@ -53,6 +53,9 @@ class SearchConfig:
             raise UserInputError(f"objectives must include accuracy and come from {', '.join(OBJECTIVES)}; got {bad}")
         if self.space not in SPACES:
             raise UserInputError(f"unknown search space {self.space!r}; valid: {', '.join(SPACES)}")
+        if self.tie and self.space != "layers":
+            raise UserInputError("--tie shares one value per decision kind in the per-decision space; "
+                                 "add --space layers")
         if self.trials < 1:
             raise UserInputError(f"--trials must be at least 1, got {self.trials}")
         for name, value in (("--low-epochs", self.low_epochs), ("--full-epochs", self.full_epochs)):
