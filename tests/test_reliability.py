@@ -116,3 +116,42 @@ def test_bad_search_options_are_one_line_errors(args: list[str], fragment: str, 
     res = run_cli("search", "--target", "mobile", "--budget", "5ms", "--out", str(tmp_path / "out"), *args)
     assert_one_line_error(res, fragment)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("budget", ["1e400ms", "1e308s", "1e400MB"])
+def test_a_budget_too_large_to_be_finite_is_refused(budget: str) -> None:
+    from autocompress.errors import BudgetError
+    from autocompress.hwmodels import parse_budget
+
+    with pytest.raises(BudgetError, match="too large"):
+        parse_budget(budget)
+
+
+def _image_folder(root: Path, classes: int, corrupt: bool = False) -> Path:
+    from PIL import Image
+
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), color=40 * c + i).save(folder / f"{i}.png")
+    if corrupt:
+        (root / "class0" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_a_one_class_image_folder_is_refused(tmp_path: Path) -> None:
+    from autocompress.errors import DataError
+    from autocompress.evaluators.data import load_data
+
+    with pytest.raises(DataError, match="at least two"):
+        load_data(f"imagefolder:{_image_folder(tmp_path / 'one', 1)}", (1, 1, 8, 8))
+
+
+def test_a_corrupt_image_is_named(tmp_path: Path) -> None:
+    from autocompress.errors import DataError
+    from autocompress.evaluators.data import as_tensors, load_data
+
+    bundle = load_data(f"imagefolder:{_image_folder(tmp_path / 'two', 2, corrupt=True)}", (1, 1, 8, 8))
+    with pytest.raises(DataError, match="broken.png"):  # the 4th file of class0: in the training split
+        as_tensors(bundle.train)

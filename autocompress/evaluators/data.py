@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -94,6 +94,23 @@ def _image_transform(c: int, h: int, w: int) -> Callable:
     return T.Compose([*steps, T.ToTensor(), norm])
 
 
+def _load_image(path: str) -> Any:
+    """torchvision's default loader, with the file named when it cannot be read."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as exc:  # PIL raises several types for truncated or non-image files
+        raise DataError(f"cannot read image {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "remove or replace the file") from None
+
+
+def _classes_check(path: str, classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise DataError(f"image folder {path!r} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+                        "a classifier needs at least two, one subfolder per class")
+
+
 @DATA_SOURCES.register("imagefolder")
 def _imagefolder(path: str, input_shape: tuple[int, ...]) -> DataBundle:
     from torch.utils.data import Subset
@@ -106,14 +123,17 @@ def _imagefolder(path: str, input_shape: tuple[int, ...]) -> DataBundle:
     tf = _image_transform(c, h, w)
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train, val = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), tf)
+            train = ImageFolder(str(root / "train"), tf, loader=_load_image)
+            val = ImageFolder(str(root / "val"), tf, loader=_load_image)
             if train.classes != val.classes:
                 raise DataError(f"{path!r}: train/ and val/ have different class folders; make them match")
+            _classes_check(path, train.classes)
             return DataBundle(train, val, len(train.classes), f"imagefolder:{path}")
-        full = ImageFolder(str(root), tf)
+        full = ImageFolder(str(root), tf, loader=_load_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"image folder {path!r}: {str(exc).splitlines()[0]}; "
                         "expected PATH/CLASS/IMAGE (or PATH/train/CLASS and PATH/val/CLASS)") from exc
+    _classes_check(path, full.classes)
     # Deterministic split: every 5th image of the sorted file list is held out.
     val_idx = list(range(0, len(full), 5))
     train_idx = [i for i in range(len(full)) if i % 5]

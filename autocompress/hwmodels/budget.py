@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -97,6 +99,8 @@ def parse_budget(text: str) -> Budget:
         field_name, scale = entry
         if number <= 0:
             raise _bad(text, part, "must be positive")
+        if not math.isfinite(number * scale):  # 1e400ms parses as inf
+            raise _bad(text, part, "is too large to be a limit")
         if field_name in values:
             raise _bad(text, part, "repeats a limit already given")
         values[field_name] = number * scale
