@@ -155,3 +155,20 @@ def test_a_corrupt_image_is_named(tmp_path: Path) -> None:
     bundle = load_data(f"imagefolder:{_image_folder(tmp_path / 'two', 2, corrupt=True)}", (1, 1, 8, 8))
     with pytest.raises(DataError, match="broken.png"):  # the 4th file of class0: in the training split
         as_tensors(bundle.train)
+
+
+def test_storage_that_cannot_be_opened_exits_3(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/missing/folder/study.db"
+    res = run_cli("search", "--target", "mobile", "--budget", "5ms", "--trials", "1", "--storage", url,
+                  "--out", str(tmp_path / "out"), "--low-epochs", "0.05", "--full-epochs", "0.05", "--no-measure")
+    assert_one_line_error(res, "cannot open --storage", code=3)
+
+
+def test_a_missing_database_driver_is_named(monkeypatch) -> None:
+    from autocompress.search.workers import rdb_storage
+
+    for name in ("psycopg2", "psycopg"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(EnvironmentProblem, match="psycopg2-binary") as info:
+        rdb_storage("postgresql+psycopg2://user:secret@127.0.0.1:1/db")
+    assert "secret" not in str(info.value)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import optuna
 
-from autocompress.errors import UserInputError
+from autocompress.errors import EnvironmentProblem, UserInputError
 from autocompress.search import _optuna_storage
 
 
@@ -58,11 +58,28 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(pg_driver(url), heartbeat_interval=beat,
                                                   grace_period=GRACE_BEATS * beat)
+        except ImportError as exc:  # the database's driver
+            raise EnvironmentProblem(f"--storage {_safe(url)!r} needs its database driver ({exc.name or exc}); install "
+                                     "it (pip install psycopg2-binary for PostgreSQL)") from None
         except Exception as exc:  # sqlalchemy IntegrityError/ProgrammingError from the concurrent CREATE TABLEs
-            if attempt == 4 or "already exists" not in str(exc) and "duplicate key" not in str(exc):
-                raise
-            time.sleep(0.5 + random.random())
+            if "already exists" in str(exc) or "duplicate key" in str(exc):
+                if attempt < 4:
+                    time.sleep(0.5 + random.random())
+                    continue
+            if "Can't load plugin" in str(exc):  # SQLAlchemy's word for a dialect whose driver is missing
+                raise EnvironmentProblem(f"--storage {_safe(url)!r}: no driver for this database is installed "
+                                         "(pip install psycopg2-binary for PostgreSQL)") from None
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise EnvironmentProblem(f"cannot open --storage {_safe(url)!r}: {first[0] if first else type(exc).__name__}; "
+                                     "check that the database (or the sqlite file's folder) exists and is writable") from None
     raise AssertionError("unreachable")
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def rdb_backend(study: optuna.Study) -> optuna.storages.RDBStorage | None:
