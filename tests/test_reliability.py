@@ -172,3 +172,25 @@ def test_a_missing_database_driver_is_named(monkeypatch) -> None:
     with pytest.raises(EnvironmentProblem, match="psycopg2-binary") as info:
         rdb_storage("postgresql+psycopg2://user:secret@127.0.0.1:1/db")
     assert "secret" not in str(info.value)
+
+
+def test_a_redirected_search_logs_each_trial_as_it_finishes(tmp_path: Path) -> None:
+    """stdout to a file (CI logs, nohup): plain lines per phase and trial, flushed as they happen."""
+    import subprocess
+
+    from tests.test_search import TINY
+
+    (tmp_path / "tiny.py").write_text(TINY)
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "autocompress.cli.main", "search", "--model", f"{tmp_path}/tiny.py:model",
+           "--data", f"{tmp_path}/tiny.py:data", "--target", "mobile", "--budget", "0.9x", "--trials", "2",
+           "--low-epochs", "0.2", "--full-epochs", "0.2", "--finalists", "1", "--no-measure", "--out", str(tmp_path / "out")]
+    with open(log, "w") as fh:
+        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, timeout=300,
+                             env={**os.environ, "AUTOCOMPRESS_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = log.read_text().splitlines()
+    assert any(l.startswith("phase: searching") for l in lines)
+    trials = [l for l in lines if l.startswith("trial ") and " complete (" in l]
+    assert len(trials) >= 2 and all("best" in l and "elapsed" in l for l in trials)
+    assert "\r" not in log.read_text() and not any(l.startswith("searching") for l in lines)  # no progress bar

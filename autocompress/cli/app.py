@@ -17,7 +17,8 @@ from autocompress.errors import AutocompressError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AutoML model compression: pruning, quantisation, low-rank and layer merging under a hardware budget.")
-console = Console()
+# Piped or redirected output (CI logs, cluster jobs, nohup) keeps full-width tables.
+console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -75,6 +75,12 @@ def search(
         raise UserInputError(f"unknown backend {backend!r}; valid: optuna, ray")
     from autocompress.search.run import run_search
 
+    if not console.is_terminal:  # a log, not a screen: one line per phase and per finished trial, as they happen
+        result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
+                            study_name=study_name, warm_start=warm_start, input_shape=shape, measure=not no_measure,
+                            callback=_log_trial(trials), on_phase=lambda text: _log(f"phase: {text}"))
+        _summary(result, out)
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
@@ -95,6 +101,28 @@ def search(
                             measure=not no_measure, callback=on_trial, on_phase=on_phase)
         progress.update(task, description="done", completed=trials)
     _summary(result, out)
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _log_trial(total: int):
+    """A callback that logs each finished trial: number, state, its result, the best so far, elapsed and ETA."""
+    import time
+
+    started = time.monotonic()
+
+    def on_trial(ev) -> None:
+        if ev.state == "pruned":
+            return
+        elapsed = time.monotonic() - started
+        eta = elapsed / ev.done * (ev.total - ev.done) if ev.done and ev.phase == "search" else 0.0
+        best = f"{ev.best_accuracy:.4f}" if ev.best_accuracy is not None else "-"
+        _log(f"trial {ev.number} {ev.state} ({ev.done}/{ev.total}): {ev.message}; best {best}; "
+             f"elapsed {elapsed:.0f}s" + (f", ETA {eta:.0f}s" if eta else ""))
+
+    return on_trial
 
 
 def _summary(result: dict, out: Path) -> None:

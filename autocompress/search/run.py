@@ -41,6 +41,8 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     torch.manual_seed(config.seed)
     evaluator = CandidateEvaluator(ws, bundle, seed=config.seed)
     out = Path(out)
+    if config.space == "tradeoff":
+        phase("scoring each choice's sensitivity (once per study)")
     driver = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
                           warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
     phase("measuring the baseline")
