@@ -93,7 +93,7 @@ def search(
             best = f"{ev.best_accuracy:.4f}" if ev.best_accuracy is not None else "-"
             progress.update(task, completed=min(ev.done, ev.total), best=best,
                             description="finalists" if ev.phase == "finalists" else "searching")
-            if ev.state in ("failed", "final"):
+            if ev.state in ("failed", "final", "rerun"):
                 progress.console.print(f"  trial {ev.number} {ev.state}: {ev.message}", markup=False, highlight=False)
 
         result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,

@@ -116,6 +116,7 @@ class OptunaDriver:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(list(config.objectives))
         self.warm_start = warm_start
+        self.rerun: list[int] = []  # interrupted trials re-enqueued on resume
         # The sensitivity table lives on the study: a resumed search or another worker reads it back.
         self.params = make_params(config.space, self.screen, evaluator.teacher, evaluator.calibration, tie=config.tie,
                                   warm=warm_start, stored=self.study.user_attrs.get(SENSITIVITY_ATTR),
@@ -167,6 +168,13 @@ class OptunaDriver:
                         # it is not counted (as FAIL it would push the study past its total).
                         _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before fine-tuning")
                         self.study.tell(t.number, state=TrialState.PRUNED)
+                    elif not rdb and t.params:
+                        # This process's own interrupted trial: not a failure of the candidate. It is pruned
+                        # (not counted) and its parameters run again first.
+                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted; run again")
+                        self.study.tell(t.number, state=TrialState.PRUNED)
+                        self.study.enqueue_trial(dict(t.params), user_attrs={"origin": f"re-run of {t.number}"})
+                        self.rerun.append(t.number)
                     else:
                         _optuna_storage.set_trial_user_attr(self.study, t, "fail_reason", "interrupted")
                         self.study.tell(t.number, state=TrialState.FAIL)
@@ -193,6 +201,9 @@ class OptunaDriver:
         self._recover_stale()
         self._enqueue_starts()
         total = self.config.trials
+        for n in self.rerun:
+            self.callback(TrialEvent(n, "rerun", self._evaluated(), total, self.best_accuracy(), "resume",
+                                     f"trial {n} was interrupted; its candidate runs again"))
         asks = 0
         self.duplicates = 0
         # A sampler that keeps proposing evaluated policies has exhausted what the space offers.
