@@ -196,13 +196,12 @@ def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path)
     result = json.loads((out / "result.json").read_text())
     # as many candidates fine-tuned to the end as an uninterrupted run: the interrupted one ran again
     assert result["trials"]["complete"] == 6 and result["trials"]["failed"] == 0
-    rows = list(csv.DictReader(open(out / "trials.csv")))
-    reruns = [r for r in rows if r["origin"].startswith("re-run of ")]
-    interrupted = [r for r in rows if r["reason"] == "interrupted; run again"]
+    by_number = {t.number: t for t in study.trials}
+    reruns = [t for t in study.trials if str(t.user_attrs.get("origin", "")).startswith("re-run of ")]
+    interrupted = [t for t in study.trials if t.user_attrs.get("reason") == "interrupted; run again"]
     assert len(reruns) == len(interrupted) <= 1
-    for r in reruns:
-        source = next(x for x in rows if x["number"] == r["origin"].split()[-1])
-        assert json.loads(r["policy"]) == json.loads(source["policy"])
+    for t in reruns:  # the interrupted candidate itself runs again
+        assert t.params == by_number[int(t.user_attrs["origin"].split()[-1])].params
 
 
 def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period() -> None:
