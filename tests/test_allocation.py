@@ -164,3 +164,15 @@ def test_a_choice_the_model_cannot_run_with_scores_worst_and_is_never_allocated(
     limit = costs(Policy.identity(space))["latency_ms"] * 0.7
     result = allocate(space, table, costs, {"latency_ms": limit}, slots(space, space.of_kind("prune")))
     assert result is not None and result.policy.decisions.get("prune:conv2", 0.0) < 0.5
+
+
+def test_a_damaged_stored_table_is_measured_again(setup) -> None:
+    from autocompress.search.tradeoff import sensitivity_for
+
+    model, space, batch = setup
+    decisions = space.of_kind("rank")
+    for damaged in ({"format": "autocompress.sensitivity/1"}, {"format": "other"}, {"scores": 3}):
+        table = sensitivity_for(space, decisions, model, batch, damaged)
+        assert table.fingerprint == space.fingerprint and table.of("rank:fc2", 0.125) > 0
+    kept = sensitivity_for(space, decisions, model, batch, table.to_json())
+    assert kept == table  # an intact table for this architecture is read back, not measured again

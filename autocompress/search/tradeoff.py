@@ -131,8 +131,11 @@ def sensitivity_for(space: SearchSpace, decisions: Sequence[Decision], teacher: 
     from autocompress.search.sensitivity import measure_sensitivity
 
     if stored:
-        table = SensitivityTable.from_json(stored)
-        if table.fingerprint == space.fingerprint and all(d.id in table.scores for d in decisions):
+        try:
+            table = SensitivityTable.from_json(stored)
+        except (ValueError, KeyError, TypeError, AttributeError):  # a damaged table is measured again
+            table = None
+        if table is not None and table.fingerprint == space.fingerprint and all(d.id in table.scores for d in decisions):
             return table
     return measure_sensitivity(space, teacher, calibration[:SENSITIVITY_SAMPLES], decisions=decisions)
 
@@ -152,7 +155,7 @@ def make_params(kind: str, screen: Any, teacher: Any, calibration: Any, *, tie: 
         return layers
     decisions = layers.searched()
     table = sensitivity_for(space, decisions, teacher, calibration, stored)
-    if not stored or SensitivityTable.from_json(stored) != table:
+    if table.to_json() != stored:
         store(table.to_json())
     limits = {k: v for k, v in screen.budget.to_json().items() if k in ("latency_ms", "energy_mj", "size_bytes")}
     planner = Planner.build(space, decisions, table, screen.costs, limits, removed_layers(teacher, space))
