@@ -168,7 +168,11 @@ class OptunaDriver:
                         # it is not counted (as FAIL it would push the study past its total).
                         _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before fine-tuning")
                         self.study.tell(t.number, state=TrialState.PRUNED)
-                    elif not rdb and t.params:
+                    elif not rdb and not t.params:
+                        # Killed between creating the trial and drawing its parameters: no candidate yet.
+                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before a candidate")
+                        self.study.tell(t.number, state=TrialState.PRUNED)
+                    elif not rdb:
                         # This process's own interrupted trial: not a failure of the candidate. It is pruned
                         # (not counted) and its parameters run again first.
                         _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted; run again")
