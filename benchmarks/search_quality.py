@@ -265,7 +265,7 @@ class Bench:
         return self.finish(found.best_model, info, started, self.budget_ms)
 
     def uniform(self, frac: float, bits: int | None) -> dict[str, Any]:
-        from autocompress.search.space_params import _with
+        from autocompress.search.space_params import with_choices
         from autocompress.space.policy import Policy
 
         started = time.time()
@@ -275,7 +275,7 @@ class Bench:
             upd: dict[str, Any] = {d.id: r for d in space.of_kind("prune") if r in d.choices}
             if bits:
                 upd.update({d.id: bits for d in space.of_kind("wbits", "abits") if bits in d.choices})
-            policy = _with(space, Policy.identity(space), upd)
+            policy = with_choices(space, Policy.identity(space), upd)
             c = self.costs(policy)
             if c["latency_ms"] <= self.budget_ms:
                 break

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from autocompress.search.sensitivity import SensitivityTable
+from autocompress.search.space_params import with_choices
 from autocompress.space.costs import INT8_BITS, runs_int8
 from autocompress.space.policy import Policy
 from autocompress.space.space import Decision, SearchSpace
@@ -90,12 +91,6 @@ def option_sensitivity(table: SensitivityTable, slot: Slot, option: Mapping[str,
     return base * weights.get(slot.kind, 1.0)
 
 
-def _with(space: SearchSpace, policy: Policy, updates: Mapping[str, Any]) -> Policy:
-    merged = {**policy.decisions, **updates}
-    merged = {k: v for k, v in merged.items() if v != space[k].identity}
-    return Policy(policy.model, policy.fingerprint, merged, policy.options)
-
-
 def _costs(costs: Callable[[Policy], Mapping[str, Any]], policy: Policy, limits: Sequence[str]) -> np.ndarray:
     c = costs(policy)
     return np.array([float(c[k]) for k in limits])
@@ -149,7 +144,7 @@ def allocate(space: SearchSpace, table: SensitivityTable, costs: Callable[[Polic
     seen: set[tuple[int, ...]] = set()
     for round_ in range(1, rounds + 1):
         ref_cost = _costs(costs, ref, keys)
-        deltas = [np.stack([_costs(costs, _with(space, ref, o), keys) - ref_cost for o in s.options], axis=1)
+        deltas = [np.stack([_costs(costs, with_choices(space, ref, o), keys) - ref_cost for o in s.options], axis=1)
                   for s in slot_list]
         pick = solve(sens, deltas, target - ref_cost, pairs)
         if pick is None:
@@ -157,7 +152,7 @@ def allocate(space: SearchSpace, table: SensitivityTable, costs: Callable[[Polic
         updates: dict[str, Any] = {}
         for s, i in zip(slot_list, pick):
             updates.update(s.options[i])
-        policy = _with(space, ref, updates)
+        policy = with_choices(space, ref, updates)
         actual = _costs(costs, policy, keys)
         predicted = ref_cost + sum(deltas[j][:, i] for j, i in enumerate(pick))
         total = float(sum(sens[j][i] for j, i in enumerate(pick)))
@@ -203,7 +198,7 @@ def spend_leftover(space: SearchSpace, slot_list: Sequence[Slot], sens: Sequence
                     continue
                 if any(((j, i), (k, current[k])) in blocked for k in range(len(slot_list))):
                     continue
-                candidate = _with(space, policy, o)
+                candidate = with_choices(space, policy, o)
                 c = _costs(costs, candidate, keys)
                 if np.all(c <= cap * (1 + 1e-9)):
                     best_move = (gain, j, i, candidate, c)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from autocompress.compress import estimate
 from autocompress.hwmodels.summary import cost_summary
@@ -94,7 +94,8 @@ def cost_fn(space: SearchSpace, target: str) -> CostFn:
     return costs
 
 
-def _with(space: SearchSpace, policy: Policy, updates: dict[str, Any]) -> Policy:
+def with_choices(space: SearchSpace, policy: Policy, updates: Mapping[str, Any]) -> Policy:
+    """``policy`` with ``updates`` applied; choices equal to their identity are dropped."""
     merged = {**policy.decisions, **updates}
     merged = {k: v for k, v in merged.items() if v != space[k].identity}
     return Policy(policy.model, policy.fingerprint, merged, policy.options)
@@ -119,7 +120,7 @@ def extreme_policies(space: SearchSpace) -> list[Policy]:
         upd: dict[str, Any] = {}
         for g in combo:
             upd.update(groups[g])
-        out.append(_with(space, base, upd))
+        out.append(with_choices(space, base, upd))
     return out
 
 
@@ -144,7 +145,7 @@ def repair(space: SearchSpace, policy: Policy, feasible: Callable[[Policy], bool
                     upd[d.id] = nxt
         if not upd:
             return None
-        current = _with(space, current, upd)
+        current = with_choices(space, current, upd)
     return current if feasible(current) else None
 
 
@@ -156,7 +157,7 @@ def uniform_policies(space: SearchSpace, ratios: Iterable[float] = (0.125, 0.25,
         upd: dict[str, Any] = {d.id: r for d in space.of_kind("prune") if r in d.choices}
         if bits:
             upd.update({d.id: bits for d in space.of_kind("wbits", "abits") if bits in d.choices})
-        out.append(_with(space, base, upd))
+        out.append(with_choices(space, base, upd))
     return out
 
 
