@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -23,29 +22,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from autocompress.errors import UntraceableModelError
-
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
-                nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish)
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
-LEAF_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, *_BN_MODULES, *_ACT_MODULES, *_POOL_MODULES,
-                                           nn.Dropout, nn.Flatten, nn.Identity, nn.LocalResponseNorm)
-
-_FUNCTION_OPS = {
-    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul",
-    torch.cat: "concat", torch.concat: "concat", torch.flatten: "reshape", torch.chunk: "split",
-    torch.split: "split", operator.getitem: "getitem", torch.relu: "act", torch.nn.functional.relu: "act",
-    torch.nn.functional.relu6: "act", torch.nn.functional.hardswish: "act", torch.sigmoid: "act",
-    torch.nn.functional.adaptive_avg_pool2d: "pool", torch.nn.functional.max_pool2d: "pool",
-    torch.nn.functional.avg_pool2d: "pool", torch.mean: "pool", torch.transpose: "reshape",
-    torch.nn.functional.dropout: "dropout",
-}
-_METHOD_OPS = {
-    "view": "reshape", "reshape": "reshape", "flatten": "reshape", "transpose": "reshape", "permute": "reshape",
-    "contiguous": "reshape", "chunk": "split", "split": "split", "mean": "pool", "add": "add", "add_": "add",
-    "mul": "mul", "mul_": "mul", "relu": "act", "relu_": "act", "sigmoid": "act", "size": "other",
-}
-
+from autocompress.space.inputs import Inputs
+from autocompress.space.ops import LEAF_TYPES, classify, layer_info, numel, shape_of
 
 class _Tracer(fx.Tracer):
     """An fx tracer that knows which module it is in, so a failure can name it."""
@@ -84,52 +62,31 @@ def symbolic_trace(model: nn.Module, leaf_paths: Iterable[str] = ()) -> fx.Graph
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def _shape_of(meta: Any) -> tuple[int, ...] | None:
-    if meta is None:
-        return None
-    if hasattr(meta, "shape"):
-        return tuple(int(s) for s in meta.shape)
-    return None
-
-
-def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str, str]:
-    """Return (op kind, target string, module type name)."""
-    if node.op == "placeholder":
-        return "input", node.target, ""
-    if node.op == "output":
-        return "output", "output", ""
-    if node.op == "get_attr":
-        return "const", str(node.target), ""
-    if node.op == "call_module":
-        m = modules[node.target]
-        kind = ("conv" if isinstance(m, nn.Conv2d) else "linear" if isinstance(m, nn.Linear)
-                else "bn" if isinstance(m, _BN_MODULES) else "act" if isinstance(m, _ACT_MODULES)
-                else "pool" if isinstance(m, _POOL_MODULES) else "dropout" if isinstance(m, nn.Dropout)
-                else "reshape" if isinstance(m, (nn.Flatten, nn.Identity)) else "other")
-        return kind, str(node.target), type(m).__name__
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
-        return _FUNCTION_OPS.get(node.target, "other"), name, ""
-    return _METHOD_OPS.get(str(node.target), "other"), str(node.target), ""
-
-
-def _numel(shape: tuple[int, ...] | None) -> int:
-    n = 1
-    for s in shape or ():
-        n *= s
-    return n if shape else 0
-
-
 @dataclass
 class ModelGraph:
-    """A traced model: the fx GraphModule and its networkx layer graph."""
+    """A traced model and its networkx layer graph.
 
-    gm: fx.GraphModule
+    ``gm`` is the fx GraphModule when torch.fx traced the model (``fx_traced``);
+    a model only ``torch.export`` can capture (e.g. a ``transformers`` encoder)
+    keeps the model itself there, so module paths still resolve.
+    """
+
+    gm: nn.Module
     graph: nx.DiGraph
     input_shape: tuple[int, ...]
     fingerprint: str
     leaf_paths: tuple[str, ...] = ()
     _order: list[str] = field(default_factory=list)
+    inputs: Inputs | None = None
+    fx_traced: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            self.inputs = Inputs.from_shape(self.input_shape)
+
+    def example(self, batch: int = 1, seed: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Random example inputs for ``batch`` samples, one tensor per model input."""
+        return self.inputs.example(batch, seed)
 
     @property
     def order(self) -> list[str]:
@@ -160,55 +117,65 @@ class ModelGraph:
         }
 
 
-def _layer_info(m: nn.Module, in_shape: tuple[int, ...] | None, out_shape: tuple[int, ...] | None) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    if isinstance(m, nn.Conv2d):
-        info.update(in_ch=m.in_channels, out_ch=m.out_channels, kernel=tuple(m.kernel_size),
-                    stride=tuple(m.stride), groups=m.groups, bias=m.bias is not None)
-        spatial = _numel(out_shape[2:]) if out_shape else 0
-        info["macs"] = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * m.out_channels * spatial
-    elif isinstance(m, nn.Linear):
-        info.update(in_ch=m.in_features, out_ch=m.out_features, kernel=(1, 1), stride=(1, 1), groups=1,
-                    bias=m.bias is not None)
-        rows = _numel(out_shape[1:-1]) if out_shape and len(out_shape) > 2 else 1
-        info["macs"] = m.in_features * m.out_features * rows
-    elif isinstance(m, _BN_MODULES):
-        info.update(in_ch=m.num_features, out_ch=m.num_features)
-    return info
+def _run_error(exc: Exception, inputs: Inputs) -> UntraceableModelError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if inputs.single_float:
+        return UntraceableModelError(f"the model does not run at input shape {list(inputs.first_shape)}: "
+                                     f"{reason[:200]}; pass the right --input-shape N,C,H,W")
+    described = ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in inputs.specs)
+    return UntraceableModelError(f"the model rejects its example input ({described}): {reason[:200]}; "
+                                 "give the task an example_input the model's forward accepts")
 
 
-def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_paths: Iterable[str] = ()) -> ModelGraph:
-    """Trace ``model`` at ``input_shape`` (batch 1 is used for the per-sample costs)."""
+def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None, leaf_paths: Iterable[str] = (),
+          inputs: Inputs | None = None) -> ModelGraph:
+    """Trace ``model`` for ``inputs`` (or one float input of ``input_shape``); costs are per sample (batch 1).
+
+    torch.fx is tried first (its module-level graph is what the fx-based
+    primitives rewrite); a model fx cannot trace, such as a ``transformers``
+    encoder, is captured with ``torch.export`` instead.
+    """
     model = model.eval()
-    gm = symbolic_trace(model, leaf_paths)
-    shape = (1, *tuple(input_shape)[1:])
-    example = torch.randn(shape)
+    if inputs is None:
+        if input_shape is None:
+            raise ValueError("trace needs input_shape or inputs")
+        inputs = Inputs.from_shape(input_shape)
+    shape = tuple(input_shape) if input_shape is not None else inputs.first_shape
+    example = inputs.example(1, seed=0) if not inputs.single_float else (torch.randn((1, *shape[1:])),)
     try:
         with torch.no_grad():
-            gm(example)  # fails with the model's own message, before ShapeProp wraps it
-            ShapeProp(gm).propagate(example)
+            model(*example)  # fails with the model's own message first
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UntraceableModelError(
-            f"the model does not run at input shape {list(input_shape)}: {reason[:200]}; "
-            "pass the right --input-shape N,C,H,W"
-        ) from exc
+        raise _run_error(exc, inputs) from exc
+    try:
+        gm = symbolic_trace(model, leaf_paths)
+    except UntraceableModelError as fx_error:
+        from autocompress.space.export_graph import capture
+
+        g, order = capture(model, example, fx_error)
+        fp = fingerprint(g, order, inputs)
+        return ModelGraph(model, g, shape, fp, tuple(leaf_paths), order, inputs, fx_traced=False)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example)
+    except Exception as exc:
+        raise _run_error(exc, inputs) from exc
     modules = dict(gm.named_modules())
     g = nx.DiGraph()
     order: list[str] = []
     seen_params: set[str] = set()
     for node in gm.graph.nodes:
-        kind, target, mtype = _classify(node, modules)
+        kind, target, mtype = classify(node, modules)
         meta = node.meta.get("tensor_meta")
-        out_shape = _shape_of(meta)
+        out_shape = shape_of(meta)
         in_nodes = [a for a in node.all_input_nodes]
-        in_shapes = [_shape_of(a.meta.get("tensor_meta")) for a in in_nodes]
+        in_shapes = [shape_of(a.meta.get("tensor_meta")) for a in in_nodes]
         attrs: dict[str, Any] = dict(op=kind, target=target, module_type=mtype, out_shape=out_shape,
                                      in_shapes=in_shapes, params=0, macs=0, weight_bytes=0,
-                                     act_bytes=4 * _numel(out_shape))
+                                     act_bytes=4 * numel(out_shape))
         if node.op == "call_module":
             m = modules[node.target]
-            attrs.update(_layer_info(m, in_shapes[0] if in_shapes else None, out_shape))
+            attrs.update(layer_info(m, in_shapes[0] if in_shapes else None, out_shape))
             if node.target not in seen_params:  # a module called twice owns its weights once
                 seen_params.add(node.target)
                 attrs["params"] = sum(p.numel() for p in m.parameters())
@@ -217,13 +184,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_paths: Iterable[s
         order.append(node.name)
         for a in in_nodes:
             g.add_edge(a.name, node.name)
-    fp = fingerprint(g, order)
-    return ModelGraph(gm, g, tuple(input_shape), fp, tuple(leaf_paths), order)
+    fp = fingerprint(g, order, inputs)
+    return ModelGraph(gm, g, shape, fp, tuple(leaf_paths), order, inputs)
 
 
-def fingerprint(g: nx.DiGraph, order: list[str]) -> str:
-    """A hash of the architecture (ops, module paths, shapes, edges), independent of weights."""
-    rows = []
+def fingerprint(g: nx.DiGraph, order: list[str], inputs: Inputs | None = None) -> str:
+    """A hash of the architecture (ops, module paths, shapes, edges, input kinds), independent of weights."""
+    rows: list[Any] = [] if inputs is None or inputs.single_float else [inputs.to_json()]
     for n in order:
         a = g.nodes[n]
         rows.append([n, a["op"], a["target"], a["module_type"], a["out_shape"], a["params"],
