@@ -51,13 +51,20 @@ class LayerCost:
     wbits: int = FLOAT_BITS
     abits: int = FLOAT_BITS
     fn: str = ""  # what an activation calls: its module class (ReLU6) or function (relu6)
+    # Attention (scaled dot-product): heads x (seq_q x seq_k) scores over head_dim, then times V.
+    heads: int = 0
+    head_dim: int = 0
+    seq_q: int = 0
+    seq_k: int = 0
 
     @property
     def macs(self) -> int:
         if self.op == "conv":
             return (self.in_ch // self.groups) * self.kernel[0] * self.kernel[1] * self.out_ch * self.spatial
-        if self.op == "linear":
+        if self.op in ("linear", "matmul"):  # matmul: two activations, K = in_ch, N = out_ch, rows = spatial
             return self.in_ch * self.out_ch * self.spatial
+        if self.op == "attention":
+            return 2 * self.heads * self.seq_q * self.seq_k * self.head_dim
         return 0
 
     @property
@@ -117,6 +124,13 @@ class CostTable:
                 row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
             elif a["op"] == "bn":
                 row.in_ch = row.out_ch = a["out_ch"]
+            elif a["op"] == "matmul" and a["in_shapes"] and a["in_shapes"][0] and out:
+                row.in_ch, row.out_ch = a["in_shapes"][0][-1], out[-1]
+                row.spatial = numel // max(1, out[-1])
+            elif a["op"] == "attention" and len(a["in_shapes"]) >= 2 and a["in_shapes"][0] and a["in_shapes"][1]:
+                q, k = a["in_shapes"][0], a["in_shapes"][1]
+                row.heads = max(1, numel_of(q[:-2]))
+                row.seq_q, row.seq_k, row.head_dim = q[-2], k[-2], q[-1]
             elif a["op"] == "act":
                 row.fn = a.get("module_type") or a["target"]
             # What the geometry does not explain; negative for a module's second call, whose
@@ -223,6 +237,13 @@ class CostTable:
             dies[end] = dies.get(end, 0) + size
             live -= dies.pop(i, 0)
         return peak
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _copy_row(row: LayerCost) -> LayerCost:

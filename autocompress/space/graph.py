@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from autocompress.errors import UntraceableModelError
 from autocompress.space.inputs import Inputs
-from autocompress.space.ops import LEAF_TYPES, classify, layer_info, numel, shape_of
+from autocompress.space.ops import LEAF_TYPES, classify, function_macs, layer_info, numel, shape_of
 
 class _Tracer(fx.Tracer):
     """An fx tracer that knows which module it is in, so a failure can name it."""
@@ -180,6 +180,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None, leaf_pat
                 seen_params.add(node.target)
                 attrs["params"] = sum(p.numel() for p in m.parameters())
                 attrs["weight_bytes"] = 4 * attrs["params"]
+        elif kind in ("matmul", "attention"):
+            attrs["macs"] = function_macs(kind, in_shapes, out_shape)
         g.add_node(node.name, **attrs)
         order.append(node.name)
         for a in in_nodes:

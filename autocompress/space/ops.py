@@ -27,12 +27,16 @@ _FUNCTION_OPS = {
     torch.nn.functional.relu6: "act", torch.nn.functional.hardswish: "act", torch.sigmoid: "act",
     torch.nn.functional.adaptive_avg_pool2d: "pool", torch.nn.functional.max_pool2d: "pool",
     torch.nn.functional.avg_pool2d: "pool", torch.mean: "pool", torch.transpose: "reshape",
-    torch.nn.functional.dropout: "dropout",
+    torch.nn.functional.dropout: "dropout", torch.matmul: "matmul", torch.bmm: "matmul", operator.matmul: "matmul",
+    torch.nn.functional.scaled_dot_product_attention: "attention", torch.softmax: "softmax",
+    torch.nn.functional.softmax: "softmax", torch.nn.functional.layer_norm: "norm", torch.nn.functional.gelu: "act",
+    torch.tanh: "act",
 }
 _METHOD_OPS = {
     "view": "reshape", "reshape": "reshape", "flatten": "reshape", "transpose": "reshape", "permute": "reshape",
     "contiguous": "reshape", "chunk": "split", "split": "split", "mean": "pool", "add": "add", "add_": "add",
     "mul": "mul", "mul_": "mul", "relu": "act", "relu_": "act", "sigmoid": "act", "size": "other",
+    "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "tanh": "act",
 }
 
 
