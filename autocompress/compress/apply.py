@@ -45,7 +45,7 @@ def apply(model: nn.Module, policy: Policy, space: SearchSpace, *, calibration: 
         model = copy.deepcopy(model)
     model.eval()
     if ctx is None:
-        ctx = ApplyContext(space, torch.randn(1, *space.input_shape[1:]), calibration=calibration)
+        ctx = ApplyContext(space, space.graph.example(), calibration=calibration)
     for prim, mine in _chosen_by_primitive(space, policy):
         if mine:
             model = prim.transform(model, mine, ctx)

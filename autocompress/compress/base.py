@@ -29,14 +29,15 @@ class ApplyContext:
     ``boosted`` names modules that a lossy merge created or changed: fine-tuning
     trains them at a higher learning rate (DeepRebirth re-trains merged layers).
     ``notes`` records decisions that were skipped or adjusted, and why.
-    ``calibration`` is an optional tensor batch for activation ranges and int8.
+    ``example_input`` and ``calibration`` (optional, for activation ranges and
+    int8) are a tensor or a tuple of tensors, one per model input.
     """
 
     space: SearchSpace
-    example_input: torch.Tensor
+    example_input: Any
     boosted: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
-    calibration: torch.Tensor | None = None
+    calibration: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

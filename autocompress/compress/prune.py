@@ -83,7 +83,7 @@ def _tp_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
     modules = dict(model.named_modules())
     with warnings.catch_warnings():  # Torch-Pruning warns about parameters it cannot map; we skip those groups
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *mg.input_shape[1:]))
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=mg.example())
     groups = []
     for group in dg.get_all_groups(ignored_layers=[modules[p] for p in ignored],
                                    root_module_types=[nn.Conv2d, nn.Linear]):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.compress.base import ApplyContext, Chosen, Primitive, modules_under, rows_under
+from autocompress.space.inputs import as_tuple
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
 from autocompress.space.space import Decision, SearchSpace
@@ -200,7 +201,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     model.eval()
     try:
         for batch in batches:
-            model(batch)
+            model(*as_tuple(batch))
     finally:
         for h in hooks:
             h.remove()

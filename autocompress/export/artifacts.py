@@ -22,6 +22,7 @@ from torch import nn
 from autocompress.errors import EnvironmentProblem, UserInputError
 from autocompress.export.onnx import export_onnx
 from autocompress.space.costs import runs_int8
+from autocompress.space.inputs import Inputs, as_tuple
 from autocompress.space.policy import Policy
 
 
@@ -43,7 +44,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def save_pytorch(model: nn.Module, example_input: torch.Tensor, folder: Path) -> list[Path]:
+def save_pytorch(model: nn.Module, example_input: Any, folder: Path) -> list[Path]:
     """``model.pt2`` (torch.export: runs without the source code or unpickling it) and the state dict.
 
     Load with ``torch.export.load(path).module()``; the state dict loads with
@@ -64,18 +65,19 @@ def save_pytorch(model: nn.Module, example_input: torch.Tensor, folder: Path) ->
     return paths
 
 
-def _export_program(model: nn.Module, example_input: torch.Tensor):
+def _export_program(model: nn.Module, example_input: Any):
     """torch.export with a dynamic batch dimension where the model allows it, else at the example's batch."""
+    args = as_tuple(example_input)
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        return torch.export.export(model, (example_input.expand(2, *example_input.shape[1:]).contiguous(),),
-                                   dynamic_shapes=({0: batch},))
+        doubled = tuple(t.expand(2, *t.shape[1:]).contiguous() for t in args)
+        return torch.export.export(model, doubled, dynamic_shapes=tuple({0: batch} for _ in args))
     except Exception:
-        return torch.export.export(model, (example_input,))
+        return torch.export.export(model, args)
 
 
-def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Path,
-                      calibration: torch.Tensor | None = None) -> dict[str, Any]:
+def write_model_files(model: nn.Module, example_input: Any, folder: Path,
+                      calibration: Any = None) -> dict[str, Any]:
     """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.pt2, model.state.pt."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
 
@@ -86,12 +88,15 @@ def write_model_files(model: nn.Module, example_input: torch.Tensor, folder: Pat
     if any(runs_int8(w, a) for w, a in bits.values()):
         from autocompress.export.int8 import export_int8
 
-        calib = calibration if calibration is not None else torch.randn(16, *example_input.shape[1:])
+        calib = calibration if calibration is not None else Inputs.from_example(example_input).example(16, seed=0)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
         try:
-            report = export_int8(float_model, example_input, [calib[i:i + 8] for i in range(0, len(calib), 8)],
+            parts = as_tuple(calib)
+            chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
+                      for i in range(0, len(parts[0]), 8)]
+            report = export_int8(float_model, example_input, chunks,
                                  folder / "model.int8.onnx", bits, fp32_path=folder / "model.onnx")
         finally:
             root.setLevel(level)

@@ -18,13 +18,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError
 from autocompress.export.onnx import export_onnx
+from autocompress.space.inputs import as_tuple
 
 FLOAT = 32
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -121,7 +122,7 @@ def call_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
              for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            model.eval()(example_input)
+            model.eval()(*as_tuple(example_input))
     finally:
         for h in hooks:
             h.remove()
@@ -277,14 +278,16 @@ def shapes_from_quantised(model_proto: Any) -> Any:
 
 
 class _BatchReader:
-    """A CalibrationDataReader over in-memory tensors, in chunks of at most 64 samples."""
+    """A CalibrationDataReader over in-memory batches (a tensor or a tuple of tensors, one per ONNX input,
+    in order), in chunks of at most 64 samples."""
 
-    def __init__(self, batches: Iterable[torch.Tensor], input_name: str = "input", chunk: int = 64) -> None:
+    def __init__(self, batches: Iterable[Any], input_names: Sequence[str] = ("input",), chunk: int = 64) -> None:
         self._items = []
         for b in batches:
-            b = b.detach().float().cpu()
-            for i in range(0, len(b), chunk):
-                self._items.append({input_name: b[i:i + chunk].numpy()})
+            parts = [t.detach().cpu() for t in as_tuple(b)]
+            parts = [t.float() if t.is_floating_point() else t for t in parts]
+            for i in range(0, len(parts[0]), chunk):
+                self._items.append({n: t[i:i + chunk].numpy() for n, t in zip(input_names, parts)})
         self._it = iter(self._items)
 
     def get_next(self) -> dict | None:
@@ -378,7 +381,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     if reduce_range is None:
         reduce_range = u8s8_saturates()
     fp32 = Path(fp32_path) if fp32_path is not None else path.with_name(path.stem + ".fp32.onnx")
-    if isinstance(calibration_batches, torch.Tensor):
+    if isinstance(calibration_batches, (torch.Tensor, tuple)):
         calibration_batches = [calibration_batches]
     export_onnx(float_model, example_input, fp32)
     proto = unshare_initializers(fold_identities(onnx.load(str(fp32))))
@@ -399,7 +402,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     named = {n.name for n in nodes.values()}
     exclude += [n.name for n in proto.graph.node if n.op_type in _LAYER_OPS and n.name not in named]
     exclude += float_island_nodes(proto, quantised)
-    reader = _BatchReader(calibration_batches)
+    reader = _BatchReader(calibration_batches, [i.name for i in proto.graph.input])
     if len(reader) == 0:
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
     tmp = path.with_name(path.name + ".tmp")

@@ -91,6 +91,18 @@ def session(path: str | os.PathLike, threads: int = 1, profile_prefix: str | Non
         raise AutocompressError(f"ONNX Runtime cannot load {str(path)!r}: {str(exc).splitlines()[0]}") from exc
 
 
+def _example_shapes(sess: Any) -> dict[str, list[int]]:
+    import json
+
+    from autocompress.export.onnx import SHAPES_KEY
+
+    raw = sess.get_modelmeta().custom_metadata_map.get(SHAPES_KEY)
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+
+
 def _feeds(sess: Any, batch: int) -> dict[str, Any]:
     import numpy as np
 
@@ -98,9 +110,11 @@ def _feeds(sess: Any, batch: int) -> dict[str, Any]:
              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
     rng = np.random.default_rng(0)
     feeds = {}
+    examples = _example_shapes(sess)
     for i, inp in enumerate(sess.get_inputs()):
-        shape = [batch if (j == 0 and not isinstance(d, int)) else (d if isinstance(d, int) else 1)
-                 for j, d in enumerate(inp.shape)]
+        known = examples.get(inp.name, [])  # symbolic axes other than the batch (a sequence) at the example's size
+        shape = [batch if j == 0 and not isinstance(d, int) else d if isinstance(d, int)
+                 else (known[j] if j < len(known) else 1) for j, d in enumerate(inp.shape)]
         dtype = types.get(inp.type, np.float32)
         feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype in (np.float32, np.float16) \
             else np.zeros(shape, dtype=dtype)
@@ -140,11 +154,12 @@ def measure_model(model: Any, example_input: Any, threads: int = 1, warmup: int 
                   batch: int | None = None) -> Measurement:
     """Export ``model`` to a temporary ONNX file and time it (batch defaults to the example's)."""
     from autocompress.export.onnx import export_onnx
+    from autocompress.space.inputs import as_tuple
 
     with tempfile.TemporaryDirectory(prefix="autocompress-measure-") as tmp:
         path = export_onnx(model, example_input, Path(tmp) / "model.onnx")
         return measure_onnx(path, threads=threads, warmup=warmup, runs=runs,
-                            batch=batch or int(example_input.shape[0]))
+                            batch=batch or int(as_tuple(example_input)[0].shape[0]))
 
 
 # ONNX Runtime op types -> the latency model's parts (see ``predict.parts``); the rest is "other".
