@@ -9,7 +9,10 @@ from typing import Any, Iterable
 from torch import nn
 
 from autocompress.compress import build_space
+from autocompress.errors import UserInputError
 from autocompress.models import LoadedModel, load_model
+from autocompress.models.sources import load_weights
+from autocompress.space.inputs import Inputs
 from autocompress.space.graph import ModelGraph, trace
 from autocompress.space.space import SearchSpace
 
@@ -31,16 +34,31 @@ class Workspace:
 
 
 def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
-               leaf: Iterable[str] = (), options: dict[str, Any] | None = None, pretrained: bool = False) -> Workspace:
-    """Load ``spec``, trace it and build its search space.
+               leaf: Iterable[str] = (), options: dict[str, Any] | None = None, pretrained: bool = False,
+               example_input: Any = None, module: nn.Module | None = None) -> Workspace:
+    """Load ``spec`` (or take ``module``, an in-memory model named ``spec``), trace it and build its search space.
 
     ``pretrained`` asks for a built-in model's trained weights (trained and
-    cached on first use) when no weights file is given.
+    cached on first use) when no weights file is given. ``example_input`` (a
+    tensor or tuple of tensors of any dtype) replaces ``input_shape``.
     """
-    loaded = load_model(spec, weights=weights, input_shape=input_shape)
+    if module is not None:
+        if weights is not None:
+            load_weights(module, weights)
+        loaded = LoadedModel(spec, module.eval(), tuple(input_shape or ()))
+    else:
+        loaded = load_model(spec, weights=weights, input_shape=input_shape)
     if pretrained and weights is None and spec.startswith("builtin:"):
         from autocompress.evaluators.train import pretrained_builtin
 
         loaded.model = pretrained_builtin(spec.partition(":")[2]).eval()
-    graph = trace(loaded.model, loaded.input_shape, leaf_paths=leaf)
+    if example_input is not None:
+        try:
+            inputs = Inputs.from_example(example_input, loaded.model)
+        except TypeError as exc:
+            raise UserInputError(f"bad example input: {exc}; give a tensor or a tuple of tensors") from None
+        loaded.input_shape = inputs.first_shape
+        graph = trace(loaded.model, leaf_paths=leaf, inputs=inputs)
+    else:
+        graph = trace(loaded.model, loaded.input_shape, leaf_paths=leaf)
     return Workspace(loaded, build_space(graph, spec, options=options))

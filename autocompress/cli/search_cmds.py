@@ -17,6 +17,8 @@ from autocompress.cli.app import app, console, guard
 def search(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="default: builtin:digits-net"),
     data: Optional[str] = typer.Option(None, "--data", help="sklearn:digits, imagefolder:PATH or file.py:factory"),
+    task: Optional[str] = typer.Option(None, "--task", help="file.py:factory returning an autocompress.Task: your "
+                                                              "metric, batches and example input (replaces --data)"),
     target: str = typer.Option(..., "--target", "-t", help="see `autocompress targets`"),
     budget: str = typer.Option(..., "--budget", "-b", help="e.g. 5ms, 800us, 2mJ, 4MB, 0.5x, or 5ms,4MB"),
     trials: int = typer.Option(32, "--trials", "-n", help="candidates fine-tuned at low fidelity"),
@@ -66,7 +68,7 @@ def search(
                                 warm_start=warm_start, input_shape=shape, cpus_per_trial=cpus_per_trial,
                                 gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                                 storage_path=storage_path, resume=resume, measure=not no_measure,
-                                early_stop=early_stop)
+                                early_stop=early_stop, task=task)
         _summary(result, out)
         return
     if backend != "optuna":
@@ -78,28 +80,28 @@ def search(
     if not console.is_terminal:  # a log, not a screen: one line per phase and per finished trial, as they happen
         result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
                             study_name=study_name, warm_start=warm_start, input_shape=shape, measure=not no_measure,
-                            callback=_log_trial(trials), on_phase=lambda text: _log(f"phase: {text}"))
+                            callback=_log_trial(trials), on_phase=lambda text: _log(f"phase: {text}"), task=task)
         _summary(result, out)
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("preparing", total=trials, best="-")
+        bar = progress.add_task("preparing", total=trials, best="-")
 
         def on_phase(text: str) -> None:
-            progress.update(task, description=text)
+            progress.update(bar, description=text)
 
         def on_trial(ev) -> None:
             best = f"{ev.best_accuracy:.4f}" if ev.best_accuracy is not None else "-"
-            progress.update(task, completed=min(ev.done, ev.total), best=best,
+            progress.update(bar, completed=min(ev.done, ev.total), best=best,
                             description="finalists" if ev.phase == "finalists" else "searching")
             if ev.state in ("failed", "final", "rerun"):
                 progress.console.print(f"  trial {ev.number} {ev.state}: {ev.message}", markup=False, highlight=False)
 
         result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
                             study_name=study_name, warm_start=warm_start, input_shape=shape,
-                            measure=not no_measure, callback=on_trial, on_phase=on_phase)
-        progress.update(task, description="done", completed=trials)
+                            measure=not no_measure, callback=on_trial, on_phase=on_phase, task=task)
+        progress.update(bar, description="done", completed=trials)
     _summary(result, out)
 
 
@@ -128,7 +130,7 @@ def _log_trial(total: int):
 def _summary(result: dict, out: Path) -> None:
     b, s = result["baseline"], result["best"]
     table = Table(title=f"{result['model']} on {result['target']}, budget {result['budget']}")
-    for col in ("", "accuracy", "latency ms (pred.)", "local ms (ORT)", "energy mJ", "size MB", "MACs"):
+    for col in ("", result.get("metric", "accuracy"), "latency ms (pred.)", "local ms (ORT)", "energy mJ", "size MB", "MACs"):
         table.add_column(col, justify="right")
     for name, r in (("baseline", b), ("chosen", s)):
         local = r.get("measured_latency_ms_local")

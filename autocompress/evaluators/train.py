@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 from autocompress.cache import cache_dir  # noqa: F401  (re-exported)
 from autocompress.errors import DataError, TrialFailed
 from autocompress.evaluators.data import DataBundle, as_tensors, load_data
+from autocompress.space.inputs import as_tuple
 
 BATCH_SIZE = 64
 DIGITS_EPOCHS = 6
@@ -55,7 +57,7 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, limit: int = 512) -> nn.Module:
+def recalibrate_bn(model: nn.Module, x: Any, batch_size: int = 128, limit: int = 512) -> nn.Module:
     """Re-estimate BatchNorm running statistics as exact averages over the first ``limit`` samples.
 
     Running averages lag behind fast-moving weights (short schedules, fresh
@@ -73,9 +75,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, lim
         m.momentum = None  # cumulative average
         m.train()
     try:
-        x = x[:limit]
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+        parts = [t[:limit] for t in as_tuple(x)]  # one tensor, or one per model input
+        with torch.no_grad():
+            for i in range(0, len(parts[0]), batch_size):
+                model(*(t[i:i + batch_size] for t in parts))
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

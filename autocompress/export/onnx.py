@@ -12,39 +12,16 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError
-from autocompress.space.inputs import Inputs, as_tuple
+from autocompress.space.inputs import Inputs, as_tuple, flatten_output
 
 OPSET = 17
 SHAPES_KEY = "autocompress.example_shapes"  # metadata: the example inputs' shapes, for timing at the real sizes
-
-
-def flatten_output(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) leaves of a model output: a tensor, tuple/list, dict or ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return [(prefix or "output", out)]
-    if isinstance(out, Mapping):
-        return [leaf for k, v in out.items() if v is not None
-                for leaf in flatten_output(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(out, (tuple, list)):
-        return [leaf for i, v in enumerate(out) if v is not None
-                for leaf in flatten_output(v, f"{prefix}.{i}" if prefix else f"output_{i}")]
-    return []
-
-
-def primary_output(out: Any) -> torch.Tensor:
-    """The tensor a task's default loss and metrics read: ``logits`` where the output names one, else the first."""
-    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    leaves = flatten_output(out)
-    if not leaves:
-        raise AutocompressError(f"the model returned {type(out).__name__} with no tensor in it")
-    return leaves[0][1]
 
 
 class _Flat(nn.Module):

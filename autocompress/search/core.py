@@ -137,6 +137,12 @@ def model_and_data(model: str | None, data: str | None) -> tuple[str, str]:
     return model, data
 
 
+def metric_label(evaluator: Any) -> str:
+    """How trial logs name the metric: ``acc`` for built-in accuracy, else the task's metric name."""
+    metric = getattr(evaluator, "metric", "accuracy")
+    return "acc" if metric == "accuracy" else metric
+
+
 def study_name_for(space_fp: str, config: SearchConfig) -> str:
     key = f"{config.target}|{config.budget}|{config.objectives}|{config.tie}"
     if config.space != "layers":  # another parameter space is another study
@@ -171,7 +177,8 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
         finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy))
         on_final(finalists[-1])
         callback(TrialEvent(c.number, "final", config.trials, config.trials, best_low, "finalists",
-                            f"trial {c.number}: acc {scored.accuracy:.4f} after {config.full_epochs} epochs"))
+                            f"trial {c.number}: {metric_label(evaluator)} {scored.accuracy:.4f} after {config.full_epochs} "
+                            "epochs"))
         key = (scored.accuracy, -c.latency_ms)
         if best is None or key > best[0]:
             best = (key, c, scored)

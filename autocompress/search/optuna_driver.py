@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from autocompress.errors import TrialFailed, UserInputError
 from autocompress.search import _optuna_storage, workers
 from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, SearchResult, TrialEvent, finalise,
-                                      study_name_for)
+                                      metric_label, study_name_for)
 from autocompress.search.screen import Screen
 from autocompress.search.space_params import ParamSpace
 from autocompress.search.tradeoff import make_params
@@ -292,7 +292,8 @@ class OptunaDriver:
             return
         self.study.tell(trial, values)
         self.callback(TrialEvent(trial.number, "complete", self._evaluated(), self.config.trials, self.best_accuracy(),
-                                 "search", f"acc {scored.accuracy:.4f}, {costs['latency_ms']:.2f} ms"))
+                                 "search", f"{metric_label(self.evaluator)} {scored.accuracy:.4f}, "
+                                                   f"{costs['latency_ms']:.2f} ms"))
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason[:300])

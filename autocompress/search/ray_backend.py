@@ -45,6 +45,8 @@ from autocompress.search.core import (OBJECTIVES, SearchConfig, check_target_and
                                       study_name_for)
 from autocompress.search.optuna_driver import conclude, distributions, make_sampler
 from autocompress.search.screen import Screen
+from autocompress.search import setup
+from autocompress.search.setup import task_label
 from autocompress.search.tradeoff import make_params
 from autocompress.space.policy import Policy
 
@@ -56,7 +58,7 @@ class JobSpec:
     """Everything a worker needs to rebuild the workspace: specs and paths, never models."""
 
     model: str
-    data: str
+    data: str | None
     config: SearchConfig
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
@@ -66,6 +68,7 @@ class JobSpec:
     threads: int = 1
     warm: dict[str, Any] = field(default_factory=dict)  # the warm-start policy's JSON
     sensitivity: dict[str, Any] = field(default_factory=dict)  # measured once on the driver, read on the workers
+    task: str | None = None  # a task's file.py:factory, re-imported on every node
 
 
 @dataclass
@@ -91,20 +94,14 @@ def _digest(model: torch.nn.Module) -> str:
 
 def build_context(job: JobSpec) -> _Context:
     """The workspace, evaluator and screening of one job, seeded so every node builds the same teacher."""
-    key = repr((job.model, job.data, job.weights, job.input_shape, sorted(job.options.items()), job.config,
+    key = repr((job.model, job.data, job.task, job.weights, job.input_shape, sorted(job.options.items()), job.config,
                 sorted(job.warm.get("decisions", {}).items())))
     if key in _CONTEXTS:
         return _CONTEXTS[key]
-    from autocompress.workspace import open_model
-    from autocompress.evaluators.data import load_data
-    from autocompress.search.evaluate import CandidateEvaluator
-
     torch.manual_seed(job.config.seed)  # a model file without --weights starts from the same random init everywhere
-    ws = open_model(job.model, weights=job.weights, input_shape=job.input_shape, options=job.options or None,
-                    pretrained=True)
-    bundle = load_data(job.data, ws.space.input_shape)
-    torch.manual_seed(job.config.seed)
-    evaluator = CandidateEvaluator(ws, bundle, seed=job.config.seed)
+    prepared = setup.prepare(job.model, data=job.data, task=job.task, weights=job.weights, input_shape=job.input_shape,
+                       options=job.options or None, seed=job.config.seed)
+    ws, evaluator = prepared.ws, prepared.evaluator
     screen = Screen(ws.space, job.config.target, job.config.budget)
     measured: dict[str, Any] = dict(job.sensitivity)
     params = make_params(job.config.space, screen, evaluator.teacher, evaluator.calibration, tie=job.config.tie,
@@ -145,15 +142,11 @@ def evaluate_trial(params: dict[str, Any], job: JobSpec) -> None:
 
 
 def _finetune_in_chunks(evaluator: Any, policy: Policy, job: JobSpec):
-    from autocompress.evaluators.accuracy import evaluate
-    from autocompress.evaluators.finetune import finetune
-
     model, cctx = evaluator.build(policy)
     per_chunk = job.config.low_epochs / job.chunks
     for i in range(job.chunks):
-        finetune(model, evaluator.teacher, evaluator.finetune_bundle, epochs=per_chunk, lr=evaluator.lr,
-                 boosted=cctx.boosted, seed=evaluator.seed + i, teacher_logits=evaluator.teacher_logits)
-        yield i + 1, evaluate(model, evaluator.select)
+        evaluator.finetune_chunk(model, cctx, per_chunk, evaluator.seed + i)
+        yield i + 1, evaluator.score(model)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -251,7 +244,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                    input_shape: tuple[int, ...] | None = None, cpus_per_trial: float = 1.0,
                    gpus_per_trial: float = 0.0, max_concurrent: int = 2, storage_path: str | os.PathLike | None = None,
                    resume: bool = False, measure: bool = True, chunks: int = 3,
-                   early_stop: bool = True) -> dict[str, Any]:
+                   early_stop: bool = True, task: str | None = None) -> dict[str, Any]:
     """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
     from autocompress.search.report import write_search_outputs
 
@@ -259,10 +252,15 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
         raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "
                              f"{gpus_per_trial} (>= 0), --max-concurrent {max_concurrent} (>= 1)")
-    model, data = model_and_data(model, data)
+    if task is None:
+        model, data = model_and_data(model, data)
+    elif not isinstance(task, str):
+        raise UserInputError("the ray backend re-imports the task on every node: give it as path/file.py:factory")
+    elif ".py:" in task:  # workers may start elsewhere: the file by its absolute path
+        task = str(Path(task.rpartition(":")[0]).resolve()) + ":" + task.rpartition(":")[2]
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out).resolve()
-    job = JobSpec(model=model, data=data, config=config, weights=str(Path(weights).resolve()) if weights else None,
+    job = JobSpec(model=model, data=data, task=task, config=config, weights=str(Path(weights).resolve()) if weights else None,
                   input_shape=tuple(input_shape) if input_shape else None, options=dict(warm.options) if warm else {},
                   chunks=chunks, threads=max(1, int(cpus_per_trial)), warm=warm.to_json() if warm else {})
     ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
@@ -297,5 +295,6 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
     ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,
                    "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial}
+    data = data if task is None else task_label(task)
     return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=model, data=data,
                                 measure=measure, extra={"ray": ray_summary})

@@ -50,7 +50,8 @@ def pareto_front(points: list[tuple[float, float, int]]) -> list[tuple[float, fl
     return front
 
 
-def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number: int, path: Path) -> list:
+def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number: int, path: Path,
+                metric: str = "accuracy") -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +77,7 @@ def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number
     if chosen:
         ax.scatter([chosen[0][0]], [chosen[0][1]], s=120, marker="*", color="green", zorder=5, label="chosen")
     ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("selection accuracy after short fine-tune")
+    ax.set_ylabel(f"selection {metric} after short fine-tune")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -87,7 +88,7 @@ def plot_pareto(study: Any, budget_ms: float | None, baseline: dict, best_number
 
 def per_layer_table(space: Any, decisions: dict) -> list[str]:
     """Markdown rows: one per layer that any chosen decision touches, one column per kind."""
-    kinds = ("prune", "rank", "wbits", "abits", "merge", "branch")
+    kinds = ("prune", "heads", "rank", "wbits", "abits", "merge", "branch", "drop")
     rows: dict[str, dict[str, str]] = {}
     for d in space.decisions:
         if d.id not in decisions:
@@ -118,7 +119,8 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
              f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0)} screened out by the "
              f"analytic model, {result['trials']['failed']} failed.", "",
              "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
-    rows = [("accuracy (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
+    metric = result.get("metric", "accuracy")
+    rows = [(f"{metric} (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
             ("measured latency, local ONNX Runtime fp32 (ms)", "measured_latency_ms_local", 3),
             ("predicted energy (mJ)", "energy_mj", 4), ("weights (bytes)", "size_bytes", 0), ("MACs", "macs", 0),
             ("params", "params", 0)]
@@ -143,12 +145,12 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
             req, real = row.get("requested", {}), row.get("realised", {})
             lines.append(f"| `{row.get('layer')}` | {req.get('wbits')}/{req.get('abits')} | "
                          f"{real.get('wbits')}/{real.get('abits')} | {'yes' if row.get('simulated_only') else 'no'} |")
-    lines += ["", "## Pareto front (low-fidelity accuracy vs predicted latency)", "",
-              "| trial | latency (ms) | accuracy |", "|---:|---:|---:|"]
+    lines += ["", f"## Pareto front (low-fidelity {metric} vs predicted latency)", "",
+              f"| trial | latency (ms) | {metric} |", "|---:|---:|---:|"]
     lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
     lines += ["", "Finalists re-trained at full fidelity:", ""]
     for f in found.finalists:
-        lines.append(f"- trial {f.number}: selection accuracy {f.accuracy_low:.4f} (short) -> "
+        lines.append(f"- trial {f.number}: selection {metric} {f.accuracy_low:.4f} (short) -> "
                      f"{f.accuracy_full:.4f} (full)")
     if extra_sections:
         lines += ["", *extra_sections]
@@ -170,6 +172,9 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
     baseline["accuracy"] = base_acc["accuracy"]
     best_costs["accuracy"] = evaluator.held_out(found.best_model)
     best_costs["accuracy_select"] = found.best_scored.accuracy
+    metric = getattr(evaluator, "metric", "accuracy")
+    if metric != "accuracy":  # the task's metric under its own name too; "accuracy" keeps the format's key
+        baseline[metric], best_costs[metric] = baseline["accuracy"], best_costs["accuracy"]
 
     def build(folder: Path) -> dict[str, Any]:
         info = write_model_files(found.best_model, evaluator.example, folder, evaluator.calibration)
@@ -178,13 +183,13 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
         result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
                   "best": best_costs, "trials": dict(found.counts), "feasible": found.feasible, "model": model,
                   "data": data, "fingerprint": found.space.fingerprint, "study": found.study_name,
-                  "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
+                  "metric": metric, "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
                   "search_space": config.space,
                   "boosted": found.best_scored.boosted, "notes": found.best_scored.notes, **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)
         write_trials_csv(study, folder / "trials.csv")
-        front = plot_pareto(study, found.budget.latency_ms, baseline, found.best_trial, folder / "pareto.png")
+        front = plot_pareto(study, found.budget.latency_ms, baseline, found.best_trial, folder / "pareto.png", metric)
         sections: list[str] = []
         stored = study.user_attrs.get("sensitivity")
         if stored:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from torch import nn
 
-from autocompress.search.core import SearchConfig, TrialEvent, check_target_and_budget, model_and_data
+from autocompress.errors import UserInputError
+from autocompress.evaluators.task import Task
+from autocompress.search.core import SearchConfig, TrialEvent, check_target_and_budget
 from autocompress.space.policy import Policy
 
 
@@ -18,28 +21,30 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                storage: str | None = None, study_name: str | None = None, warm_start: str | os.PathLike | None = None,
                input_shape: tuple[int, ...] | None = None, leaf: tuple[str, ...] = (), measure: bool = True,
                callback: Callable[[TrialEvent], None] | None = None,
-               on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run a search and write ``out``; return the result.json content."""
-    from autocompress.evaluators.data import load_data
+               on_phase: Callable[[str], None] | None = None, task: str | Task | None = None,
+               module: nn.Module | None = None, keep: list[Any] | None = None) -> dict[str, Any]:
+    """Run a search and write ``out``; return the result.json content.
+
+    ``task`` (a Task or its ``file.py:factory`` spec) replaces ``data`` with the
+    user's metric and batches; ``module`` is an in-memory model (with a task).
+    ``keep`` receives the SearchResult (for the Python API).
+    """
     from autocompress.export.artifacts import check_out
-    from autocompress.search.evaluate import CandidateEvaluator
     from autocompress.search.optuna_driver import OptunaDriver, make_storage
     from autocompress.search.report import write_search_outputs
-    from autocompress.workspace import open_model
+    from autocompress.search.setup import prepare
 
     phase = on_phase or (lambda s: None)
     check_target_and_budget(config)  # bad budget strings and a bad --out fail before any work
     check_out(out)
-    model, data = model_and_data(model, data)
     warm = Policy.load(warm_start) if warm_start else None
     phase("preparing the model (a built-in model is trained once and cached)")
-    ws = open_model(model, weights=weights, input_shape=input_shape, leaf=leaf,
-                    options=dict(warm.options) if warm else None, pretrained=True)
+    prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
+                       input_shape=input_shape, leaf=leaf, options=dict(warm.options) if warm else None,
+                       seed=config.seed)
+    ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
     if warm is not None:
         warm.validate(ws.space)
-    bundle = load_data(data, ws.space.input_shape)
-    torch.manual_seed(config.seed)
-    evaluator = CandidateEvaluator(ws, bundle, seed=config.seed)
     out = Path(out)
     if config.space == "tradeoff":
         phase("scoring each choice's sensitivity (once per study)")
@@ -50,5 +55,53 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     phase("searching")
     found = driver.run()
     phase("writing the output folder")
-    return write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model, data=data,
-                                measure=measure)
+    result = write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model, data=data,
+                                  measure=measure)
+    if keep is not None:
+        keep.append(found)
+    return result
+
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.name not in ("target", "budget"))
+_RUN_OPTIONS = ("weights", "storage", "study_name", "warm_start", "leaf", "measure", "callback", "on_phase", "data")
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What ``autocompress.search(...)`` returns: the chosen policy and model, its costs, the written files."""
+
+    policy: Policy
+    model: nn.Module
+    metric: str
+    baseline: dict[str, Any]
+    best: dict[str, Any]
+    feasible: bool
+    paths: dict[str, Path]
+    result: dict[str, Any]  # result.json's content
+
+
+def search(model: str | nn.Module, task: str | Task | None = None, *, target: str = "mobile", budget: str = "5ms",
+           out: str | os.PathLike = "autocompress-out", **options: Any) -> SearchOutcome:
+    """The Python API's one call: the most accurate compressed ``model`` for ``task`` within ``budget`` on ``target``.
+
+    ``model`` is an ``nn.Module`` or a model spec; ``task`` a :class:`~autocompress.Task` (or its
+    ``file.py:factory`` spec; None with a spec searches its built-in data, or ``data=``). ``options``
+    are SearchConfig fields (trials, sampler, seed, low_epochs, full_epochs, finalists, objectives,
+    space, ...) and run options (weights, storage, study_name, warm_start, leaf, measure, data).
+    """
+    unknown = sorted(set(options) - set(_CONFIG_FIELDS) - set(_RUN_OPTIONS))
+    if unknown:
+        raise UserInputError(f"unknown search option(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted((*_CONFIG_FIELDS, *_RUN_OPTIONS)))}")
+    config = SearchConfig(target=target, budget=str(budget), **{k: v for k, v in options.items() if k in _CONFIG_FIELDS})
+    run_kwargs = {k: v for k, v in options.items() if k in _RUN_OPTIONS}
+    found: list[Any] = []
+    module = model if isinstance(model, nn.Module) else None
+    result = run_search(config, model=None if module is not None else model, out=out, task=task, module=module,
+                        keep=found, **run_kwargs)
+    folder = Path(out)
+    names = ("policy.json", "result.json", "report.md", "model.onnx", "model.int8.onnx", "model.pt2",
+             "model.state.pt", "trials.csv", "pareto.png", "sensitivity.png")
+    return SearchOutcome(found[0].best_policy, found[0].best_model, result.get("metric", "accuracy"),
+                         result["baseline"], result["best"], bool(result["feasible"]),
+                         {n: folder / n for n in names if (folder / n).exists()}, result)

@@ -29,6 +29,7 @@ from torch import fx, nn
 from autocompress.compress import apply
 from autocompress.compress.quant import FLOAT, quantise_module
 from autocompress.space.graph import symbolic_trace
+from autocompress.space.inputs import as_tuple
 from autocompress.space.policy import Policy
 from autocompress.space.space import Decision, SearchSpace
 
@@ -132,21 +133,52 @@ class _Replay(fx.Interpreter):
 
 
 class _Original:
-    """The original model traced once, with every node's output on the calibration batch."""
+    """The original model traced once, with every node's output on the calibration batch.
 
-    def __init__(self, teacher: nn.Module, space: SearchSpace, batch: torch.Tensor) -> None:
-        self.teacher, self.batch = teacher.eval(), batch
+    A model only torch.export could capture (``space.graph.fx_traced`` False) has no fx graph to
+    replay: every candidate then runs whole, with the changed modules swapped into a copy.
+    """
+
+    def __init__(self, teacher: nn.Module, space: SearchSpace, batch: Any) -> None:
+        self.teacher, self.batch = teacher.eval(), as_tuple(batch)
+        if not space.graph.fx_traced:
+            self.gm = teacher
+            inputs: dict[str, Any] = {}
+            hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, args[0]))
+                     for name, m in teacher.named_modules() if name]
+            try:
+                with torch.no_grad():
+                    self.output = teacher(*self.batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.cached, self.module_input, self.replayable = {}, inputs, False
+            return
         self.gm = symbolic_trace(teacher, space.graph.leaf_paths).eval()
         recorder = fx.Interpreter(self.gm, garbage_collect_values=False)
         with torch.no_grad():
-            self.output = recorder.run(batch)
+            self.output = recorder.run(*self.batch)
         self.cached = {node.name: value for node, value in recorder.env.items()}
         self.module_input = {n.target: self.cached[n.args[0].name] for n in self.gm.graph.nodes
                              if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)}
+        self.replayable = True
 
     def replay(self, replaced: Mapping[str, nn.Module], batch_stats: bool) -> Any:
+        if not self.replayable:
+            model = _swapped(self.teacher, replaced)
+            with torch.no_grad():
+                return model.eval()(*self.batch)
         with torch.no_grad():
-            return _Replay(self.gm, self.cached, replaced, batch_stats).run(self.batch)
+            return _Replay(self.gm, self.cached, replaced, batch_stats).run(*self.batch)
+
+
+def _swapped(model: nn.Module, replaced: Mapping[str, nn.Module]) -> nn.Module:
+    """A copy of ``model`` with ``replaced`` swapped in at their paths."""
+    new = copy.deepcopy(model) if replaced else model
+    for path, module in replaced.items():
+        parent_path, _, name = path.rpartition(".")
+        setattr(new.get_submodule(parent_path) if parent_path else new, name, module)
+    return new
 
 
 def _changed_modules(original: nn.Module, changed: nn.Module, paths: Iterable[str]) -> dict[str, nn.Module] | None:
@@ -182,19 +214,20 @@ def _run_one(original: _Original, space: SearchSpace, d: Decision, choice: Any, 
     policy = Policy(space.model, space.fingerprint, {d.id: choice}, space.options)
     model = apply(original.teacher, policy, space, calibration=original.batch)
     replaced = _changed_modules(original.gm, model, module_paths) if d.kind in LOCAL_KINDS else None
-    if replaced is not None:
+    if replaced is not None and original.replayable:
         return original.replay(replaced, batch_stats=d.kind in STRUCTURAL)
     with torch.no_grad():
-        return model.eval()(original.batch)
+        return model.eval()(*original.batch)
 
 
-def measure_sensitivity(space: SearchSpace, teacher: nn.Module, batch: torch.Tensor, *,
+def measure_sensitivity(space: SearchSpace, teacher: nn.Module, batch: Any, *,
                         decisions: Iterable[Decision] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> SensitivityTable:
     """Score every non-identity choice of ``decisions`` (default: all of ``space``'s) on ``batch``."""
     started = time.monotonic()
     original = _Original(teacher, space, batch)
-    module_paths = [n.target for n in original.gm.graph.nodes if n.op == "call_module"]
+    module_paths = [n.target for n in original.gm.graph.nodes if n.op == "call_module"] if original.replayable \
+        else [name for name, _ in teacher.named_modules() if name]
     todo = [(d, c) for d in (decisions if decisions is not None else space.decisions) for c in d.choices
             if c != d.identity]
     scores: dict[str, dict[str, float]] = {}
@@ -206,5 +239,5 @@ def measure_sensitivity(space: SearchSpace, teacher: nn.Module, batch: torch.Ten
         scores.setdefault(d.id, {})[choice_key(choice)] = score if math.isfinite(score) else FAILED
         if progress is not None:
             progress(i + 1, len(todo))
-    return SensitivityTable(scores, measure_name(original.output), int(batch.shape[0]),
+    return SensitivityTable(scores, measure_name(original.output), int(original.batch[0].shape[0]),
                             round(time.monotonic() - started, 3), space.fingerprint)

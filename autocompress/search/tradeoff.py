@@ -137,7 +137,9 @@ def sensitivity_for(space: SearchSpace, decisions: Sequence[Decision], teacher: 
             table = None
         if table is not None and table.fingerprint == space.fingerprint and all(d.id in table.scores for d in decisions):
             return table
-    return measure_sensitivity(space, teacher, calibration[:SENSITIVITY_SAMPLES], decisions=decisions)
+    batch = tuple(t[:SENSITIVITY_SAMPLES] for t in calibration) if isinstance(calibration, tuple) \
+        else calibration[:SENSITIVITY_SAMPLES]
+    return measure_sensitivity(space, teacher, batch, decisions=decisions)
 
 
 def make_params(kind: str, screen: Any, teacher: Any, calibration: Any, *, tie: tuple[str, ...] = (),

@@ -1,4 +1,4 @@
-"""What a model takes: one or more named inputs of any dtype (float images, int64 token ids, masks).
+"""What a model takes and returns: one or more named inputs of any dtype (float images, int64 token ids, masks).
 
 An :class:`Inputs` record replaces a bare input shape wherever the project
 needs example inputs: tracing, Torch-Pruning's dependency graph, ONNX export
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -122,3 +122,26 @@ def _argument_names(model: nn.Module, n: int) -> list[str]:
         return []
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return names[:n] if len(names) >= n else []
+
+
+def flatten_output(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) leaves of a model output: a tensor, tuple/list, dict or ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output", out)]
+    if isinstance(out, Mapping):
+        return [leaf for k, v in out.items() if v is not None
+                for leaf in flatten_output(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(out, (tuple, list)):
+        return [leaf for i, v in enumerate(out) if v is not None
+                for leaf in flatten_output(v, f"{prefix}.{i}" if prefix else f"output_{i}")]
+    return []
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The tensor a task's default loss and metrics read: ``logits`` where the output names one, else the first."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    leaves = flatten_output(out)
+    if not leaves:
+        raise ValueError(f"the model returned {type(out).__name__} with no tensor in it")
+    return leaves[0][1]

@@ -1,0 +1,69 @@
+"""From what the user gave (a model spec or module; built-in data or a Task) to a workspace and its evaluator.
+
+Every driver (the Optuna run, each Ray worker, the Python API) prepares a
+search through :func:`prepare`, so a task file is re-imported the same way on
+every node and checked before any search starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autocompress.errors import UserInputError
+from autocompress.evaluators.task import Task, check_task, load_task
+from autocompress.search.core import model_and_data
+from autocompress.search.evaluate import CandidateEvaluator, TaskEvaluator
+from autocompress.workspace import Workspace, open_model
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A search's workspace and evaluator, and how result.json names the model and the data."""
+
+    ws: Workspace
+    evaluator: Any  # CandidateEvaluator or TaskEvaluator
+    model: str
+    data: str
+
+
+def task_label(task: str | Task) -> str:
+    return f"task:{task}" if isinstance(task, str) else f"task:{task.metric}"
+
+
+def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str | Task | None = None,
+            weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
+            leaf: tuple[str, ...] = (), options: dict[str, Any] | None = None, seed: int = 0) -> Prepared:
+    """Open the model for a search on built-in data (``data``) or on a user ``task`` (a Task or its file spec)."""
+    module = model if isinstance(model, nn.Module) else None
+    spec = f"python:{type(model).__name__}" if module is not None else model
+    if task is None:
+        if module is not None:
+            raise UserInputError("searching an in-memory model needs a task: autocompress.search(model, task, ...)")
+        spec, data = model_and_data(spec, data)
+        ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=options, pretrained=True)
+        from autocompress.evaluators.data import load_data
+
+        bundle = load_data(data, ws.space.input_shape)
+        torch.manual_seed(seed)
+        return Prepared(ws, CandidateEvaluator(ws, bundle, seed=seed), spec, data)
+    if data:
+        raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
+    if input_shape:
+        raise UserInputError("--task and --input-shape both given: the task's example_input is the model's input; "
+                             "drop --input-shape")
+    if spec is None:
+        raise UserInputError("--task needs the model it scores: add --model (e.g. --model path/model.py:factory)")
+    loaded_task = load_task(task) if isinstance(task, str) else task
+    if not isinstance(loaded_task, Task):
+        raise UserInputError(f"task must be an autocompress.Task or a path/file.py:factory spec, "
+                             f"got {type(task).__name__}")
+    ws = open_model(spec, weights=weights, leaf=leaf, options=options, pretrained=True,
+                    example_input=loaded_task.example_input, module=module)
+    check_task(loaded_task, ws.model)  # a broken metric or input is said before any search starts
+    torch.manual_seed(seed)
+    return Prepared(ws, TaskEvaluator(ws, loaded_task, seed=seed), spec, task_label(task))
