@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from autocompress.deploy import record_measured
+from autocompress.errors import UserInputError
 from autocompress.hwmodels.summary import cost_summary
+from autocompress.space.inputs import as_tuple
 from autocompress.space.policy import Policy
 from autocompress.workspace import Workspace, open_model
 
@@ -47,53 +49,81 @@ def profile(ws: Workspace, target: str = "mobile", policy: Policy | None = None,
 def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLike, *,
                  weights: str | os.PathLike | None = None, data: str | None = None, target: str = "mobile",
                  input_shape: tuple[int, ...] | None = None, leaf: Iterable[str] = (), epochs: float = 1.0,
-                 seed: int = 0, measure: bool = True) -> dict[str, Any]:
-    """Apply a policy file to a model, optionally fine-tune on ``data``, write the output folder."""
+                 seed: int = 0, measure: bool = True, task: str | None = None) -> dict[str, Any]:
+    """Apply a policy file to a model, optionally fine-tune on ``data`` or a ``task``, write the output folder."""
     import torch
 
     from autocompress.compress import ApplyContext, apply, estimate
-    from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
+    from autocompress.export.artifacts import check_out, commit_folder, write_model_files, write_policy_and_result
     from autocompress.hwmodels import get_target
-
-    from autocompress.export.artifacts import check_out
 
     get_target(target)  # fail on an unknown target or a bad --out before any work
     check_out(out)
+    if task and data:
+        raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
     policy = Policy.load(policy_path)
-    ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=dict(policy.options),
-                    pretrained=True)
-    policy = policy.validate(ws.space)  # values normalised to the space's choices
-    bundle = None
-    if data:
-        from autocompress.evaluators.data import as_tensors, load_data
+    loaded_task = None
+    if task:
+        from autocompress.evaluators.task import check_task, load_task
 
-        bundle = load_data(data, ws.space.input_shape)
-        calibration = as_tensors(bundle.train, limit=64)[0]
-    else:
-        calibration = None
-    torch.manual_seed(seed)
-    example = torch.randn(1, *ws.space.input_shape[1:])
-    ctx = ApplyContext(ws.space, example, calibration=calibration)
-    compressed = apply(ws.model, policy, ws.space, calibration=calibration, ctx=ctx)
+        if input_shape:
+            raise UserInputError("--task and --input-shape both given: the task's example_input is the model's "
+                                 "input; drop --input-shape")
+        loaded_task = load_task(task)
+    ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=dict(policy.options),
+                    pretrained=True, example_input=loaded_task.example_input if loaded_task else None)
+    policy = policy.validate(ws.space)  # values normalised to the space's choices
     baseline = cost_summary(ws.space.base_table(), target)
     best = cost_summary(estimate(ws.space, policy), target)
-    if bundle is not None:
-        from autocompress.evaluators.accuracy import evaluate
-        from autocompress.evaluators.finetune import finetune
+    torch.manual_seed(seed)
+    metric = "accuracy"
+    if loaded_task is not None:
+        from autocompress.evaluators.task import run_metric
+        from autocompress.evaluators.task_finetune import calibration_inputs, task_finetune
 
-        baseline["accuracy"] = evaluate(ws.model, bundle.val)
+        metric = loaded_task.metric
+        baseline["accuracy"] = check_task(loaded_task, ws.model)
+        calibration = calibration_inputs(loaded_task)
+        example = tuple(t[:1].clone() for t in as_tuple(loaded_task.example_input))
+        ctx = ApplyContext(ws.space, example, calibration=calibration)
+        compressed = apply(ws.model, policy, ws.space, calibration=calibration, ctx=ctx)
         if epochs > 0:
-            compressed = finetune(compressed, ws.model, bundle, epochs=epochs, boosted=ctx.boosted, seed=seed)
-        best["accuracy"] = evaluate(compressed.eval(), bundle.val)
+            compressed = task_finetune(compressed, ws.model, loaded_task, epochs=epochs, boosted=ctx.boosted,
+                                       seed=seed)
+        best["accuracy"] = run_metric(loaded_task.evaluate, compressed, f"the task's evaluate ({metric})")
+    else:
+        calibration = None
+        bundle = None
+        if data:
+            from autocompress.evaluators.data import as_tensors, load_data
+
+            bundle = load_data(data, ws.space.input_shape)
+            calibration = as_tensors(bundle.train, limit=64)[0]
+        torch.manual_seed(seed)
+        example = torch.randn(1, *ws.space.input_shape[1:])
+        ctx = ApplyContext(ws.space, example, calibration=calibration)
+        compressed = apply(ws.model, policy, ws.space, calibration=calibration, ctx=ctx)
+        if bundle is not None:
+            from autocompress.evaluators.accuracy import evaluate
+            from autocompress.evaluators.finetune import finetune
+
+            baseline["accuracy"] = evaluate(ws.model, bundle.val)
+            if epochs > 0:
+                compressed = finetune(compressed, ws.model, bundle, epochs=epochs, boosted=ctx.boosted, seed=seed)
+            best["accuracy"] = evaluate(compressed.eval(), bundle.val)
+    if metric != "accuracy":
+        baseline[metric], best[metric] = baseline["accuracy"], best["accuracy"]
 
     def build(folder):
         info = write_model_files(compressed, example, folder, calibration)
         if measure:
             record_measured(folder, ws.model, example, best, baseline)
-        result = {"target": target, "budget": {}, "baseline": baseline, "best": best,
+        result = {"target": target, "budget": {}, "baseline": baseline, "best": best, "metric": metric,
                   "trials": {"complete": 0, "failed": 0, "pruned": 0}, "feasible": True,
                   "model": spec, "fingerprint": ws.space.fingerprint, "boosted": sorted(ctx.boosted),
                   "notes": ctx.notes, **info}
+        if task:
+            result["data"] = f"task:{task}"
         write_policy_and_result(folder, policy, result)
         return result
 

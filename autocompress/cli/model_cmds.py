@@ -44,6 +44,13 @@ def space(model: str = ModelOpt, input_shape: Optional[str] = ShapeOpt, leaf: li
         layers = ", ".join(d.layers[:3]) + (f" (+{len(d.layers) - 3})" if len(d.layers) > 3 else "")
         table.add_row(d.id, d.kind, layers, " ".join(str(c) for c in d.choices))
     console.print(table)
+    if data.get("not_compressible"):
+        rest = Table(title=f"not compressible: {len(data['not_compressible'])} layers (no decision covers them)")
+        for col in ("layer", "op", "MACs", "params", "reason"):
+            rest.add_column(col, justify="right" if col in ("MACs", "params") else "left", overflow="fold")
+        for row in data["not_compressible"]:
+            rest.add_row(row["layer"], row["op"], f"{row['macs']:,}", f"{row['params']:,}", row["reason"])
+        console.print(rest)
 
 
 @app.command()
@@ -85,6 +92,8 @@ def profile(model: str = ModelOpt, target: str = typer.Option("mobile", "--targe
 def apply(model: str = ModelOpt, policy: Path = typer.Option(..., "--policy"),
           out: Path = typer.Option(..., "--out"), weights: Optional[Path] = typer.Option(None, "--weights"),
           data: Optional[str] = typer.Option(None, "--data", help="fine-tune with distillation on this data"),
+          task: Optional[str] = typer.Option(None, "--task", help="file.py:factory returning an autocompress.Task: "
+                                                                    "fine-tune and score with your metric"),
           target: str = typer.Option("mobile", "--target", "-t"), epochs: float = typer.Option(1.0, "--epochs"),
           input_shape: Optional[str] = ShapeOpt, leaf: list[str] = LeafOpt,
           seed: int = typer.Option(0, "--seed"),
@@ -94,10 +103,10 @@ def apply(model: str = ModelOpt, policy: Path = typer.Option(..., "--policy"),
     from autocompress.api import apply_policy
 
     result = apply_policy(model, policy, out, weights=weights, data=data, target=target, epochs=epochs,
-                          input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure)
+                          input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure, task=task)
     b, a = result["baseline"], result["best"]
     table = Table(title=f"{model} -> {out}")
-    for col in ("", "MACs", "params", "size MB", f"{target} ms", "local ms", "accuracy"):
+    for col in ("", "MACs", "params", "size MB", f"{target} ms", "local ms", result.get("metric", "accuracy")):
         table.add_column(col, justify="right")
     for name, r in (("before", b), ("after", a)):
         acc = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"

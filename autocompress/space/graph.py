@@ -117,9 +117,9 @@ class ModelGraph:
         }
 
 
-def _run_error(exc: Exception, inputs: Inputs) -> UntraceableModelError:
+def _run_error(exc: Exception, inputs: Inputs, from_shape: bool) -> UntraceableModelError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if inputs.single_float:
+    if from_shape:
         return UntraceableModelError(f"the model does not run at input shape {list(inputs.first_shape)}: "
                                      f"{reason[:200]}; pass the right --input-shape N,C,H,W")
     described = ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in inputs.specs)
@@ -136,6 +136,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None, leaf_pat
     encoder, is captured with ``torch.export`` instead.
     """
     model = model.eval()
+    from_shape = inputs is None
     if inputs is None:
         if input_shape is None:
             raise ValueError("trace needs input_shape or inputs")
@@ -146,7 +147,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None, leaf_pat
         with torch.no_grad():
             model(*example)  # fails with the model's own message first
     except Exception as exc:
-        raise _run_error(exc, inputs) from exc
+        raise _run_error(exc, inputs, from_shape) from exc
     try:
         gm = symbolic_trace(model, leaf_paths)
     except UntraceableModelError as fx_error:
@@ -159,7 +160,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None, leaf_pat
         with torch.no_grad():
             ShapeProp(gm).propagate(*example)
     except Exception as exc:
-        raise _run_error(exc, inputs) from exc
+        raise _run_error(exc, inputs, from_shape) from exc
     modules = dict(gm.named_modules())
     g = nx.DiGraph()
     order: list[str] = []
