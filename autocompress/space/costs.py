@@ -8,13 +8,17 @@ Hardware models (``hwmodels``) read the same table to predict latency and energy
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from autocompress.space.graph import ModelGraph
+from autocompress.space.ops import conv_weight_numel, rnn_seq_len, rnn_weight_numel
 
 FLOAT_BITS = 32
 INT8_BITS = 8
+# Op kinds of rows that a module (a module path) can stand for.
+_MODULE_OPS = ("conv", "linear", "bn", "act", "pool", "other", "dropout", "norm", "rnn", "embedding", "softmax")
 
 
 def runs_int8(wbits: int, abits: int) -> bool:
@@ -30,8 +34,11 @@ class LayerCost:
     ``inputs`` name the producing layers, so a hardware model can fuse a
     conv with the BN / activation / add that consumes it. ``out_numel`` is the
     element count of the output tensor. For conv and linear: ``in_ch``/``out_ch``
-    (linear: features), ``kernel``, ``stride``, ``groups``, ``spatial`` (output
-    positions per sample: H*W for conv, rows for linear), ``bias``.
+    (linear: features), ``kernel`` and ``stride`` (one entry per spatial dim: 1-d,
+    2-d or 3-d convs; (1, 1) for linear), ``groups``, ``spatial`` (output positions
+    per sample: L, H*W or D*H*W for conv, rows for linear), ``bias``. For rnn:
+    ``in_ch`` input size, ``out_ch`` hidden size, ``spatial`` sequence length,
+    ``rnn_layers``, ``directions``, ``gates`` (LSTM 4, GRU 3, RNN 1).
     ``wbits`` / ``abits`` are the weight and input-activation bit-widths.
     """
 
@@ -42,8 +49,8 @@ class LayerCost:
     out_numel: int = 0
     in_ch: int = 0
     out_ch: int = 0
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
     groups: int = 1
     spatial: int = 1
     bias: bool = False
@@ -56,11 +63,15 @@ class LayerCost:
     head_dim: int = 0
     seq_q: int = 0
     seq_k: int = 0
+    # Recurrent layers: stacked layers, 1 or 2 directions, gate blocks per step.
+    rnn_layers: int = 0
+    directions: int = 0
+    gates: int = 0
 
     @property
     def macs(self) -> int:
-        if self.op == "conv":
-            return (self.in_ch // self.groups) * self.kernel[0] * self.kernel[1] * self.out_ch * self.spatial
+        if self.op in ("conv", "rnn"):  # each weight once per output position (conv) or step (rnn)
+            return self.weight_numel * self.spatial
         if self.op in ("linear", "matmul"):  # matmul: two activations, K = in_ch, N = out_ch, rows = spatial
             return self.in_ch * self.out_ch * self.spatial
         if self.op == "attention":
@@ -70,15 +81,20 @@ class LayerCost:
     @property
     def weight_numel(self) -> int:
         if self.op == "conv":
-            return (self.in_ch // self.groups) * self.kernel[0] * self.kernel[1] * self.out_ch
+            return conv_weight_numel(self.in_ch, self.out_ch, self.kernel, self.groups)
         if self.op == "linear":
             return self.in_ch * self.out_ch
+        if self.op == "rnn":
+            return rnn_weight_numel(self.in_ch, self.out_ch, self.rnn_layers, self.directions, self.gates)
         return 0
 
     @property
     def params(self) -> int:
         if self.op in ("conv", "linear"):
             return self.weight_numel + (self.out_ch if self.bias else 0) + self.params_fixed
+        if self.op == "rnn":  # torch keeps two bias vectors (input and recurrent) per gate block
+            biases = 2 * self.gates * self.out_ch * self.rnn_layers * self.directions if self.bias else 0
+            return self.weight_numel + biases + self.params_fixed
         if self.op == "bn":
             return 2 * self.out_ch + self.params_fixed
         return self.params_fixed
@@ -90,10 +106,10 @@ class LayerCost:
 
     @property
     def in_numel(self) -> int:
-        """Input activation elements of a conv/linear (before striding)."""
+        """Input activation elements of a conv/linear/rnn (a conv's before striding)."""
         if self.op == "conv":
-            return self.in_ch * self.spatial * self.stride[0] * self.stride[1]
-        if self.op == "linear":
+            return self.in_ch * self.spatial * math.prod(self.stride)
+        if self.op in ("linear", "rnn"):
             return self.in_ch * self.spatial
         return 0
 
@@ -119,9 +135,16 @@ class CostTable:
             row = LayerCost(name=name, op=a["op"], target=a["target"], inputs=list(mg.graph.predecessors(name)),
                             out_numel=numel if out else 0)
             if a["op"] in ("conv", "linear"):
-                spatial = a["macs"] // max(1, (a["in_ch"] // a["groups"]) * a["kernel"][0] * a["kernel"][1] * a["out_ch"])
+                spatial = a["macs"] // max(1, conv_weight_numel(a["in_ch"], a["out_ch"], a["kernel"], a["groups"]))
                 row.in_ch, row.out_ch, row.kernel = a["in_ch"], a["out_ch"], tuple(a["kernel"])
                 row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
+            elif a["op"] == "rnn" and "gates" in a:
+                # torch.export may meet an RNN's first op (its zero state) before its input: steps from the inputs.
+                seq = a["seq_len"] or rnn_seq_len(a["batch_first"], next((s for s in a["in_shapes"] if s), None))
+                row.in_ch, row.out_ch, row.spatial, row.bias = a["in_ch"], a["out_ch"], seq, a["bias"]
+                row.rnn_layers, row.directions, row.gates = a["rnn_layers"], a["directions"], a["gates"]
+                # The output sequence: the graph may record the (output, state) tuple as no shape at all.
+                row.out_numel = row.spatial * row.out_ch * row.directions
             elif a["op"] == "bn":
                 row.in_ch = row.out_ch = a["out_ch"]
             elif a["op"] == "matmul" and a["in_shapes"] and a["in_shapes"][0] and out:
@@ -162,9 +185,9 @@ class CostTable:
         return self._layers[name]
 
     def by_target(self, target: str) -> LayerCost | None:
-        """The conv/linear/bn row of a module path, if it is still in the table."""
+        """The row that a module path stands for (its first call), if it is still in the table."""
         for l in self._layers.values():
-            if l.target == target and l.op in ("conv", "linear", "bn", "act", "pool", "other", "dropout"):
+            if l.target == target and l.op in _MODULE_OPS:
                 return l
         return None
 
