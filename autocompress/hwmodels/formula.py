@@ -3,8 +3,8 @@
 It is written over numpy arrays of kernel quantities (``KernelArrays``, ``OpArrays``): ``predict``
 evaluates one model's kernels, the calibration fit every measured sample's at each step, so a fitted
 coefficient means in ``predict`` exactly what it meant in the fit. A kernel takes
-``max(compute, memory) + overhead`` (a roofline plus per-kernel cost); a standalone op pays its memory
-traffic plus a dispatch. docs/hwmodels.md states the equations.
+``max(compute, memory) + launches x overhead`` (a roofline plus a dispatch per dependent kernel it stands
+for); a standalone op pays its memory traffic plus a dispatch. docs/hwmodels.md states the equations.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def coefficients(t: Target) -> Coefficients:
 _NO_PENALTY = 1e12
 _KERNEL_FIELDS = ("padded_macs", "macs", "bytes_moved", "weight_bytes", "memory_level", "weight_level",
                   "rf_bits_per_mac", "conversion_bytes", "conversions", "reordered_elements", "reorders",
-                  "output_elements", "plain")
+                  "output_elements", "plain", "launches")
 
 
 def _columns(records: Sequence[object], names: Sequence[str]) -> np.ndarray:
@@ -123,11 +123,12 @@ class KernelArrays:
     reorders: np.ndarray
     output_elements: np.ndarray
     plain: np.ndarray  # bool
+    launches: np.ndarray  # dispatches: dependent kernels it stands for
 
     @classmethod
     def of(cls, kernels: Sequence[Kernel]) -> "KernelArrays":
         (padded_macs, macs, bytes_moved, weight_bytes, level, weight_level, rf_bits, conversion_bytes, conversions,
-         reordered, reorders, output_elements, plain) = _columns(kernels, _KERNEL_FIELDS)
+         reordered, reorders, output_elements, plain, launches) = _columns(kernels, _KERNEL_FIELDS)
         return cls(
             kernel_class=np.array([KERNEL_CLASSES.index(k.kernel_class) for k in kernels], dtype=int),
             dtype=np.array([DTYPES.index(k.dtype) for k in kernels], dtype=int),
@@ -139,7 +140,7 @@ class KernelArrays:
             output_positions=np.array([k.output_positions if k.kernel_class != "linear" else _NO_PENALTY
                                        for k in kernels], dtype=float),
             conversion_bytes=conversion_bytes, conversions=conversions, reordered_elements=reordered,
-            reorders=reorders, output_elements=output_elements, plain=plain.astype(bool))
+            reorders=reorders, output_elements=output_elements, plain=plain.astype(bool), launches=launches)
 
 
 _OP_FIELDS = ("bytes_moved", "traffic_bytes", "memory_level", "output_elements", "view", "conversions",
@@ -202,7 +203,7 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
     compute = (k.padded_macs * slowdown * c.us_per_mac[k.dtype, k.kernel_class]
                / c.mac_divisor[k.dtype, k.kernel_class, k.plain.astype(int)])
     memory = k.activation_bytes * c.us_per_byte[k.memory_level] + k.weight_bytes * c.us_per_byte[k.weight_level]
-    kernel_core = (np.maximum(compute, memory) + c.kernel_overhead_us
+    kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us
                    + k.output_elements * c.out_ns[k.dtype] / 1e3)
     op_core = (o.traffic_bytes * c.us_per_byte[o.memory_level]
                + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us)

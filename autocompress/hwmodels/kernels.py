@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,6 +33,9 @@ class Kernel:
     output_elements: int
     plain: bool  # a plain (unblocked) kernel where the runtime prefers blocked ones
     weight_level: int  # where its weights come from
+    # Dependent kernels it stands for, each paying a dispatch: 1 for a fused conv/linear; Q.K^T, softmax
+    # and .V for unfused attention; an input GEMM plus one per step for each layer and direction of an RNN.
+    launches: int = 1
 
     @property
     def activation_bytes(self) -> float:
@@ -69,9 +73,10 @@ class Structure:
     kernel_of: Mapping[str, str]  # row name -> the head of the kernel it is part of
 
 
-def kernel_class(op: str, in_ch: int, groups: int, kernel: tuple[int, int]) -> str:
+def kernel_class(op: str, in_ch: int, groups: int, kernel: tuple[int, ...]) -> str:
+    """The efficiency class of a conv (of any number of dims) or linear layer."""
     if op == "linear":
         return "linear"
     if groups > 1:
         return "depthwise" if groups == in_ch else "grouped"
-    return "pointwise" if kernel[0] * kernel[1] == 1 else "conv"
+    return "pointwise" if math.prod(kernel) == 1 else "conv"

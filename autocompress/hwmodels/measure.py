@@ -173,6 +173,11 @@ PROFILE_PARTS = {
     "QuantizeLinear": "convert", "DequantizeLinear": "convert",
     "Add": "elementwise", "QLinearAdd": "elementwise", "Sum": "elementwise", "Relu": "elementwise",
     "Clip": "elementwise", "Mul": "elementwise", "BatchNormalization": "elementwise",
+    # Sequence models: GEMM-type nodes count as linear (as predict's matmul, attention and rnn kernels do;
+    # the softmax inside an SDPA row is predicted there too), normalisation and GELU passes as elementwise.
+    "FusedMatMul": "linear", "Attention": "linear", "MultiHeadAttention": "linear", "LSTM": "linear",
+    "GRU": "linear", "RNN": "linear", "LayerNormalization": "elementwise", "SkipLayerNormalization": "elementwise",
+    "Softmax": "elementwise", "Gelu": "elementwise", "BiasGelu": "elementwise", "FastGelu": "elementwise",
 }
 
 

@@ -24,7 +24,7 @@ from autocompress.space.costs import CostTable
 PARTS = ("conv", "qconv", "linear", "pool", "concat", "reorder", "convert", "elementwise", "other")
 _PART_INDEX = {p: i for i, p in enumerate(PARTS)}
 _OP_PART = {"pool": "pool", "concat": "concat", "split": "concat", "add": "elementwise", "act": "elementwise",
-            "bn": "elementwise", "output": "reorder"}
+            "bn": "elementwise", "output": "reorder", "norm": "elementwise", "softmax": "elementwise"}
 
 
 def kernel_part(kernel_class: str, dtype: str) -> str:

@@ -104,6 +104,10 @@ class Target:
     # int8 deployed as a QDQ graph (ONNX Runtime): a tensor that an int8 kernel reads is quantised for
     # all its readers, and each float reader of a quantised or int8 tensor runs its own DequantizeLinear.
     dq_per_reader: bool = False
+    # Attention (hwmodels.sequence): the runtime runs Q.K^T, softmax and .V as one kernel whose scores stay
+    # on chip (TensorRT's fused MHA, flash attention), not three kernels with the scores in memory.
+    fused_attention: bool = False
+    fuses_gelu: bool = False  # GELU joins the GEMM before it (TensorRT); elsewhere it is a pass of its own
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
@@ -182,6 +186,7 @@ class Target:
             "plain_pool_ns": self.plain_pool_ns,
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
             "convert_ns": self.convert_ns, "dq_per_reader": self.dq_per_reader, "int8_fuses_add": self.int8_fuses_add,
+            "fused_attention": self.fused_attention, "fuses_gelu": self.fuses_gelu,
             "out_ns": self.out_ns,
             "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,

@@ -88,13 +88,15 @@ TARGETS.register("gpu", Target(
     efficiency={"conv": 0.45, "pointwise": 0.45, "depthwise": 0.03, "grouped": 0.1, "linear": 0.4},
     dram_gbs=3350.0, cache_gbs=10_000.0, cache_bytes=50 << 20,
     kernel_overhead_us=3.0, elementwise_overhead_us=2.5, call_overhead_us=10.0,
-    channel_block=32, fast_int8=True, fast_fp16=True, threads=1,
+    channel_block=32, fast_int8=True, fast_fp16=True, threads=1, fused_attention=True, fuses_gelu=True,
     sources={
         "peak_gmacs": "NVIDIA H100 Tensor Core GPU datasheet, SXM, dense: TF32 494.7 TFLOPS, FP16 989.4 TFLOPS, INT8 1978.9 TOPS (MAC = 2 ops)",
         "dram_gbs": "H100 SXM HBM3 3.35 TB/s (datasheet); H200 4.8 TB/s",
         "cache_bytes": "50 MB L2 (NVIDIA Hopper architecture whitepaper)",
         "efficiency": "set so that ResNet-50 int8 at a large batch gives the per-GPU MLPerf Inference v3.x datacenter Offline throughput of an H100-SXM (about 80-90k samples/s per GPU, TensorRT; approximate)",
         "kernel_overhead_us": "CUDA kernel launch plus ramp/tail, ~2-5 us per kernel (CUDA C Best Practices Guide; graph launches lower), approximate",
+        "fused_attention": "TensorRT fuses multi-head attention into one kernel (fMHA / flash attention) on Hopper (TensorRT developer guide, 'Multi-Head Attention Fusion')",
+        "fuses_gelu": "TensorRT fuses GELU into the preceding GEMM (pointwise fusion; cuBLASLt GELU epilogue)",
     },
 ))
 
