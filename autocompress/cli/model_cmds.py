@@ -14,6 +14,8 @@ from autocompress.cli.app import app, console, guard
 ModelOpt = typer.Option(..., "--model", "-m", help="builtin:NAME, torchvision:NAME or path/to/file.py:factory")
 ShapeOpt = typer.Option(None, "--input-shape", help="N,C,H,W (defaults per model source)")
 LeafOpt = typer.Option([], "--leaf", help="module path to keep as one opaque layer when tracing (repeatable)")
+TaskOpt = typer.Option(None, "--task", help="file.py:factory returning an autocompress.Task (its example_input "
+                                            "replaces --input-shape)")
 
 
 def _shape(text: Optional[str]):
@@ -22,14 +24,28 @@ def _shape(text: Optional[str]):
     return parse_input_shape(text) if text else None
 
 
+def _example(task: Optional[str], input_shape: Optional[str]):
+    """The task's example input, or None; a task and a shape together are refused."""
+    if not task:
+        return None
+    from autocompress.errors import UserInputError
+    from autocompress.evaluators.task import load_task
+
+    if input_shape:
+        raise UserInputError("--task and --input-shape both given: the task's example_input is the model's input; "
+                             "drop --input-shape")
+    return load_task(task).example_input
+
+
 @app.command()
 @guard
 def space(model: str = ModelOpt, input_shape: Optional[str] = ShapeOpt, leaf: list[str] = LeafOpt,
+          task: Optional[str] = TaskOpt,
           as_json: bool = typer.Option(False, "--json", help="print the space as JSON")) -> None:
     """List the search space's decisions for a model."""
     from autocompress.api import open_model
 
-    ws = open_model(model, input_shape=_shape(input_shape), leaf=leaf)
+    ws = open_model(model, input_shape=_shape(input_shape), leaf=leaf, example_input=_example(task, input_shape))
     data = ws.space.to_json()
     if as_json:
         print(json.dumps(data))
@@ -59,14 +75,14 @@ def profile(model: str = ModelOpt, target: str = typer.Option("mobile", "--targe
             policy: Optional[Path] = typer.Option(None, "--policy", help="costs after this policy"),
             batch: int = typer.Option(1, "--batch", min=1), input_shape: Optional[str] = ShapeOpt,
             leaf: list[str] = LeafOpt, weights: Optional[Path] = typer.Option(None, "--weights"),
-            as_json: bool = typer.Option(False, "--json")) -> None:
+            task: Optional[str] = TaskOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-layer and total MACs, params, bytes, predicted latency and energy."""
     from autocompress.api import open_model, profile as run_profile
     from autocompress.space.policy import Policy
 
     pol = Policy.load(policy) if policy else None
     ws = open_model(model, weights=weights, input_shape=_shape(input_shape), leaf=leaf,
-                    options=dict(pol.options) if pol else None)
+                    options=dict(pol.options) if pol else None, example_input=_example(task, input_shape))
     data = run_profile(ws, target, pol, batch)
     if as_json:
         print(json.dumps(data))
