@@ -15,7 +15,7 @@ from autocompress.errors import PolicyError
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
 
-KINDS = ("prune", "wbits", "abits", "rank", "merge", "branch")
+KINDS = ("prune", "wbits", "abits", "rank", "merge", "branch", "heads", "drop")
 IMPORTANCE = ("l2", "l1", "bn", "random")  # channel importance criteria of ``prune_importance``
 
 
@@ -79,12 +79,48 @@ class SearchSpace:
     def identity_choices(self) -> dict[str, Any]:
         return {d.id: d.identity for d in self.decisions}
 
+    def not_compressible(self) -> list[dict[str, Any]]:
+        """Layers that compute or hold weights but that no decision covers: each with its op, its base
+        costs and why (``{"layer", "op", "macs", "params", "reason"}``), in execution order."""
+        covered = {layer for d in self.decisions for layer in d.layers}
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for row in self.base_table():
+            a = self.graph.node(row.name) if row.name in self.graph.graph else {}
+            layer = row.target if a.get("module_type") else row.name
+            if (row.macs <= 0 and row.params <= 0) or layer in covered or layer in seen:
+                continue
+            seen.add(layer)
+            why = _NOT_COMPRESSIBLE.get(row.op, _NOT_COMPRESSIBLE[""])
+            out.append({"layer": layer, "op": row.op, "macs": row.macs, "params": row.params,
+                        "reason": why.format(type=a.get("module_type") or row.target, gates=row.gates)})
+        return out
+
     def to_json(self) -> dict[str, Any]:
         out = {"model": self.model, "fingerprint": self.fingerprint, "input_shape": list(self.input_shape),
                "decisions": [d.to_json() for d in self.decisions]}
+        rest = self.not_compressible()
+        if rest:  # like options, only where there are some (the CNN zoo has none)
+            out["not_compressible"] = rest
         if self.options:
             out["options"] = dict(self.options)
         return out
+
+
+# Why a layer with MACs or weights has no decision, and how hwmodels costs it, per op kind ("": any other).
+_NOT_COMPRESSIBLE = {
+    "rnn": "no decisions for {type} layers; costed as GEMMs step by step: per layer and direction one over "
+           "the input sequence, then one per step on the hidden state ({gates} gate blocks)",
+    "attention": "no decisions for attention; costed as its Q.K^T and .V GEMMs and the scores' memory traffic",
+    "matmul": "no decisions for a matmul between two activations; costed as a GEMM",
+    "norm": "no decisions for {type} layers; costed as a memory-bound pass",
+    "embedding": "no decisions for {type} layers; costed as a gather of the rows it reads",
+    "bn": "no conv or linear layer that this {type} can be folded into; costed as a memory-bound pass",
+    "act": "no decisions for activations with parameters ({type}); costed as an elementwise pass",
+    "other": "{type} is not a layer type autocompress knows: its parameters are counted, its MACs are not "
+             "(costed as memory traffic only)",
+    "": "no decision covers this {type} layer; costed as it is",
+}
 
 
 def check_options(options: Mapping[str, Any]) -> None:
