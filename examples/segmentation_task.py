@@ -87,7 +87,7 @@ def make_task() -> autocompress.Task:
     return autocompress.Task(evaluate=evaluate, train=train, example_input=test_x[:1], metric="mean_iou", lr=1e-3)
 
 
-def train(path: str, epochs: int = 8) -> float:
+def train(path: str, epochs: int = 5) -> float:
     model = make_model().train()
     x, y = shapes(1024, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
