@@ -23,6 +23,8 @@ from autocompress.space.graph import trace
 from autocompress.space.policy import Policy
 from conftest import ZOO, small_shape, workspace
 
+# Grouped convolutions (1 < groups < channels) are pruned in whole conv groups.
+GROUPED_ZOO = ("torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d")
 POLICIES_PER_MODEL = 4
 DENSITIES = (0.15, 0.3, 0.5, 1.0)  # share of decisions changed; the last changes every one
 ORT_RTOL = 1e-4  # of the output's largest magnitude
@@ -72,7 +74,7 @@ def _measured_totals(model, shape) -> dict:
     return table.totals()
 
 
-@pytest.fixture(scope="module", params=ZOO)
+@pytest.fixture(scope="module", params=(*ZOO, *GROUPED_ZOO))
 def case(request):
     spec = request.param
     ws = workspace(spec, small_shape(spec))

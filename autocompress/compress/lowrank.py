@@ -4,8 +4,8 @@ A k x k conv (Cin -> Cout) becomes a k x k conv to ``r`` channels followed by a
 1 x 1 conv (r -> Cout) that carries the bias (the channel decomposition of
 Zhang et al., "Accelerating Very Deep Convolutional Networks", rather than the
 k x 1 / 1 x k spatial split: it keeps the stride and padding in one place and
-maps onto ordinary conv kernels every runtime has). A linear layer becomes
-two linears. With W reshaped to (Cout, Cin*k*k) = U S V^T, the first layer gets
+maps onto ordinary conv kernels every runtime has; Conv1d and Conv3d alike). A
+linear layer becomes two linears. With W reshaped to (Cout, Cin*k*k) = U S V^T, the first layer gets
 sqrt(S_r) V_r^T and the second U_r sqrt(S_r): the best rank-r approximation.
 
 The choice is a fraction of the full rank min(Cout, Cin*k*k). A choice is
@@ -25,6 +25,14 @@ from autocompress.space.graph import ModelGraph
 from autocompress.space.space import Decision, SearchSpace
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _kernel_numel(kernel: tuple[int, ...]) -> int:
+    n = 1
+    for k in kernel:
+        n *= int(k)
+    return n
 
 
 def target_rank(cin_k: int, cout: int, fraction: float) -> int | None:
@@ -43,7 +51,7 @@ def _factor(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def factorise(m: nn.Module, r: int) -> nn.Sequential:
-    """The two-layer replacement of conv/linear ``m`` at rank ``r``."""
+    """The two-layer replacement of conv (1-, 2- or 3-D) or linear ``m`` at rank ``r``."""
     first_w, second_w = _factor(m.weight, r)
     if isinstance(m, nn.Linear):
         a = nn.Linear(m.in_features, r, bias=False)
@@ -51,11 +59,12 @@ def factorise(m: nn.Module, r: int) -> nn.Sequential:
         a.weight.data.copy_(first_w)
         b.weight.data.copy_(second_w)
     else:
-        a = nn.Conv2d(m.in_channels, r, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
-                      padding_mode=m.padding_mode)
-        b = nn.Conv2d(r, m.out_channels, 1, bias=m.bias is not None)
+        conv = next(t for t in CONV_TYPES if isinstance(m, t))
+        a = conv(m.in_channels, r, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
+                 padding_mode=m.padding_mode)
+        b = conv(r, m.out_channels, 1, bias=m.bias is not None)
         a.weight.data.copy_(first_w.reshape(r, *m.weight.shape[1:]))
-        b.weight.data.copy_(second_w.reshape(m.out_channels, r, 1, 1))
+        b.weight.data.copy_(second_w.reshape(m.out_channels, r, *[1] * (m.weight.dim() - 2)))
     if m.bias is not None:
         b.bias.data.copy_(m.bias.detach())
     return nn.Sequential(a, b)
@@ -75,7 +84,7 @@ class LowRank(Primitive):
             a = graph.node(n)
             if a.get("groups", 1) != 1:
                 continue
-            cin_k = a["in_ch"] * a["kernel"][0] * a["kernel"][1]
+            cin_k = a["in_ch"] * _kernel_numel(a["kernel"])
             fracs = [f for f in FRACTIONS[1:] if target_rank(cin_k, a["out_ch"], f) is not None]
             if fracs:
                 out.append(Decision(f"rank:{a['target']}", "rank", (a["target"],), (1.0, *fracs), 1.0))
@@ -87,7 +96,7 @@ class LowRank(Primitive):
             row = table.by_target(path)
             if row is None or row.op not in ("conv", "linear") or row.groups != 1:
                 continue
-            r = target_rank(row.in_ch * row.kernel[0] * row.kernel[1], row.out_ch, float(frac))
+            r = target_rank(row.in_ch * _kernel_numel(row.kernel), row.out_ch, float(frac))
             if r is None:
                 continue
             second = LayerCost(name=f"{row.name}__rank", op=row.op, target=f"{path}.1", out_numel=row.out_numel,
@@ -103,7 +112,7 @@ class LowRank(Primitive):
         for d, frac in chosen:
             path = d.layers[0]
             m = modules.get(path)
-            if not isinstance(m, (nn.Conv2d, nn.Linear)) or getattr(m, "groups", 1) != 1:
+            if not isinstance(m, (*CONV_TYPES, nn.Linear)) or getattr(m, "groups", 1) != 1:
                 ctx.notes.append(f"{d.id}: skipped, {path} was replaced by an earlier primitive")
                 continue
             cin_k = m.weight[0].numel()

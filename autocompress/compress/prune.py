@@ -18,6 +18,7 @@ scale) or ``random``. ``prune_round_to`` rounds kept widths to a multiple
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -27,21 +28,31 @@ import torch_pruning as tp
 from torch import nn
 
 from autocompress.compress._tp_ops import GRAPH_OPS
+from autocompress.compress.attention import attention_units
 from autocompress.compress.base import ApplyContext, Chosen, Primitive
-from autocompress.errors import PolicyError
 from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
 from autocompress.space.space import IMPORTANCE, Decision, SearchSpace
 
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers whose channel surgery we cost exactly, plus Torch-Pruning's parameter-free graph ops.
-_SURGERY_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, *GRAPH_OPS)
+_SURGERY_TYPES = (*CONV_TYPES, nn.Linear, *_BN_TYPES, *GRAPH_OPS)
 _PASS_OPS = ("bn", "act", "pool", "dropout")
 _BOUNDARY_OPS = ("conv", "linear")
 
 
-def kept_channels(n: int, ratio: float, round_to: int = 1) -> int:
-    """How many of a group's ``n`` channels survive pruning ``ratio`` of them."""
+def kept_channels(n: int, ratio: float, round_to: int = 1, groups: int = 1) -> int:
+    """How many of a group's ``n`` channels survive pruning ``ratio`` of them.
+
+    With grouped convolutions in the group (``groups`` > 1) channels go in whole
+    multiples of ``groups`` (the same offsets in every conv group), so the kept
+    width is a multiple of ``groups`` (and of ``round_to``); where that leaves no
+    smaller width, none go."""
+    if groups > 1:
+        unit = math.lcm(groups, max(1, round_to))
+        return kept_channels(n, ratio, unit) if n % unit == 0 and n >= 2 * unit else n
     keep = n * (1.0 - ratio)
     if round_to > 1 and n >= 2 * round_to:
         keep = round(keep / round_to) * round_to
@@ -70,14 +81,36 @@ def output_layers(mg: ModelGraph) -> set[str]:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet): 1 < groups < channels."""
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and not _is_depthwise(m)
 
 
 def _out_fn(m: nn.Module):
     return tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels
 
 
-def _tp_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
+def _width(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _conv_groups(items: list, root_idxs: list[int]) -> int | None:
+    """The conv-group count every grouped conv of a Torch-Pruning group shares (1 if none), or None where
+    whole-group pruning cannot be expressed: different group counts, or channels not mapped one to one."""
+    counts = set()
+    for dep, idxs in items:
+        m = dep.target.module
+        if _is_grouped(m):
+            if list(idxs) != list(root_idxs) or m.groups == m.out_channels:  # the latter Torch-Pruning
+                return None  # treats as depthwise, cutting its inputs with its outputs
+            counts.add(m.groups)
+    return None if len(counts) > 1 else (counts.pop() if counts else 1)
+
+
+def _tp_groups(mg: ModelGraph, ignored: set[str], protected: set[str]) -> list[dict[str, Any]]:
     model = mg.gm
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
@@ -86,40 +119,43 @@ def _tp_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=mg.example())
     groups = []
     for group in dg.get_all_groups(ignored_layers=[modules[p] for p in ignored],
-                                   root_module_types=[nn.Conv2d, nn.Linear]):
+                                   root_module_types=[*CONV_TYPES, nn.Linear]):
         if any(not isinstance(dep.target.module, _SURGERY_TYPES) for dep, _ in group):
             # A group that reaches LayerNorms, free parameters (class tokens, position embeddings) or
             # custom layers can break fixed reshapes and is not costed exactly: leave it unpruned.
             continue
         items = [(dep, idxs) for dep, idxs in group if dep.target.module in names]
-        if not items:
-            continue
+        if not items or any(names[dep.target.module] in protected for dep, _ in items):
+            continue  # attention projections lose whole heads only (the ``heads`` decisions)
         # The root is the group's first full (not depthwise) conv/linear whose outputs are cut.
         roots = [(dep, idxs) for dep, idxs in items if dg.is_out_channel_pruning_fn(dep.handler)
-                 and isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(dep.target.module)]
+                 and isinstance(dep.target.module, (*CONV_TYPES, nn.Linear)) and not _is_depthwise(dep.target.module)]
         if not roots:
             continue
         root_dep, root_idxs = roots[0]
         root = names[root_dep.target.module]
         size = len(root_idxs)
+        conv_groups = _conv_groups(items, root_idxs)
+        if conv_groups is None:
+            continue
         deps = []
         for dep, idxs in items:
             mod = dep.target.module
-            if not isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+            if not isinstance(mod, (*CONV_TYPES, nn.Linear, *_BN_TYPES)):
                 continue
             side = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
             deps.append((names[mod], side, len(idxs) / size))
-        groups.append({"root": root, "size": size, "deps": deps, "engine": "tp"})
+        groups.append({"root": root, "size": size, "deps": deps, "engine": "tp", "conv_groups": conv_groups})
     return groups
 
 
-def _chain_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
+def _chain_groups(mg: ModelGraph, ignored: set[str], protected: set[str]) -> list[dict[str, Any]]:
     """Fallback: groups closed under BN/act/pool/depthwise that end at conv/linear inputs."""
     g, modules = mg.graph, mg.modules()
     groups = []
     for n in mg.layers("conv", "linear"):
         root = g.nodes[n]["target"]
-        if root in ignored or _is_depthwise(modules[root]):
+        if root in ignored or root in protected or _is_depthwise(modules[root]) or _is_grouped(modules[root]):
             continue
         deps, ok = [(root, "out", 1.0)], True
         stack, seen = list(g.successors(n)), set()
@@ -129,17 +165,20 @@ def _chain_groups(mg: ModelGraph, ignored: set[str]) -> list[dict[str, Any]]:
                 continue
             seen.add(s)
             a = g.nodes[s]
-            if a["op"] in _PASS_OPS or (a["op"] == "conv" and _is_depthwise(modules[a["target"]])):
+            if a["op"] == "conv" and _is_grouped(modules[a["target"]]):
+                ok = False  # a grouped conv's inputs go in whole conv groups: the Torch-Pruning path only
+            elif a["op"] in _PASS_OPS or (a["op"] == "conv" and _is_depthwise(modules[a["target"]])):
                 if a["op"] in ("bn", "conv"):
                     deps.append((a["target"], "out", 1.0))
                 stack.extend(g.successors(s))
-            elif a["op"] == "conv" or (a["op"] == "linear" and len(a["in_shapes"][0] or ()) == 2):
+            elif (a["op"] == "conv" or (a["op"] == "linear" and len(a["in_shapes"][0] or ()) == 2)) \
+                    and a["target"] not in protected:
                 deps.append((a["target"], "in", 1.0))
             else:
                 ok = False
         if ok and len(deps) > 1:
-            groups.append({"root": root, "size": modules[root].out_channels if isinstance(modules[root], nn.Conv2d)
-                           else modules[root].out_features, "deps": deps, "engine": "chain"})
+            groups.append({"root": root, "size": _width(modules[root]), "deps": deps, "engine": "chain",
+                           "conv_groups": 1})
     return groups
 
 
@@ -148,16 +187,18 @@ class ChannelPrune(Primitive):
 
     def decisions(self, graph: ModelGraph) -> list[Decision]:
         ignored = output_layers(graph)
+        protected = {p for u in attention_units(graph) for p in u.layers}
         try:
-            groups = _tp_groups(graph, ignored)
+            groups = _tp_groups(graph, ignored, protected)
         except Exception:  # Torch-Pruning cannot map this graph (e.g. channel shuffle)
-            groups = _chain_groups(graph, ignored)
+            groups = _chain_groups(graph, ignored, protected)
         out = []
         for grp in groups:
-            if grp["size"] < 2:
+            choices = _choices(grp["size"], grp["conv_groups"])
+            if grp["size"] < 2 or len(choices) < 2:
                 continue
             layers = tuple(dict.fromkeys(p for p, _, _ in grp["deps"]))
-            out.append(Decision(f"prune:{grp['root']}", "prune", layers, RATIOS, 0.0, grp))
+            out.append(Decision(f"prune:{grp['root']}", "prune", layers, choices, 0.0, grp))
         return out
 
     # -- analytic twin -----------------------------------------------------------------------
@@ -165,7 +206,7 @@ class ChannelPrune(Primitive):
         round_to = int(space.options.get("prune_round_to", 1))
         old_out = {r.name: (r.out_ch, r.out_numel) for r in table}
         for d, ratio in chosen:
-            removed = d.info["size"] - kept_channels(d.info["size"], float(ratio), round_to)
+            removed = d.info["size"] - kept_channels(d.info["size"], float(ratio), round_to, _groups_of(d))
             for path, side, mult in d.info["deps"]:
                 row = table.by_target(path)
                 if row is None:
@@ -191,25 +232,59 @@ class ChannelPrune(Primitive):
         engine = chosen[0][0].info["engine"]
         dg = None
         if engine == "tp":
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_input)
+            with warnings.catch_warnings():  # as in decisions: unmapped parameters are in no offered group
+                warnings.simplefilter("ignore")
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_input)
         for d, ratio in chosen:
             root = modules.get(d.info["root"])
             if root is None:
-                raise PolicyError(f"{d.id}: the model has no module {d.info['root']!r}")
-            n = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
-            keep = kept_channels(n, float(ratio), round_to)
+                ctx.notes.append(f"{d.id}: skipped, an earlier primitive removed {d.info['root']!r}")
+                continue
+            n = _width(root)
+            keep = kept_channels(n, float(ratio), round_to, _groups_of(d))
             if keep >= n:
                 continue
             if dg is not None:
                 group = dg.get_pruning_group(root, _out_fn(root), idxs=list(range(n)))
                 scores = _group_importance(group, importance, root)
-                drop = sorted(torch.argsort(scores)[: n - keep].tolist())
+                drop = _whole_conv_groups(scores, n - keep, _groups_of(d))
                 dg.get_pruning_group(root, _out_fn(root), idxs=drop).prune()
             else:
                 scores = _layer_importance(root, importance)
                 drop = sorted(torch.argsort(scores)[: n - keep].tolist())
                 _prune_chain(modules, d.info["deps"], drop)
         return model
+
+
+def _groups_of(d: Decision) -> int:
+    return int(d.info.get("conv_groups", 1))
+
+
+def distinct_ratios(n: int, groups: int = 1) -> tuple[float, ...]:
+    """0.0 and, for each smaller number of the ``n`` units (channels in ``groups``, heads) the ratios keep,
+    the ratio nearest to exactly that share."""
+    best: dict[int, float] = {}
+    for r in RATIOS[1:]:
+        kept = kept_channels(n, r, 1, groups)
+        exact = 1.0 - kept / n
+        if kept < n and (kept not in best or abs(r - exact) < abs(best[kept] - exact)):
+            best[kept] = r
+    return (0.0, *sorted(best.values()))
+
+
+def _choices(size: int, conv_groups: int) -> tuple[float, ...]:
+    """The prune ratios; with grouped convs only those that give a new width (at round_to 1)."""
+    return RATIOS if conv_groups == 1 else distinct_ratios(size, conv_groups)
+
+
+def _whole_conv_groups(scores: torch.Tensor, count: int, conv_groups: int) -> list[int]:
+    """The ``count`` least important channels; with grouped convs, the least important offsets within a
+    conv group, removed from every group alike (scores summed over the groups)."""
+    if conv_groups == 1:
+        return sorted(torch.argsort(scores)[:count].tolist())
+    per = len(scores) // conv_groups
+    offsets = torch.argsort(scores.reshape(conv_groups, per).sum(0))[: count // conv_groups].tolist()
+    return sorted(g * per + j for g in range(conv_groups) for j in offsets)
 
 
 def _group_importance(group: Any, kind: str, root: nn.Module) -> torch.Tensor:
@@ -237,7 +312,7 @@ def _prune_chain(modules: dict[str, nn.Module], deps: list, drop: list[int]) -> 
         m = modules[path]
         if side == "in":
             (tp.prune_linear_in_channels if isinstance(m, nn.Linear) else tp.prune_conv_in_channels)(m, drop)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        elif isinstance(m, _BN_TYPES):
             tp.prune_batchnorm_out_channels(m, drop)
         elif _is_depthwise(m):
             tp.prune_depthwise_conv_out_channels(m, drop)

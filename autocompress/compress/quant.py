@@ -1,7 +1,7 @@
 """Mixed-precision quantisation: per-layer weight and input-activation bit-widths.
 
 Accuracy is simulated in PyTorch with fake quantisation. :class:`QuantConv2d`
-and :class:`QuantLinear` subclass ``nn.Conv2d`` / ``nn.Linear`` (so tracing,
+(and its 1-D and 3-D twins) and :class:`QuantLinear` subclass ``nn.Conv2d`` / ``nn.Linear`` (so tracing,
 cost tables and surgery still see a conv or a linear) and carry ``wbits`` and
 ``abits``:
 
@@ -109,15 +109,17 @@ class _FakeQuant:
         return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"  # type: ignore[misc]
 
 
-class QuantConv2d(_FakeQuant, nn.Conv2d):
-    """An ``nn.Conv2d`` whose weights and input are fake-quantised to ``wbits`` / ``abits``."""
+class _QuantConv(_FakeQuant):
+    """A conv of ``float_type`` whose weights and input are fake-quantised to ``wbits`` / ``abits``."""
+
+    float_type: type[nn.Module] = nn.Conv2d
 
     def __init__(self, *args, wbits: int = FLOAT, abits: int = FLOAT, **kwargs) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
+        self.float_type.__init__(self, *args, **kwargs)
         self._init_quant(wbits, abits)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, wbits: int = FLOAT, abits: int = FLOAT) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Module, wbits: int = FLOAT, abits: int = FLOAT) -> "_QuantConv":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode, wbits=wbits, abits=abits,
@@ -126,11 +128,11 @@ class QuantConv2d(_FakeQuant, nn.Conv2d):
         q.train(conv.training)
         return q
 
-    def to_float(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, groups=self.groups,
-                         bias=self.bias is not None, padding_mode=self.padding_mode,
-                         device=self.weight.device, dtype=self.weight.dtype)
+    def to_float(self) -> nn.Module:
+        conv = self.float_type(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                               padding=self.padding, dilation=self.dilation, groups=self.groups,
+                               bias=self.bias is not None, padding_mode=self.padding_mode,
+                               device=self.weight.device, dtype=self.weight.dtype)
         conv.weight = nn.Parameter(self.weight.detach().clone())
         if self.bias is not None:
             conv.bias = nn.Parameter(self.bias.detach().clone())
@@ -138,6 +140,20 @@ class QuantConv2d(_FakeQuant, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quant_input(x), fake_quant_weight(self.weight, self.wbits), self.bias)
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    float_type = nn.Conv1d
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weights and input are fake-quantised to ``wbits`` / ``abits``."""
+
+    float_type = nn.Conv2d
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    float_type = nn.Conv3d
 
 
 class QuantLinear(_FakeQuant, nn.Linear):
@@ -168,7 +184,9 @@ class QuantLinear(_FakeQuant, nn.Linear):
         return F.linear(self._quant_input(x), fake_quant_weight(self.weight, self.wbits), self.bias)
 
 
-QUANT_TYPES = (QuantConv2d, QuantLinear)
+QUANT_TYPES = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
+_QUANT_CONV = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # the layers that take bit-widths
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -183,11 +201,12 @@ def quantise_module(m: nn.Module, wbits: int, abits: int) -> nn.Module:
     if isinstance(m, QUANT_TYPES):
         m.wbits, m.abits = int(wbits), int(abits)
         return m
-    if isinstance(m, nn.Conv2d):
-        return QuantConv2d.from_float(m, wbits, abits)
+    for float_type, quant_type in _QUANT_CONV.items():
+        if isinstance(m, float_type):
+            return quant_type.from_float(m, wbits, abits)
     if isinstance(m, nn.Linear):
         return QuantLinear.from_float(m, wbits, abits)
-    raise TypeError(f"cannot quantise a {type(m).__name__}; only Conv2d and Linear")
+    raise TypeError(f"cannot quantise a {type(m).__name__}; only Conv1d/2d/3d and Linear")
 
 
 @torch.no_grad()
@@ -210,7 +229,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
 
 def strip_fake_quant(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with plain float ``Conv2d`` / ``Linear`` in place of the fake-quant layers."""
+    """A copy of ``model`` with plain float convs / ``Linear`` in place of the fake-quant layers."""
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, QUANT_TYPES):
@@ -221,7 +240,7 @@ def strip_fake_quant(model: nn.Module) -> nn.Module:
 def layer_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Module path -> (wbits, abits) for every conv and linear; float layers are (32, 32)."""
     return {name: ((m.wbits, m.abits) if isinstance(m, QUANT_TYPES) else (FLOAT, FLOAT))
-            for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+            for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
 
 
 class Quantize(Primitive):
@@ -253,7 +272,7 @@ class Quantize(Primitive):
             wanted.setdefault(_path(d), {})[d.kind] = int(bits)
         changed = False
         for path, bits in wanted.items():
-            targets = modules_under(model, path)
+            targets = modules_under(model, path, LAYER_TYPES)
             if not targets:
                 ctx.notes.append(f"quant: {path!r} no longer exists (an earlier primitive removed it); "
                                  f"its {', '.join(f'{k}={v}' for k, v in sorted(bits.items()))} was skipped")
