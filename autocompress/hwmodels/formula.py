@@ -34,6 +34,7 @@ class Coefficients:
     gemm_k0: float  # short reductions (K) run at K / (K + gemm_k0) of the rate
     gemm_s0: float  # few output positions (S) run at S / (S + gemm_s0) of the rate
     kernel_overhead_us: float
+    step_overhead_us: float
     elementwise_overhead_us: float
     view_overhead_us: float
     call_overhead_us: float
@@ -66,6 +67,7 @@ class Coefficients:
             us_per_mac=us_per_mac, mac_divisor=mac_divisor,
             us_per_byte=np.array([1.0 / (t.cache_gbs * 1e3), us_per_llc_byte, us_per_dram_byte]),
             gemm_k0=t.gemm_k0, gemm_s0=t.gemm_s0, kernel_overhead_us=t.kernel_overhead_us,
+            step_overhead_us=t.step_overhead_us,
             elementwise_overhead_us=t.elementwise_overhead_us,
             view_overhead_us=t.view_overhead_us or t.elementwise_overhead_us, call_overhead_us=t.call_overhead_us,
             out_ns=np.array([t.int8_out_ns if d == "int8" else t.out_ns for d in DTYPES]),
@@ -94,7 +96,7 @@ def coefficients(t: Target) -> Coefficients:
 _NO_PENALTY = 1e12
 _KERNEL_FIELDS = ("padded_macs", "macs", "bytes_moved", "weight_bytes", "memory_level", "weight_level",
                   "rf_bits_per_mac", "conversion_bytes", "conversions", "reordered_elements", "reorders",
-                  "output_elements", "plain", "launches")
+                  "output_elements", "plain", "launches", "steps")
 
 
 def _columns(records: Sequence[object], names: Sequence[str]) -> np.ndarray:
@@ -124,11 +126,12 @@ class KernelArrays:
     output_elements: np.ndarray
     plain: np.ndarray  # bool
     launches: np.ndarray  # dispatches: dependent kernels it stands for
+    steps: np.ndarray  # synchronised dependent steps inside it
 
     @classmethod
     def of(cls, kernels: Sequence[Kernel]) -> "KernelArrays":
         (padded_macs, macs, bytes_moved, weight_bytes, level, weight_level, rf_bits, conversion_bytes, conversions,
-         reordered, reorders, output_elements, plain, launches) = _columns(kernels, _KERNEL_FIELDS)
+         reordered, reorders, output_elements, plain, launches, steps) = _columns(kernels, _KERNEL_FIELDS)
         return cls(
             kernel_class=np.array([KERNEL_CLASSES.index(k.kernel_class) for k in kernels], dtype=int),
             dtype=np.array([DTYPES.index(k.dtype) for k in kernels], dtype=int),
@@ -140,7 +143,8 @@ class KernelArrays:
             output_positions=np.array([k.output_positions if k.kernel_class != "linear" else _NO_PENALTY
                                        for k in kernels], dtype=float),
             conversion_bytes=conversion_bytes, conversions=conversions, reordered_elements=reordered,
-            reorders=reorders, output_elements=output_elements, plain=plain.astype(bool), launches=launches)
+            reorders=reorders, output_elements=output_elements, plain=plain.astype(bool), launches=launches,
+            steps=steps)
 
 
 _OP_FIELDS = ("bytes_moved", "traffic_bytes", "memory_level", "output_elements", "view", "conversions",
@@ -203,7 +207,7 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
     compute = (k.padded_macs * slowdown * c.us_per_mac[k.dtype, k.kernel_class]
                / c.mac_divisor[k.dtype, k.kernel_class, k.plain.astype(int)])
     memory = k.activation_bytes * c.us_per_byte[k.memory_level] + k.weight_bytes * c.us_per_byte[k.weight_level]
-    kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us
+    kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
                    + k.output_elements * c.out_ns[k.dtype] / 1e3)
     op_core = (o.traffic_bytes * c.us_per_byte[o.memory_level]
                + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us)

@@ -43,7 +43,8 @@ class KernelDraft:
     output_elements: int
     plain: bool
     epilogue: bool = True  # absorbs the BN, activations and residual add that follow (conv/linear)
-    launches: int = 1  # dependent kernels it runs as, each dispatched (attention, recurrent steps)
+    launches: int = 1  # dependent kernels it runs as, each dispatched (unfused attention, RNN layers)
+    steps: int = 0  # dependent steps inside it, each synchronised (an RNN's time steps)
     reread_bytes: float = 0.0  # weights read again from cache, once per call whatever the batch (RNN steps)
     working_set: float = 0.0  # bytes whose level its traffic comes from (0: its whole traffic)
 
@@ -195,6 +196,7 @@ class Fuser:
             kernels.append(Kernel(head, k.kernel_class, k.dtype, k.padded_macs * batch, k.macs * batch, nbytes, lvl,
                                   k.rf_bits_per_mac, k.weight_bytes, k.reduction_length, k.output_positions * batch,
                                   p.conversion_bytes, int(p.conversions), p.reordered_elements, int(p.reorders),
-                                  k.output_elements * batch, k.plain, max(lvl, model_weight_level), k.launches))
+                                  k.output_elements * batch, k.plain, max(lvl, model_weight_level), k.launches,
+                                  k.steps))
         return Structure(tuple(kernels), tuple(ops), MappingProxyType(self.kernel_of))
 

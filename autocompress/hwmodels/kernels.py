@@ -34,8 +34,9 @@ class Kernel:
     plain: bool  # a plain (unblocked) kernel where the runtime prefers blocked ones
     weight_level: int  # where its weights come from
     # Dependent kernels it stands for, each paying a dispatch: 1 for a fused conv/linear; Q.K^T, softmax
-    # and .V for unfused attention; an input GEMM plus one per step for each layer and direction of an RNN.
+    # and .V for unfused attention; one runtime op per layer of an RNN.
     launches: int = 1
+    steps: int = 0  # dependent steps inside the op (an RNN's time steps x layers x directions), each synchronised
 
     @property
     def activation_bytes(self) -> float:

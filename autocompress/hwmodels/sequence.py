@@ -75,9 +75,10 @@ def _attention(f: Fuser, r: LayerCost) -> None:
 def _rnn(f: Fuser, r: LayerCost) -> None:
     """An LSTM/GRU/RNN: per layer and direction, one GEMM of the inputs over the whole sequence (M = seq_len,
     N = gates x hidden) and then seq_len dependent recurrent steps, each a one-row GEMM with the previous
-    hidden state plus the gate nonlinearities. A step cannot start before the previous one ends, so each
-    pays a dispatch (``kernel_overhead_us``: thread-pool fork/join on CPUs, a launch on GPUs; it overstates
-    TFLite, whose LSTM loops inside one op): on small hidden sizes an RNN is latency-bound.
+    hidden state plus the gate nonlinearities. Runtimes run one op per layer (ONNX Runtime's LSTM node,
+    TFLite's sequence LSTM, ncnn's LSTM layer: a ``kernel_overhead_us`` dispatch each) that loops over the
+    steps; a step cannot start before the previous one ends, so each step of each layer and direction
+    pays ``step_overhead_us`` on top of its MACs: on small hidden sizes an RNN is latency-bound.
 
     Traffic: the weights once (from where the model's weights live), the recurrent weights again at every
     later step from where one layer-direction's weights fit (whatever the batch: a step's GEMM has the batch
@@ -94,7 +95,8 @@ def _rnn(f: Fuser, r: LayerCost) -> None:
     padding = padding_factor(r.out_ch, f.block) if r.out_ch >= f.block else 1.0
     _open(f, r, KernelDraft("linear", dtype, r.macs * padding, r.macs, weight_bytes, _read_plain(f, r) + internal / 2,
                             r.out_numel * f.stored_bytes(r.name) + internal / 2, False, 4 * bits, r.in_ch + r.out_ch,
-                            r.spatial, gate_values, False, epilogue=False, launches=pairs * (1 + r.spatial),
+                            r.spatial, gate_values, False, epilogue=False, launches=max(1, r.rnn_layers),
+                            steps=pairs * r.spatial,
                             reread_bytes=recurrent * max(0, r.spatial - 1), working_set=weight_bytes / pairs))
 
 

@@ -108,6 +108,10 @@ class Target:
     # on chip (TensorRT's fused MHA, flash attention), not three kernels with the scores in memory.
     fused_attention: bool = False
     fuses_gelu: bool = False  # GELU joins the GEMM before it (TensorRT); elsewhere it is a pass of its own
+    # Per dependent step inside one op (an RNN's time steps, each layer and direction): the synchronisation
+    # between one step's small GEMM and the next (an in-op loop on one core, a barrier across threads, a
+    # launch on a GPU), on top of the op's own ``kernel_overhead_us``.
+    step_overhead_us: float = 0.5
     energy_pj: Mapping[str, float] = field(default_factory=lambda: HOROWITZ_ENERGY_PJ)
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
@@ -187,6 +191,7 @@ class Target:
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
             "convert_ns": self.convert_ns, "dq_per_reader": self.dq_per_reader, "int8_fuses_add": self.int8_fuses_add,
             "fused_attention": self.fused_attention, "fuses_gelu": self.fuses_gelu,
+            "step_overhead_us": self.step_overhead_us,
             "out_ns": self.out_ns,
             "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,

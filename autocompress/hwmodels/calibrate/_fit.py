@@ -82,7 +82,8 @@ class FitProblem:
         self.profiled: list[_ProfiledParts] = []
         self.fitted_parts = np.array([PARTS.index(p) for p in FITTED_PARTS], dtype=int)
         used, int8, plain = set(), set(), set()
-        present = {"slow_pool": False, "plain_pool": False, "reorder": False, "convert": False, "view": False}
+        present = {"slow_pool": False, "plain_pool": False, "reorder": False, "convert": False, "view": False,
+                   "steps": False}
         for i, s in enumerate(samples):
             if s.parts and len(self.fitted_parts):
                 measured = np.array([s.parts.get(p, 0.0) * 1e3 for p in PARTS])[self.fitted_parts]
@@ -104,6 +105,7 @@ class FitProblem:
             present["convert"] |= any(k.conversion_bytes for k in st.kernels) or any(
                 o.conversion_bytes for o in st.ops)
             present["view"] |= any(o.view for o in st.ops)
+            present["steps"] |= any(k.steps for k in st.kernels)
         self.classes = [c for c in KERNEL_CLASSES if c in used]
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8]
         self.plain_classes = [c for c in KERNEL_CLASSES if c in plain]
@@ -116,7 +118,8 @@ class FitProblem:
                       + list(_GLOBAL) + (["llc_gbs"] if base.llc_bytes else [])
                       + (["int8_pool_ns"] if present["slow_pool"] else [])
                       + (["reorder_ns"] if present["reorder"] else []) + (["convert_ns"] if present["convert"] else [])
-                      + (["view_overhead_us"] if present["view"] else []))
+                      + (["view_overhead_us"] if present["view"] else [])
+                      + (["step_overhead_us"] if present["steps"] else []))
 
     def x0(self) -> list[float]:
         return [math.log(self._value(self.base, n)) for n in self.names]
