@@ -8,7 +8,7 @@ from pathlib import Path
 from autocompress.search.sensitivity import SensitivityTable
 from autocompress.space.space import SearchSpace
 
-KIND_ORDER = ("prune", "rank", "wbits", "abits", "merge", "branch")
+KIND_ORDER = ("prune", "heads", "rank", "wbits", "abits", "merge", "branch", "drop")
 TOP_LAYERS = 30  # the report lists the most sensitive layers; the picture shows them all
 
 

@@ -18,11 +18,14 @@ _MORE = {
     "abits": lambda cs: sorted(cs, reverse=True),
     "merge": lambda cs: sorted(cs),
     "branch": lambda cs: sorted(cs),
+    "heads": lambda cs: sorted(cs),  # the share of attention heads removed
+    "drop": lambda cs: sorted(cs),  # False (keep the block), True (drop it)
 }
+STRUCTURED = ("prune", "heads")  # kinds that remove channels or heads: uniform ratios and repair move them together
 
 
 def ordered(d: Decision) -> list[Any]:
-    return _MORE[d.kind](d.choices)
+    return _MORE.get(d.kind, sorted)(d.choices)
 
 
 # Folding BN into the preceding conv is exact and every runtime does it when it loads the model
@@ -105,15 +108,18 @@ def extreme_policies(space: SearchSpace) -> list[Policy]:
     """Corners of the space that bound the lowest reachable cost."""
     most = {d.id: ordered(d)[-1] for d in space.decisions}
     groups = {
-        "prune": {k: v for k, v in most.items() if space[k].kind == "prune"},
+        "prune": {k: v for k, v in most.items() if space[k].kind in STRUCTURED},
         "rank": {k: v for k, v in most.items() if space[k].kind == "rank"},
         "bits8": {d.id: 8 for d in space.of_kind("wbits", "abits") if 8 in d.choices},
         "bitsmin": {k: v for k, v in most.items() if space[k].kind in ("wbits", "abits")},
         "merge": {k: v for k, v in most.items() if space[k].kind == "merge" and ":bn:" in k},
+        "drop": {k: v for k, v in most.items() if space[k].kind == "drop"},
     }
     combos = [("prune",), ("prune", "bits8"), ("prune", "rank"), ("prune", "rank", "bits8"),
               ("prune", "bitsmin"), ("prune", "rank", "bitsmin"), ("prune", "merge", "bits8"),
               ("prune", "rank", "merge", "bits8")]
+    if groups["drop"]:
+        combos += [("prune", "drop", "bits8"), ("prune", "rank", "drop", "bitsmin")]
     base = Policy.identity(space)
     out = []
     for combo in combos:
@@ -138,7 +144,7 @@ def repair(space: SearchSpace, policy: Policy, feasible: Callable[[Policy], bool
         resolved = current.resolved(space)
         upd = {d.id: 8 for d in space.of_kind("wbits", "abits") if 8 in d.choices and resolved[d.id] > 8}
         if not upd:
-            for d in space.of_kind("prune"):
+            for d in space.of_kind(*STRUCTURED):
                 chain = ordered(d)
                 nxt = chain[min(chain.index(resolved[d.id]) + 1, len(chain) - 1)]
                 if nxt != resolved[d.id]:
@@ -154,7 +160,7 @@ def uniform_policies(space: SearchSpace, ratios: Iterable[float] = (0.125, 0.25,
     base = Policy.identity(space)
     out = []
     for r in ratios:
-        upd: dict[str, Any] = {d.id: r for d in space.of_kind("prune") if r in d.choices}
+        upd: dict[str, Any] = {d.id: r for d in space.of_kind(*STRUCTURED) if r in d.choices}
         if bits:
             upd.update({d.id: bits for d in space.of_kind("wbits", "abits") if bits in d.choices})
         out.append(with_choices(space, base, upd))
@@ -167,7 +173,7 @@ def starting_points(space: SearchSpace, feasible: Callable[[Policy], bool]) -> l
     Each is the uniform-compression baseline the search has to beat, plus the next, more pruned
     int8 point; the search then refines per layer from there.
     """
-    ratios = sorted({r for d in space.of_kind("prune") for r in d.choices})
+    ratios = sorted({r for d in space.of_kind(*STRUCTURED) for r in d.choices})
     out: list[Policy] = []
     for bits in (None, 8):
         fits = [p for p in uniform_policies(space, ratios, bits=bits) if feasible(p)]
