@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -9,6 +10,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from autocompress.compress import build_space
+from autocompress.compress.attention import split_attention
 from autocompress.errors import UserInputError
 from autocompress.models import LoadedModel, load_model
 from autocompress.models.sources import load_weights
@@ -52,6 +54,9 @@ def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_sha
         from autocompress.evaluators.train import pretrained_builtin
 
         loaded.model = pretrained_builtin(spec.partition(":")[2]).eval()
+    if any(isinstance(m, nn.MultiheadAttention) for m in loaded.model.modules()):
+        # Explicit q/k/v/out layers: traceable per projection, prunable per head, exportable to ONNX.
+        loaded.model = split_attention(copy.deepcopy(loaded.model) if module is not None else loaded.model)
     if example_input is not None:
         try:
             inputs = Inputs.from_example(example_input, loaded.model)
