@@ -1,16 +1,25 @@
-"""Transformers: nn.MultiheadAttention split into linear layers, attention units found by structure."""
+"""Transformers: nn.MultiheadAttention split into linear layers, attention units found by structure, and
+head pruning, MLP widths, block dropping, factorisation and bit-widths on a BERT and a ViT."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from autocompress.compress import ApplyContext, apply, build_space, estimate
 from autocompress.compress.attention import SplitAttention, attention_units, split_attention
+from autocompress.compress.drop import PassThrough
+from autocompress.compress.quant import layer_bits, strip_fake_quant
 from autocompress.errors import UntraceableModelError
+from autocompress.space.costs import CostTable
 from autocompress.space.graph import trace
 from autocompress.space.inputs import Inputs
+from autocompress.space.policy import Policy
+from test_apply_consistency import random_policies
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,3 +159,154 @@ def test_eager_attention_is_found_too():
 
     units = attention_units(trace(Eager(), (1, 5, 16)))
     assert [(u.q, u.k, u.v, u.out, u.heads, u.head_dim) for u in units] == [("q", "k", "v", "o", 2, 8)]
+
+
+# -- the space on transformers: heads, MLP widths, drop, rank, bits ------------------------------
+
+KINDS = {"heads", "prune", "rank", "wbits", "abits", "drop"}
+
+
+@pytest.fixture(scope="module")
+def bert_space(bert):
+    return build_space(bert[2], "test:bert")
+
+
+@pytest.fixture(scope="module")
+def vit_space(vit):
+    return build_space(vit[2], "test:vit")
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _measured(model, mg) -> dict:
+    """Totals of the re-traced built model, each layer at its bit-widths. The float twin is traced because
+    the torch.export capture sizes a leaf module by its first op, which for a fake-quant layer is a min."""
+    table = CostTable.from_graph(trace(strip_fake_quant(model), inputs=mg.inputs))
+    bits = layer_bits(model)
+    for row in table:
+        if row.op in ("conv", "linear"):
+            row.wbits, row.abits = bits.get(row.target, (32, 32))
+    return table.totals()
+
+
+def test_bert_space_offers_heads_mlp_widths_drop_rank_and_bits(bert_space):
+    space = bert_space
+    assert {d.kind for d in space.decisions} == KINDS
+    assert [d.id for d in space.of_kind("heads")] == [f"heads:bert.encoder.layer.{i}.attention.self" for i in range(4)]
+    assert space["heads:bert.encoder.layer.0.attention.self"].choices == (0.0, 0.25, 0.5, 0.75)
+    assert [d.id for d in space.of_kind("drop")] == [f"drop:bert.encoder.layer.{i}" for i in range(4)]
+    prune = {d.id: set(d.layers) for d in space.of_kind("prune")}
+    assert prune["prune:bert.encoder.layer.2.intermediate.dense"] == {"bert.encoder.layer.2.intermediate.dense",
+                                                                     "bert.encoder.layer.2.output.dense"}
+    assert len(prune) == 5  # four MLP widths and the pooler; never a projection of the attention
+    assert not any("attention" in p for layers in prune.values() for p in layers)
+    assert "rank:bert.encoder.layer.0.attention.self.query" in space and "wbits:classifier" in space
+
+
+def test_vit_space_offers_heads_mlp_widths_drop_rank_and_bits(vit_space):
+    space = vit_space
+    assert {d.kind for d in space.decisions} == KINDS
+    assert {d.id: d.layers for d in space.of_kind("prune")} == {
+        f"prune:encoder.layers.encoder_layer_{i}.mlp.0": (f"encoder.layers.encoder_layer_{i}.mlp.0",
+                                                          f"encoder.layers.encoder_layer_{i}.mlp.3") for i in range(2)}
+    assert [d.id for d in space.of_kind("drop")] == [f"drop:encoder.layers.encoder_layer_{i}" for i in range(2)]
+    assert "wbits:encoder.layers.encoder_layer_1.self_attention.v_proj" in space
+
+
+@pytest.mark.parametrize("name, seeds", [("bert", (1, 2)), ("vit", (1, 2, 3))])
+def test_random_policies_apply_run_and_match_the_estimate(name, seeds, request):
+    model, x, mg = request.getfixturevalue(name)
+    space = request.getfixturevalue(f"{name}_space")
+    reference = _outputs(model, x)
+    drawn = set()
+    for seed in seeds:
+        for i, policy in enumerate(random_policies(space, 4, seed=seed)):
+            drawn |= {space[k].kind for k in policy.non_identity(space)}
+            ctx = ApplyContext(space, mg.example(1, seed=0))
+            built = apply(model, policy, space, ctx=ctx)
+            out = _outputs(built, x)
+            assert out.shape == reference.shape and torch.isfinite(out).all(), (seed, i, ctx.notes)
+            predicted, measured = estimate(space, policy).totals(), _measured(built, mg)
+            for key in ("macs", "params", "weight_bytes"):
+                assert measured[key] == predicted[key], (name, seed, i, key, ctx.notes)
+    assert drawn == KINDS
+
+
+def _set_heads(attn_q, attn_k, attn_v, out, heads, head_dim, scale):
+    """Scale the q/k/v rows and out-projection columns of ``heads`` (to make them the least important)."""
+    with torch.no_grad():
+        for h in heads:
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            for layer in (attn_q, attn_k, attn_v):
+                layer.weight[rows] *= scale
+                layer.bias[rows] *= scale
+            out.weight[:, rows] *= scale
+
+
+def test_head_pruning_cuts_the_weakest_whole_heads_and_updates_the_counts(bert, bert_space):
+    model, x, _ = bert
+    model = copy.deepcopy(model)
+    att = model.bert.encoder.layer[0].attention
+    _set_heads(att.self.query, att.self.key, att.self.value, att.output.dense, (1, 3), 16, 0.0)
+    space = bert_space
+    before = _outputs(model, x)
+    policy = Policy(space.model, space.fingerprint, {"heads:bert.encoder.layer.0.attention.self": 0.5})
+    pruned = apply(model, policy, space)
+    sa = pruned.bert.encoder.layer[0].attention.self
+    assert (sa.num_attention_heads, sa.all_head_size, sa.attention_head_size) == (2, 32, 16)
+    assert sa.query.out_features == sa.key.out_features == sa.value.out_features == 32
+    assert pruned.bert.encoder.layer[0].attention.output.dense.in_features == 32
+    kept = torch.cat([torch.arange(0, 16), torch.arange(32, 48)])  # heads 0 and 2
+    assert torch.equal(sa.value.weight, att.self.value.weight[kept])
+    # the removed heads contributed nothing (zero values and out columns): the function is kept
+    torch.testing.assert_close(_outputs(pruned, x), before, rtol=1e-4, atol=1e-5)
+    table = estimate(space, policy)
+    sdpa = [r for r in table if r.op == "attention"]
+    assert [r.heads for r in sdpa] == [2, 4, 4, 4]
+    assert table.totals()["params"] == sum(p.numel() for p in pruned.parameters())
+
+
+def test_split_vit_heads_are_pruned_and_the_count_updated(vit, vit_space):
+    model, x, _ = vit
+    policy = Policy(vit_space.model, vit_space.fingerprint,
+                    {"heads:encoder.layers.encoder_layer_1.self_attention": 0.75})
+    pruned = apply(model, policy, vit_space)
+    attn = pruned.encoder.layers.encoder_layer_1.self_attention
+    assert (attn.num_heads, attn.head_dim, attn.q_proj.out_features, attn.out_proj.in_features) == (1, 16, 16, 16)
+    assert model.encoder.layers.encoder_layer_1.self_attention.num_heads == 4  # the input model is untouched
+    assert torch.isfinite(_outputs(pruned, x)).all()
+
+
+def test_dropping_a_block_removes_its_parameters_and_passes_its_input_through(bert, bert_space):
+    model, x, _ = bert
+    space = bert_space
+    policy = Policy(space.model, space.fingerprint, {"drop:bert.encoder.layer.1": 1})
+    dropped = apply(model, policy, space)
+    assert isinstance(dropped.bert.encoder.layer[1], PassThrough)
+    block = sum(p.numel() for p in model.bert.encoder.layer[1].parameters())
+    params = sum(p.numel() for p in dropped.parameters())
+    assert params == sum(p.numel() for p in model.parameters()) - block == estimate(space, policy).totals()["params"]
+    shorter = copy.deepcopy(model)
+    del shorter.bert.encoder.layer[1]  # the same network without the block
+    torch.testing.assert_close(_outputs(dropped, x), _outputs(shorter, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_dropped_blocks_other_decisions_conflict_with_it(vit, vit_space):
+    from autocompress.search.allocate import conflicting_options, slots
+    from autocompress.search.tradeoff import removed_layers
+
+    model, _, _ = vit
+    space = vit_space
+    slot_list = slots(space, space.decisions)
+    names = [s.name for s in slot_list]
+    pairs = conflicting_options(space, slot_list, removed_layers(model, space))
+    for i in range(2):
+        blocked = {names[b] for (a, _), (b, _) in pairs if names[a] == f"drop:encoder.layers.encoder_layer_{i}"}
+        inside = {s.name for s in slot_list if f"encoder_layer_{i}." in s.name and s.kind != "drop"}
+        assert blocked == inside and {f"heads:encoder.layers.encoder_layer_{i}.self_attention",
+                                      f"prune:encoder.layers.encoder_layer_{i}.mlp.0"} <= blocked
+    assert len(inside) == 1 + 1 + 6 + 6  # heads, MLP width, and rank and bits of each of six linears

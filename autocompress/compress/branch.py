@@ -149,6 +149,8 @@ class BranchMerge(Primitive):
     kinds = ("branch",)
 
     def decisions(self, graph: ModelGraph) -> list[Decision]:
+        if not graph.fx_traced:
+            return []  # blocks are found and fused on the fx graph; a torch.export capture has none
         gm = graph.gm
         rank = {n: i for i, n in enumerate(graph.order)}
         found = []

@@ -151,6 +151,8 @@ class RebirthMerge(Primitive):
     kinds = ("merge",)
 
     def decisions(self, graph: ModelGraph) -> list[Decision]:
+        if not graph.fx_traced:
+            return []  # the transforms rewrite an fx graph; a torch.export capture has none to rewrite
         mods = graph.modules()
         calls = Counter(a["target"] for _, a in graph.graph.nodes(data=True) if a["module_type"])
         out: list[Decision] = []

@@ -1,9 +1,12 @@
 """The primitives, registered in the order ``apply`` runs them, and the space they offer on a graph.
 
-prune -> merge (DeepRebirth streamlining) -> branch -> rank -> quant.
-Pruning first, so later primitives see the final widths; merging before
-branch fusion and factorisation, so they work on BN-folded convs;
-quantisation last, so it covers every layer the others produced.
+prune -> heads -> drop -> merge (DeepRebirth streamlining) -> branch -> rank -> quant.
+Pruning (channels, then attention heads) first, on the original graph where
+the coupling is known, so later primitives see the final widths; whole blocks
+next, so the factorisations and bit-widths inside a dropped block find their
+layers gone and are skipped; merging before branch fusion and factorisation,
+so they work on BN-folded convs; quantisation last, so it covers every layer
+the others produced.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any, Iterable, Mapping
 
 from autocompress.compress.base import Primitive
 from autocompress.compress.branch import BranchMerge
+from autocompress.compress.drop import LayerDrop
+from autocompress.compress.heads import HeadPrune
 from autocompress.compress.lowrank import LowRank
 from autocompress.compress.merge import RebirthMerge
 from autocompress.compress.prune import ChannelPrune
@@ -22,6 +27,8 @@ from autocompress.space.space import KINDS, Decision, SearchSpace, check_options
 
 PRIMITIVES: Registry[Primitive] = Registry("compression primitive")
 PRIMITIVES.register("prune", ChannelPrune())
+PRIMITIVES.register("heads", HeadPrune())
+PRIMITIVES.register("drop", LayerDrop())
 PRIMITIVES.register("merge", RebirthMerge())
 PRIMITIVES.register("branch", BranchMerge())
 PRIMITIVES.register("rank", LowRank())

@@ -225,16 +225,24 @@ def cached_costs(costs: Callable[[Policy], Mapping[str, Any]]) -> Callable[[Poli
 
 def conflicting_options(space: SearchSpace, slot_list: Sequence[Slot],
                         removed: Callable[[Mapping[str, Any]], set[str]]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Option pairs that cannot coexist: a merge or branch option that replaces a layer (``removed(option)``
-    gives the conv/linear module paths it replaces) against the factorisation or bit-width options of
-    that layer, which would then be skipped."""
+    """Option pairs that cannot coexist: a merge, branch or drop option that replaces a layer
+    (``removed(option)`` gives the conv/linear module paths it replaces) against the factorisation or
+    bit-width options of that layer, which would then be skipped, and against the channel or head
+    pruning options whose layers all go with a dropped block (moot)."""
     out = []
     for a, sa in enumerate(slot_list):
-        if sa.kind not in ("merge", "branch"):
+        if sa.kind not in ("merge", "branch", "drop"):
             continue
         for i, oa in enumerate(sa.options[1:], start=1):
             gone = removed(oa)
             for b, sb in enumerate(slot_list):
-                if sb.kind in ("rank", "bits") and gone & {space[d].layers[0] for d in sb.decisions}:
+                if b == a:
+                    continue
+                if sb.kind in ("rank", "bits"):
+                    moot = bool(gone & {space[d].layers[0] for d in sb.decisions})
+                else:
+                    moot = sa.kind == "drop" and sb.kind in ("prune", "heads") and \
+                        set(space[sb.decisions[0]].layers) <= gone
+                if moot:
                     out += [((a, i), (b, j)) for j in range(1, len(sb.options))]
     return out
