@@ -222,6 +222,23 @@ def test_linear_over_tokens_is_a_gemm_with_m_rows():
     assert kernel.bytes_moved == 4 * (64 * 128 + 128) + 4 * 16 * (64 + 128)
 
 
+def test_onnx_runtime_adds_a_sequence_linear_bias_in_a_pass_of_its_own():
+    """ORT exports a linear over tokens as MatMul + Add and fuses neither (Gemm fusions take 2-d inputs): the
+    bias is a second launch reading and writing the output, unless a GELU follows (BiasGelu)."""
+    table = table_of(Block(), (1, 16, 64))
+    local = get_target("local")
+    assert not local.sequence_linear_epilogue and get_target("mobile").sequence_linear_epilogue
+    kernels = {k.head: k for k in structure(table, local).kernels}
+    fused = {k.head: k for k in structure(table, local.with_(sequence_linear_epilogue=True)).kernels}
+    q, up, down = (next(r.name for r in table if r.target == t) for t in ("q", "up", "down"))
+    assert kernels[q].launches == 2 and fused[q].launches == 1
+    assert kernels[q].bytes_moved - fused[q].bytes_moved == 2 * 16 * 64 * 4 + 64 * 4
+    assert kernels[up].launches == 1 and kernels[up].bytes_moved == fused[up].bytes_moved  # BiasGelu takes the bias
+    add = next(r.name for r in table if r.op == "add" and down in r.inputs)
+    assert predict(table, local).layer(add).fused_into == ""  # the residual add does not join a MatMul
+    assert predict(table, local.with_(sequence_linear_epilogue=True)).layer(add).fused_into == down
+
+
 def test_attention_scores_go_through_memory_unless_the_runtime_fuses_it():
     table = table_of(Block(), (1, 32, 64))
     name = next(r.name for r in table if r.op == "attention")

@@ -47,6 +47,7 @@ class KernelDraft:
     steps: int = 0  # dependent steps inside it, each synchronised (an RNN's time steps)
     reread_bytes: float = 0.0  # weights read again from cache, once per call whatever the batch (RNN steps)
     working_set: float = 0.0  # bytes whose level its traffic comes from (0: its whole traffic)
+    bias_pass_bytes: float = 0.0  # per sample: a bias added in a pass of its own (in input_bytes, one launch)
 
 
 @dataclass

@@ -72,10 +72,17 @@ def _head_kernel(f: Fuser, r: LayerCost) -> None:
     # A layer whose weights are at <= 8 bits but that runs in float is deployed with float weights.
     wbits = r.wbits if dtype == "int8" else RUN_BITS[dtype]
     weight_bytes = r.weight_bytes + r.weight_numel * (wbits - r.wbits) / 8
-    f.kernels[r.name] = KernelDraft(cls, dtype, r.macs * padding, r.macs, weight_bytes, r.in_numel * abits / 8,
-                                     r.out_numel * f.stored_bytes(r.name), False, r.wbits + 3 * abits, reduction,
-                                     r.spatial, r.out_numel, plain)
+    k = f.kernels[r.name] = KernelDraft(cls, dtype, r.macs * padding, r.macs, weight_bytes, r.in_numel * abits / 8,
+                                         r.out_numel * f.stored_bytes(r.name), False, r.wbits + 3 * abits, reduction,
+                                         r.spatial, r.out_numel, plain)
     f.kernel_of[r.name] = r.name
+    if r.op == "linear" and r.spatial > 1 and not t.sequence_linear_epilogue:
+        # A MatMul, then the bias as an Add of its own (read and write the output, read the bias).
+        k.epilogue = False
+        if r.bias:
+            k.bias_pass_bytes = 2 * r.out_numel * f.stored_bytes(r.name) + r.out_ch * 4
+            k.input_bytes += k.bias_pass_bytes
+            k.launches += 1
 
 
 def _pass_through(f: Fuser, r: LayerCost) -> None:
@@ -128,8 +135,19 @@ def _activation(f: Fuser, r: LayerCost) -> None:
                 p.conversions += 2
     # GELU is its own pass except where the runtime fuses it into the GEMM (Target.fuses_gelu).
     own_pass = r.fn in GELU_FNS and not f.target.fuses_gelu
+    if own_pass and len(r.inputs) == 1 and f.n_consumers.get(r.inputs[0], 0) == 1:
+        _merge_bias_pass(f, f.kernel_of.get(r.inputs[0]))
     if float_clip or own_pass or not _fuse_into_kernel(f, r):
         _standalone(f, r, float_clip)
+
+
+def _merge_bias_pass(f: Fuser, head: str | None) -> None:
+    """A GELU pass that reads a linear's output takes over its separate bias add (ONNX Runtime's BiasGelu)."""
+    k = f.kernels.get(head) if head is not None else None
+    if k is not None and k.bias_pass_bytes:
+        k.input_bytes -= k.bias_pass_bytes
+        k.launches -= 1
+        k.bias_pass_bytes = 0.0
 
 
 def _residual_add(f: Fuser, r: LayerCost) -> None:

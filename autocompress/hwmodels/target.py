@@ -108,6 +108,10 @@ class Target:
     # on chip (TensorRT's fused MHA, flash attention), not three kernels with the scores in memory.
     fused_attention: bool = False
     fuses_gelu: bool = False  # GELU joins the GEMM before it (TensorRT); elsewhere it is a pass of its own
+    # A linear layer over several rows (a sequence of tokens) fuses its bias and what follows, as over one row.
+    # ONNX Runtime exports it as MatMul + Add and fuses neither (its Gemm fusions take 2-d inputs only): the bias
+    # is an Add pass of its own (merged into a following GELU: BiasGelu) and nothing else joins the MatMul.
+    sequence_linear_epilogue: bool = True
     # Per dependent step inside one op (an RNN's time steps, each layer and direction): the synchronisation
     # between one step's small GEMM and the next (an in-op loop on one core, a barrier across threads, a
     # launch on a GPU), on top of the op's own ``kernel_overhead_us``.
@@ -191,6 +195,7 @@ class Target:
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
             "convert_ns": self.convert_ns, "dq_per_reader": self.dq_per_reader, "int8_fuses_add": self.int8_fuses_add,
             "fused_attention": self.fused_attention, "fuses_gelu": self.fuses_gelu,
+            "sequence_linear_epilogue": self.sequence_linear_epilogue,
             "step_overhead_us": self.step_overhead_us,
             "out_ns": self.out_ns,
             "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
