@@ -594,6 +594,30 @@ def test_the_fit_computes_what_predict_computes():
             assert list(row / 1e3) == pytest.approx([p.parts[k] for k in PARTS], rel=1e-6, abs=1e-9)
 
 
+def test_the_fit_computes_what_predict_computes_for_sequence_models():
+    """Attention, RNN steps, bias passes and gathers go through the fit's arrays exactly as through predict,
+    and the designed set's sequence models make the fit see the RNN step overhead."""
+    from autocompress.hwmodels.calibrate import FitProblem
+    from autocompress.hwmodels.calibrate._sequence_nets import sequence_configs
+    from autocompress.hwmodels.predict import PARTS
+    from autocompress.space.inputs import Inputs
+
+    samples = []
+    for name, make, inputs in sequence_configs(quick=False):
+        assert isinstance(inputs, Inputs)
+        samples.append(Sample(name, CostTable.from_graph(trace(make(), inputs=inputs)), 1.0))
+    assert {"attention", "rnn", "norm", "conv"} <= {r.op for s in samples for r in s.table}
+    for target in (get_target("local"), get_target("gpu")):
+        prob = FitProblem(target, samples)
+        assert "step_overhead_us" in prob.names
+        x = prob.x0()
+        total_us, parts = prob.predicted_parts(x)
+        for s, us, row in zip(samples, total_us, parts):
+            p = predict(s.table, prob.target(x))
+            assert us / 1e3 == pytest.approx(p.latency_ms, rel=1e-6), (target.name, s.name)
+            assert list(row / 1e3) == pytest.approx([p.parts[k] for k in PARTS], rel=1e-6, abs=1e-9)
+
+
 class _Relu6(nn.Module):
     def forward(self, x):
         return nn.functional.relu6(x)

@@ -13,7 +13,8 @@ from autocompress.hwmodels.calibrate._fit import Sample
 from autocompress.hwmodels.measure import measure_files, profile_onnx
 from autocompress.space.costs import CostTable, runs_int8
 
-Config = tuple[str, Callable[[], Any], tuple[int, ...]]  # (name, module factory, input shape)
+# (name, module factory, input shape or, for token ids and other non-float inputs, an ``Inputs``)
+Config = tuple[str, Callable[[], Any], Any]
 
 
 def designed_set(quick: bool) -> list[Config]:
@@ -63,7 +64,9 @@ def designed_set(quick: bool) -> list[Config]:
         out.append((name, _net_factory(spec), shape or _default_shape(spec)))
     if not quick:
         out.append(("int8 resnet18@112", _net_factory("torchvision:resnet18"), (1, 3, 112, 112)))
-    return out
+    from autocompress.hwmodels.calibrate._sequence_nets import sequence_configs
+
+    return out + sequence_configs(quick)  # attention, GELU, LayerNorm, LSTM/GRU and Conv1d rows
 
 
 def _default_shape(spec: str) -> tuple[int, ...]:
@@ -124,13 +127,16 @@ def build_configs(configs: Iterable[Config], folder: Path) -> list[Built]:
     from autocompress.export.int8 import export_int8
     from autocompress.export.onnx import export_onnx
     from autocompress.space.graph import trace
+    from autocompress.space.inputs import Inputs
 
     built = []
     sub = Path(tempfile.mkdtemp(prefix="configs-", dir=folder))
     for name, make, shape in configs:
         model = make().eval()
-        x = torch.randn(*shape)
-        table = CostTable.from_graph(trace(model, shape))
+        if isinstance(shape, Inputs):  # several or non-float inputs (token ids)
+            x, table = shape.example(1, seed=0), CostTable.from_graph(trace(model, inputs=shape))
+        else:
+            x, table = torch.randn(*shape), CostTable.from_graph(trace(model, shape))
         stem = sub / str(len(built))
         if name.startswith("int8 "):
             bits = {p: (8, 8) for p in layer_bits(model)}
