@@ -9,7 +9,13 @@ thread. One variant in ``--calib-every`` is used to refit the local target and
 is not scored; the rest are scored as nn-Meter reports: % within ±10 %, % within
 ±5 %, RMSPE.
 
+Sequence models (``--models seq:encoder seq:bert seq:lstm seq:gru``) are scored on random small
+architectures instead (widths, heads, layers, directions and sequence lengths drawn per variant;
+``calibrate._sequence_nets.random_sequence_net``), exported in float with their own inputs (token ids for
+BERT), since the compression decisions for them are not all in place yet.
+
     .venv/bin/python benchmarks/predictor_accuracy.py --variants 40 --time-cap 900
+    .venv/bin/python benchmarks/predictor_accuracy.py --models seq:encoder seq:lstm --variants 10 --rounds 2
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ from autocompress.compress import build_space
 
 MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
           "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
+SEQUENCE_MODELS = ("seq:encoder", "seq:bert", "seq:lstm", "seq:gru")  # random small architectures of each kind
+
+
+def build_sequence(spec: str, v: int, folder: Path, args: argparse.Namespace) -> dict:
+    """One random architecture of a sequence-model kind, traced and exported in float with its own inputs."""
+    from autocompress.export.onnx import export_onnx
+    from autocompress.hwmodels.calibrate._sequence_nets import random_sequence_net
+    from autocompress.space.costs import CostTable
+
+    desc, (make, inputs) = random_sequence_net(spec.split(":", 1)[1], random.Random(f"{args.seed}-{spec}-{v}"))
+    model = make().eval()
+    table = CostTable.from_graph(trace(model, inputs=inputs))
+    path = export_onnx(model, inputs.example(1, seed=0), folder / "model.onnx")
+    return {"model": spec, "index": v, "calib": v % args.calib_every == 0, "int8": False, "kinds": ["architecture"],
+            "n_decisions": 0, "table": table, "path": str(path), "architecture": desc}
 
 
 def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -47,6 +68,8 @@ def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict]
     start = time.time()
     spaces = {}
     for spec in specs:
+        if spec.startswith("seq:"):
+            continue
         lm = load_model(spec)
         spaces[spec] = (lm, build_space(trace(lm.model, lm.input_shape), spec), random.Random(f"{args.seed}-{spec}"))
         print(f"space {spec}: {len(spaces[spec][1])} decisions", file=sys.stderr, flush=True)
@@ -56,10 +79,16 @@ def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict]
         for spec in specs:
             if time.time() - start > args.time_cap:
                 return records, failures
-            lm, space, rng = spaces[spec]
-            policy = random_policy(space, rng)
             folder = Path(args.workdir) / f"{spec.replace(':', '_')}-{v}"
             folder.mkdir()
+            if spec.startswith("seq:"):
+                try:
+                    records.append(build_sequence(spec, v, folder, args))
+                except Exception as exc:  # reported, not scored
+                    failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                continue
+            lm, space, rng = spaces[spec]
+            policy = random_policy(space, rng)
             try:
                 table = estimate(space, policy)
                 model = apply(lm.model, policy, space)
@@ -108,7 +137,9 @@ def collect(args: argparse.Namespace) -> dict:
         # What `autocompress calibrate --target local` measures: the designed set and variants of small nets.
         suite_dir = Path(workdir) / "designed-set"
         suite_dir.mkdir()
-        designed = build_configs(designed_set(False), suite_dir) + build_variants(VARIANT_NETS, 12, suite_dir)
+        quick = args.quick_suite  # as `calibrate --quick`: fewer configurations, 2 variants of 2 networks
+        designed = (build_configs(designed_set(quick), suite_dir)
+                    + build_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, suite_dir))
         print(f"designed set: {len(designed)} built, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
         if pending is None:
             results = [build_models(groups[0], args)]
@@ -169,7 +200,8 @@ def score(raw: dict, models: list[str]) -> dict:
         out[label + "_per_model"] = per_model
         if label == "suite_plus_calib_variants":
             out["rows"] = [{"model": r["model"], "index": r["index"], "int8": r["int8"], "kinds": r["kinds"],
-                            "measured_ms": r["measured_ms"], "predicted_ms": p} for r, p in zip(scored, preds)]
+                            "architecture": r.get("architecture", ""), "measured_ms": r["measured_ms"],
+                            "predicted_ms": p} for r, p in zip(scored, preds)]
     out["part_bias"] = part_bias([r for r in records if r.get("parts")], fitted)
     out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
@@ -229,7 +261,8 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS),
+                    help=f"model specs, or sequence-model kinds: {' '.join(SEQUENCE_MODELS)}")
     ap.add_argument("--variants", type=int, default=40, help="variants per model")
     ap.add_argument("--calib-every", type=int, default=5, help="every n-th variant calibrates and is not scored")
     ap.add_argument("--threads", type=int, default=1)
@@ -238,6 +271,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="passes over all files (runs x rounds timed calls each)")
     ap.add_argument("--time-cap", type=float, default=900.0, help="stop making variants after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick-suite", action="store_true", help="the designed set of `calibrate --quick`")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (models are split between them)")
     ap.add_argument("--out", default="predictor_accuracy.json")
     ap.add_argument("--raw", default="", help="pickle the measured variants here (tables included)")
