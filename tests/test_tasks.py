@@ -216,3 +216,21 @@ def test_default_loss_distils_logits_with_labels_and_features_without():
     feats = torch.randn(4, 8, 5)
     assert float(default_loss(feats, feats.clone(), torch.randn(4, 8, 5))) == pytest.approx(0.0, abs=1e-7)
     assert float(default_loss(feats * 0, feats, None)) == pytest.approx(1.0, rel=1e-5)  # relative: all energy lost
+
+
+def test_a_ray_worker_rebuilds_the_task_from_its_file(tokens: Path, tmp_path: Path, monkeypatch):
+    """What each Ray worker does with a job: re-import the task by its absolute path, score with its metric."""
+    from autocompress.search.core import SearchConfig
+    from autocompress.search.ray_backend import JobSpec, _absolute, build_context
+
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(tokens, tmp_path)
+    assert _absolute(f"{relative}:task") == f"{tokens}:task"
+    assert _absolute("imagefolder:val") == f"imagefolder:{tmp_path / 'val'}"
+    assert _absolute("torchvision:resnet18") == "torchvision:resnet18"
+    job = JobSpec(model=f"{tokens}:model", data=None, task=f"{tokens}:task",
+                  config=SearchConfig(budget="0.6x", trials=2, space="layers"))
+    ctx = build_context(job)
+    assert ctx.evaluator.metric == "balanced_acc"
+    assert ctx.evaluator.baseline()["accuracy"] > 0.9
+    assert [s.dtype for s in ctx.screen.space.graph.inputs.specs] == ["int64", "int64"]

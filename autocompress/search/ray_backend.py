@@ -149,6 +149,16 @@ def _finetune_in_chunks(evaluator: Any, policy: Policy, job: JobSpec):
         yield i + 1, evaluator.score(model)
 
 
+def _absolute(spec: str | None) -> str | None:
+    """A ``file.py:factory`` or ``imagefolder:PATH`` spec with an absolute path; other specs as given."""
+    if spec and spec.startswith("imagefolder:"):
+        return f"imagefolder:{Path(spec.partition(':')[2]).resolve()}"
+    if not spec or ".py:" not in spec:
+        return spec
+    path, _, name = spec.rpartition(":")
+    return f"{Path(path).resolve()}:{name}"
+
+
 def trial_dirname(trial: Any) -> str:
     """``trial_00003_<id>``: folders sort in the order the searcher proposed the trials."""
     return f"trial_{int(trial.experiment_tag.split('_')[0]):05d}_{trial.trial_id}"
@@ -256,8 +266,8 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
         model, data = model_and_data(model, data)
     elif not isinstance(task, str):
         raise UserInputError("the ray backend re-imports the task on every node: give it as path/file.py:factory")
-    elif ".py:" in task:  # workers may start elsewhere: the file by its absolute path
-        task = str(Path(task.rpartition(":")[0]).resolve()) + ":" + task.rpartition(":")[2]
+    shown, shown_data, shown_task = model, data, task
+    model, task, data = _absolute(model), _absolute(task), _absolute(data)  # workers start in another folder
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out).resolve()
     job = JobSpec(model=model, data=data, task=task, config=config, weights=str(Path(weights).resolve()) if weights else None,
@@ -295,6 +305,6 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
     ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,
                    "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial}
-    data = data if task is None else task_label(task)
-    return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=model, data=data,
+    data = shown_data if shown_task is None else task_label(shown_task)
+    return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=shown, data=data,
                                 measure=measure, extra={"ray": ray_summary})
