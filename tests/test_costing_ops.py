@@ -281,6 +281,40 @@ def test_an_embedding_reads_the_rows_it_gathers_not_the_table():
     assert ops_bytes(1000) == ops_bytes(50_000) == 10 * 8 + 10 * 32 * 4 * 2  # ids, the rows read, the output
 
 
+class CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.fc = nn.Linear(64, 8)
+
+    def forward(self, x, memory):
+        a, _ = self.att(x, memory, memory)
+        return self.fc(a)
+
+
+def test_a_whole_multihead_attention_is_costed_with_its_projections():
+    """torch.fx keeps nn.MultiheadAttention whole: its four projections and attention over its key length."""
+    model = CrossAttention().eval()
+    x, memory = torch.randn(1, 16, 64), torch.randn(1, 24, 64)
+    table = CostTable.from_graph(trace(model, inputs=Inputs.from_example((x, memory), model)))
+    mha = next(r for r in table if r.op == "mha")
+    assert (mha.heads, mha.head_dim, mha.seq_q, mha.seq_k) == (4, 16, 16, 24)
+    assert mha.macs == 2 * 16 * 64 * 64 + 2 * 24 * 64 * 64 + 2 * 16 * 24 * 64  # q, out; k, v; Q.K^T, .V
+    assert mha.params == n_params(model.att) and table.totals()["params"] == n_params(model)
+    assert_costed_everywhere(table)
+
+
+def test_a_transformer_encoder_layer_through_torch_export_by_hand():
+    """nn.TransformerEncoderLayer defeats torch.fx: torch.export sees its attention as functions (the packed
+    projection is a linear function on a parameter) and the MACs still add up."""
+    model = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval()
+    graph = trace(model, (1, 16, 64))
+    assert not graph.fx_traced
+    table = CostTable.from_graph(graph)
+    assert table.totals()["macs"] == block_macs(16)
+    assert_costed_everywhere(table)
+
+
 # ---- a transformers BERT (torch.export) ---------------------------------------------------------
 
 BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

@@ -52,6 +52,14 @@ def _matmul(f: Fuser, r: LayerCost) -> None:
                             False, epilogue=False))
 
 
+def _scores(f: Fuser, r: LayerCost) -> tuple[int, float, int]:
+    """(score elements, bytes the scores move per sample, kernels) of attention on this target."""
+    scores = r.heads * r.seq_q * r.seq_k
+    if f.target.fused_attention:
+        return scores, 0.0, 1
+    return scores, 2 * scores * FLOAT_BITS / 8, 3  # each way: the scores and the softmax's output
+
+
 def _attention(f: Fuser, r: LayerCost) -> None:
     """Scaled-dot-product attention: Q.K^T then .V, 2 x heads x seq_q x seq_k x head_dim MACs, reading
     Q, K, V (and a mask) and writing the output.
@@ -64,12 +72,25 @@ def _attention(f: Fuser, r: LayerCost) -> None:
     three (their sum of max(compute, memory) would be at most twice that)."""
     dtype = _float_dtype(f, r)
     bits = RUN_BITS[dtype]
-    scores = r.heads * r.seq_q * r.seq_k
-    fused = f.target.fused_attention
-    score_bytes = 0.0 if fused else 2 * scores * FLOAT_BITS / 8  # each way: the scores and the softmax's output
+    scores, score_bytes, launches = _scores(f, r)
     _open(f, r, KernelDraft("linear", dtype, float(r.macs), r.macs, 0.0, _read_plain(f, r) + score_bytes,
                             r.out_numel * f.stored_bytes(r.name) + score_bytes, False, 4 * bits, r.head_dim,
-                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=1 if fused else 3))
+                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=launches))
+
+
+def _multihead_attention(f: Fuser, r: LayerCost) -> None:
+    """A whole nn.MultiheadAttention: the packed Q/K/V projection and the output projection (two GEMMs with
+    its weights), and attention between them as ``_attention`` costs it; Q, K, V and the attention output
+    are written and read back in between."""
+    dtype = _float_dtype(f, r)
+    bits = RUN_BITS[dtype]
+    scores, score_bytes, launches = _scores(f, r)
+    between = (2 * r.seq_q + 2 * r.seq_k) * r.in_ch * bits / 8  # q, k, v and the heads' output, each way
+    weight_bytes = r.weight_bytes + r.weight_numel * (bits - r.wbits) / 8
+    _open(f, r, KernelDraft("linear", dtype, float(r.macs), r.macs, weight_bytes,
+                            _read_plain(f, r) + score_bytes + between / 2,
+                            r.out_numel * f.stored_bytes(r.name) + score_bytes + between / 2, False, 4 * bits, r.in_ch,
+                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=2 + launches))
 
 
 def _rnn(f: Fuser, r: LayerCost) -> None:
@@ -109,5 +130,5 @@ def _embedding(f: Fuser, r: LayerCost) -> None:
 
 
 SEQUENCE_RULES: dict[str, Callable[[Fuser, LayerCost], None]] = {
-    "matmul": _matmul, "attention": _attention, "rnn": _rnn, "embedding": _embedding,
+    "matmul": _matmul, "attention": _attention, "mha": _multihead_attention, "rnn": _rnn, "embedding": _embedding,
 }

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from autocompress.space.graph import ModelGraph
-from autocompress.space.ops import conv_weight_numel, rnn_seq_len, rnn_weight_numel
+from autocompress.space.ops import conv_weight_numel, mha_macs, rnn_weight_numel, seq_len_of
 
 FLOAT_BITS = 32
 INT8_BITS = 8
 # Op kinds of rows that a module (a module path) can stand for.
-_MODULE_OPS = ("conv", "linear", "bn", "act", "pool", "other", "dropout", "norm", "rnn", "embedding", "softmax")
+_MODULE_OPS = ("conv", "linear", "bn", "act", "pool", "other", "dropout", "norm", "rnn", "embedding", "softmax",
+               "mha")
 
 
 def runs_int8(wbits: int, abits: int) -> bool:
@@ -38,7 +39,9 @@ class LayerCost:
     2-d or 3-d convs; (1, 1) for linear), ``groups``, ``spatial`` (output positions
     per sample: L, H*W or D*H*W for conv, rows for linear), ``bias``. For rnn:
     ``in_ch`` input size, ``out_ch`` hidden size, ``spatial`` sequence length,
-    ``rnn_layers``, ``directions``, ``gates`` (LSTM 4, GRU 3, RNN 1).
+    ``rnn_layers``, ``directions``, ``gates`` (LSTM 4, GRU 3, RNN 1). For attention
+    and mha (a whole nn.MultiheadAttention, ``in_ch`` its width): ``heads``, ``head_dim``,
+    ``seq_q``, ``seq_k``.
     ``wbits`` / ``abits`` are the weight and input-activation bit-widths.
     """
 
@@ -76,6 +79,8 @@ class LayerCost:
             return self.in_ch * self.out_ch * self.spatial
         if self.op == "attention":
             return 2 * self.heads * self.seq_q * self.seq_k * self.head_dim
+        if self.op == "mha":
+            return mha_macs(self.in_ch, self.seq_q, self.seq_k)
         return 0
 
     @property
@@ -86,11 +91,13 @@ class LayerCost:
             return self.in_ch * self.out_ch
         if self.op == "rnn":
             return rnn_weight_numel(self.in_ch, self.out_ch, self.rnn_layers, self.directions, self.gates)
+        if self.op == "mha":  # q, k, v and output projections (biases are in params_fixed)
+            return 4 * self.in_ch * self.in_ch
         return 0
 
     @property
     def params(self) -> int:
-        if self.op in ("conv", "linear"):
+        if self.op in ("conv", "linear", "mha"):
             return self.weight_numel + (self.out_ch if self.bias else 0) + self.params_fixed
         if self.op == "rnn":  # torch keeps two bias vectors (input and recurrent) per gate block
             biases = 2 * self.gates * self.out_ch * self.rnn_layers * self.directions if self.bias else 0
@@ -134,17 +141,26 @@ class CostTable:
                 numel *= s
             row = LayerCost(name=name, op=a["op"], target=a["target"], inputs=list(mg.graph.predecessors(name)),
                             out_numel=numel if out else 0)
-            if a["op"] in ("conv", "linear"):
+            if a["op"] in ("conv", "linear") and "in_ch" in a:
                 spatial = a["macs"] // max(1, conv_weight_numel(a["in_ch"], a["out_ch"], a["kernel"], a["groups"]))
                 row.in_ch, row.out_ch, row.kernel = a["in_ch"], a["out_ch"], tuple(a["kernel"])
                 row.stride, row.groups, row.spatial, row.bias = tuple(a["stride"]), a["groups"], spatial, a["bias"]
             elif a["op"] == "rnn" and "gates" in a:
                 # torch.export may meet an RNN's first op (its zero state) before its input: steps from the inputs.
-                seq = a["seq_len"] or rnn_seq_len(a["batch_first"], next((s for s in a["in_shapes"] if s), None))
+                seq = a["seq_len"] or seq_len_of(a["batch_first"], next((s for s in a["in_shapes"] if s), None))
                 row.in_ch, row.out_ch, row.spatial, row.bias = a["in_ch"], a["out_ch"], seq, a["bias"]
                 row.rnn_layers, row.directions, row.gates = a["rnn_layers"], a["directions"], a["gates"]
                 # The output sequence: the graph may record the (output, state) tuple as no shape at all.
                 row.out_numel = row.spatial * row.out_ch * row.directions
+            elif a["op"] == "linear" and a["in_shapes"] and a["in_shapes"][0] and out:
+                # A linear function on a parameter (torch.export inside a module it does not keep whole).
+                row.in_ch, row.out_ch, row.spatial = a["in_shapes"][0][-1], out[-1], numel // max(1, out[-1])
+            elif a["op"] == "mha" and "heads" in a:
+                keys = a["in_shapes"][1] if len(a["in_shapes"]) > 1 and a["in_shapes"][1] else None
+                row.in_ch = row.out_ch = a["in_ch"]
+                row.heads, row.head_dim, row.seq_q = a["heads"], a["head_dim"], a["seq_q"]
+                row.seq_k = seq_len_of(a["batch_first"], keys) if keys else a["seq_k"]
+                row.out_numel = row.seq_q * row.in_ch  # (output, weights): the output only
             elif a["op"] == "bn":
                 row.in_ch = row.out_ch = a["out_ch"]
             elif a["op"] == "matmul" and a["in_shapes"] and a["in_shapes"][0] and out:

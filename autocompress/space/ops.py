@@ -1,7 +1,8 @@
 """What each traced node is: its coarse op kind, and the geometry and MACs of the layers that compute.
 
 The op vocabulary is the one ``space.costs`` and ``hwmodels`` cost: conv (1-d, 2-d and 3-d), linear,
-matmul (between two activations), attention (scaled dot-product), rnn (LSTM, GRU, RNN), bn, norm
+matmul (between two activations), attention (scaled dot-product), mha (an nn.MultiheadAttention that
+torch.fx keeps whole: projections and attention), rnn (LSTM, GRU, RNN), bn, norm
 (LayerNorm, GroupNorm), softmax, embedding, act, pool, add, mul, concat, split, getitem, reshape,
 dropout, input, output, const, other.
 """
@@ -69,7 +70,8 @@ def module_kind(m: nn.Module) -> str:
 _MODULE_KINDS: tuple[tuple[Any, str], ...] = (
     (_CONV_MODULES, "conv"), (nn.Linear, "linear"), (_BN_MODULES, "bn"), (_ACT_MODULES, "act"),
     (_POOL_MODULES, "pool"), (nn.Dropout, "dropout"), ((nn.Flatten, nn.Identity), "reshape"),
-    (_NORM_MODULES, "norm"), (_RNN_MODULES, "rnn"), (nn.Embedding, "embedding"), (nn.Softmax, "softmax"))
+    (_NORM_MODULES, "norm"), (_RNN_MODULES, "rnn"), (nn.Embedding, "embedding"), (nn.Softmax, "softmax"),
+    (nn.MultiheadAttention, "mha"))
 
 
 def conv_weight_numel(in_ch: int, out_ch: int, kernel: tuple[int, ...], groups: int) -> int:
@@ -82,6 +84,12 @@ def rnn_weight_numel(input_size: int, hidden: int, layers: int, directions: int,
     Each weight is used once per step, so its MACs are seq_len times this."""
     reads = input_size + (layers - 1) * hidden * directions + layers * hidden
     return directions * gates * hidden * reads
+
+
+def mha_macs(embed: int, seq_q: int, seq_k: int) -> int:
+    """An nn.MultiheadAttention: Q and output projections over the queries, K and V over the keys (key and
+    value widths taken as ``embed``), then Q.K^T and .V over all heads (heads x head_dim = embed)."""
+    return 2 * (seq_q + seq_k) * embed * embed + 2 * seq_q * seq_k * embed
 
 
 def function_macs(kind: str, in_shapes: list[tuple[int, ...] | None], out_shape: tuple[int, ...] | None) -> int:
@@ -137,6 +145,10 @@ def layer_info(m: nn.Module, in_shape: tuple[int, ...] | None, out_shape: tuple[
         info.update(in_ch=m.num_features, out_ch=m.num_features)
     elif isinstance(m, _RNN_MODULES):
         info.update(rnn_info(m, in_shape))
+    elif isinstance(m, nn.MultiheadAttention):  # self-attention here; the cost table reads the keys' length
+        seq = seq_len_of(m.batch_first, in_shape)
+        info.update(in_ch=m.embed_dim, out_ch=m.embed_dim, heads=m.num_heads, head_dim=m.head_dim, seq_q=seq,
+                    seq_k=seq, batch_first=m.batch_first, macs=mha_macs(m.embed_dim, seq, seq))
     return info
 
 
@@ -146,7 +158,7 @@ def rnn_info(m: nn.RNNBase, in_shape: tuple[int, ...] | None) -> dict[str, Any]:
     The sequence is dim 1 of a batch-first input, else dim 0 (an unbatched input is (seq, features)).
     ``proj_size`` projections are not in the MACs (their weights are still counted as parameters).
     """
-    seq = rnn_seq_len(m.batch_first, in_shape)
+    seq = seq_len_of(m.batch_first, in_shape)
     directions = 2 if m.bidirectional else 1
     gates = RNN_GATES[_rnn_base(m)]
     weights = rnn_weight_numel(m.input_size, m.hidden_size, m.num_layers, directions, gates)
@@ -154,8 +166,9 @@ def rnn_info(m: nn.RNNBase, in_shape: tuple[int, ...] | None) -> dict[str, Any]:
                 gates=gates, seq_len=seq, batch_first=m.batch_first, bias=m.bias, macs=seq * weights)
 
 
-def rnn_seq_len(batch_first: bool, in_shape: tuple[int, ...] | None) -> int:
-    """Steps of an RNN input: dim 1 of a batch-first (batch, seq, features) input, else dim 0."""
+def seq_len_of(batch_first: bool, in_shape: tuple[int, ...] | None) -> int:
+    """The sequence length of an RNN's or MultiheadAttention's input: dim 1 of a batch-first (batch, seq,
+    features) input, else dim 0 ((seq, batch, features), or an unbatched (seq, features))."""
     if not in_shape:
         return 0
     return in_shape[1] if batch_first and len(in_shape) == 3 else in_shape[0]

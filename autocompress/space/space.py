@@ -112,6 +112,8 @@ _NOT_COMPRESSIBLE = {
     "rnn": "no decisions for {type} layers; costed as GEMMs step by step: per layer and direction one over "
            "the input sequence, then one per step on the hidden state ({gates} gate blocks)",
     "attention": "no decisions for attention; costed as its Q.K^T and .V GEMMs and the scores' memory traffic",
+    "mha": "no decisions for {type} layers; costed as its projection GEMMs and attention (Q.K^T, .V and the "
+           "scores' memory traffic)",
     "matmul": "no decisions for a matmul between two activations; costed as a GEMM",
     "norm": "no decisions for {type} layers; costed as a memory-bound pass",
     "embedding": "no decisions for {type} layers; costed as a gather of the rows it reads",
