@@ -54,6 +54,8 @@ def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_sha
         from autocompress.evaluators.train import pretrained_builtin
 
         loaded.model = pretrained_builtin(spec.partition(":")[2]).eval()
+    if example_input is None:
+        example_input = loaded.example_input
     if any(isinstance(m, nn.MultiheadAttention) for m in loaded.model.modules()):
         # Explicit q/k/v/out layers: traceable per projection, prunable per head, exportable to ONNX.
         loaded.model = split_attention(copy.deepcopy(loaded.model) if module is not None else loaded.model)

@@ -49,24 +49,41 @@ def variant_choices(space) -> dict[str, dict]:
     out["rank"] = {d.id: (0.5 if 0.5 in d.choices else min(d.choices)) for d in space.of_kind("rank")}
     out["bn-fold"] = {d.id: 1 for d in space.of_kind("merge") if d.id.startswith("merge:bn:")}
     out["int8"] = {d.id: 8 for d in space.of_kind("wbits", "abits")}
+    if space.of_kind("heads"):  # transformer encoders: half the heads, and every other block dropped
+        out["heads-50"] = {d.id: 0.5 for d in space.of_kind("heads") if 0.5 in d.choices}
+        out["drop-half"] = {d.id: True for d in space.of_kind("drop")[1::2]}
     return out
 
 
-def build(ws, name: str, choices: dict, folder: Path, calibration: torch.Tensor) -> tuple[Path, int, int]:
+def build(ws, name: str, choices: dict, folder: Path, calibration: tuple) -> tuple[Path, int, int]:
     """Apply, export; return (ONNX path, MACs, params) of the variant."""
     space = ws.space
     policy = Policy(space.model, space.fingerprint, choices, space.options)
-    example = torch.randn(1, *space.input_shape[1:])
+    example = space.graph.example(1, seed=1)
     model = apply(ws.model, policy, space, calibration=calibration)
     float_model = strip_fake_quant(model)
     path = folder / f"{name}.onnx"
     if name == "int8":
-        batches = [calibration[i:i + 8] for i in range(0, len(calibration), 8)]
+        batches = [tuple(t[i:i + 8] for t in calibration) for i in range(0, len(calibration[0]), 8)]
         export_int8(float_model, example, batches, path, layer_bits(model))
+        print(f"{space.model} int8: max |int8 - fp32| / max |fp32| on 8 inputs = "
+              f"{int8_error(folder, float_model, example, path, calibration):.4f}", flush=True)
     else:
         export_onnx(float_model, example, path)
     totals = estimate(space, policy).totals()
     return path, int(totals["macs"]), int(totals["params"])
+
+
+def int8_error(folder: Path, float_model, example, int8_path: Path, calibration: tuple) -> float:
+    """How far the int8 file's first output is from the float file's on eight calibration inputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    fp32 = export_onnx(float_model, example, folder / "int8-reference.onnx")
+    a, b = ort.InferenceSession(str(fp32)), ort.InferenceSession(str(int8_path))
+    feeds = {i.name: t[:8].numpy() for i, t in zip(a.get_inputs(), calibration)}
+    ref, got = a.run(None, feeds)[0], b.run(None, feeds)[0]
+    return float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max()))
 
 
 def main() -> None:
@@ -87,8 +104,7 @@ def main() -> None:
     results = []
     for spec in args.models.split(","):
         ws = open_model(spec)
-        torch.manual_seed(0)
-        calibration = torch.randn(16, *ws.space.input_shape[1:])
+        calibration = ws.space.graph.example(16, seed=0)  # one tensor per model input (token ids stay ids)
         with tempfile.TemporaryDirectory(prefix="autocompress-speedup-") as tmp:
             built = {}
             for name, choices in variant_choices(ws.space).items():

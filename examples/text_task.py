@@ -22,6 +22,9 @@ import autocompress
 
 VOCAB, SEQ, CLASSES = 200, 24, 3
 POSITIVE, NEGATIVE = range(10, 40), range(40, 70)  # token ids of sentiment words; 70.. are neutral words
+# What `autocompress space/profile --model examples/text_task.py:make_model` trace with (without --task).
+EXAMPLE_INPUT = (torch.randint(70, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0)),
+                 torch.ones(1, SEQ, dtype=torch.long))
 
 
 def make_model() -> torch.nn.Module:

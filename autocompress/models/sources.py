@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ class LoadedModel:
     spec: str
     model: nn.Module
     input_shape: tuple[int, ...]
+    example_input: Any = None  # a file's EXAMPLE_INPUT (tensor or tuple, any dtype), where it defines one
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,16 @@ def _torchvision(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     return model, (1, 3, size, size)
 
 
-def _from_file(path: str, factory: str) -> tuple[nn.Module, tuple[int, ...]]:
+def _from_file(path: str, factory: str) -> tuple[nn.Module, tuple[int, ...], Any]:
     fn, mod = import_function(path, factory, SpecError, "model")
     model = call_factory(fn, f"{path}:{factory}", SpecError)
     if not isinstance(model, nn.Module):
         raise SpecError(f"{path}:{factory} returned {type(model).__name__}, not a torch.nn.Module")
+    example = getattr(mod, "EXAMPLE_INPUT", None)  # models that take token ids or several inputs
+    if callable(example):
+        example = call_factory(example, f"{path}:EXAMPLE_INPUT", SpecError)
     shape = getattr(mod, "INPUT_SHAPE", None) or getattr(model, "input_shape", None) or (1, 3, 224, 224)
-    return model, tuple(int(s) for s in shape)
+    return model, tuple(int(s) for s in shape), example
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -155,11 +159,14 @@ def load_model(
 ) -> LoadedModel:
     """Resolve a model spec to an eval-mode module and its input shape."""
     source, arg = parse_model_spec(spec)
+    example = None
     if source == "file":
         path, _, factory = arg.rpartition(":")
-        model, shape = _from_file(path, factory)
+        model, shape, example = _from_file(path, factory)
     else:
         model, shape = MODEL_SOURCES.get(source)(arg)
     if weights is not None:
         load_weights(model, weights)
-    return LoadedModel(spec, model.eval(), tuple(input_shape) if input_shape else shape)
+    if input_shape:
+        example = None  # the user's shape wins over the file's example
+    return LoadedModel(spec, model.eval(), tuple(input_shape) if input_shape else shape, example)
