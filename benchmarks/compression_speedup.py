@@ -51,7 +51,7 @@ def variant_choices(space) -> dict[str, dict]:
     out["int8"] = {d.id: 8 for d in space.of_kind("wbits", "abits")}
     if space.of_kind("heads"):  # transformer encoders: half the heads, and every other block dropped
         out["heads-50"] = {d.id: 0.5 for d in space.of_kind("heads") if 0.5 in d.choices}
-        out["drop-half"] = {d.id: True for d in space.of_kind("drop")[1::2]}
+        out["drop-half"] = {d.id: max(d.choices) for d in space.of_kind("drop")[1::2]}
     return out
 
 

@@ -19,7 +19,7 @@ _MORE = {
     "merge": lambda cs: sorted(cs),
     "branch": lambda cs: sorted(cs),
     "heads": lambda cs: sorted(cs),  # the share of attention heads removed
-    "drop": lambda cs: sorted(cs),  # False (keep the block), True (drop it)
+    "drop": lambda cs: sorted(cs),  # 0 keeps the block, 1 drops it
 }
 STRUCTURED = ("prune", "heads")  # kinds that remove channels or heads: uniform ratios and repair move them together
 
