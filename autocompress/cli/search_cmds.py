@@ -28,6 +28,8 @@ def search(
     study_name: Optional[str] = typer.Option(None, "--study-name"),
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="policy.json to start from"),
     out: Path = typer.Option(Path("autocompress-out"), "--out", "-o"),
+    force: bool = typer.Option(False, "--force", help="start over in an --out that holds another search (its "
+                                                      "results are moved into previous-<time>/ there, not deleted)"),
     seed: int = typer.Option(0, "--seed"),
     sampler: str = typer.Option("tpe", "--sampler", help="tpe, nsga2 or random"),
     low_epochs: float = typer.Option(0.5, "--low-epochs", help="fine-tune epochs per candidate (low fidelity)"),
@@ -80,7 +82,8 @@ def search(
     if not console.is_terminal:  # a log, not a screen: one line per phase and per finished trial, as they happen
         result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
                             study_name=study_name, warm_start=warm_start, input_shape=shape, measure=not no_measure,
-                            callback=_log_trial(trials), on_phase=lambda text: _log(f"phase: {text}"), task=task)
+                            callback=_log_trial(trials), on_phase=lambda text: _log(f"phase: {text}"), task=task,
+                            force=force)
         _summary(result, out)
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -100,7 +103,7 @@ def search(
 
         result = run_search(config, model=model, data=data, weights=weights, out=out, storage=storage,
                             study_name=study_name, warm_start=warm_start, input_shape=shape,
-                            measure=not no_measure, callback=on_trial, on_phase=on_phase, task=task)
+                            measure=not no_measure, callback=on_trial, on_phase=on_phase, task=task, force=force)
         progress.update(bar, description="done", completed=trials)
     _summary(result, out)
 

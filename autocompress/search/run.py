@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,48 +24,81 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                input_shape: tuple[int, ...] | None = None, leaf: tuple[str, ...] = (), measure: bool = True,
                callback: Callable[[TrialEvent], None] | None = None,
                on_phase: Callable[[str], None] | None = None, task: str | Task | None = None,
-               module: nn.Module | None = None, keep: list[Any] | None = None) -> dict[str, Any]:
+               module: nn.Module | None = None, keep: list[Any] | None = None, force: bool = False) -> dict[str, Any]:
     """Run a search and write ``out``; return the result.json content.
 
     ``task`` (a Task or its ``file.py:factory`` spec) replaces ``data`` with the
     user's metric and batches; ``module`` is an in-memory model (with a task).
-    ``keep`` receives the SearchResult (for the Python API).
+    ``keep`` receives the SearchResult (for the Python API). ``out`` is locked for the search and
+    remembers what it holds; ``force`` starts over in a folder that holds another search.
     """
     from autocompress.export.artifacts import check_out
     from autocompress.search.optuna_driver import OptunaDriver, make_storage
     from autocompress.search.report import write_search_outputs
-    from autocompress.search.setup import prepare
+    from autocompress.search.outdir import FolderLock, claim
+    from autocompress.search.setup import check_task_args, prepare
 
     phase = on_phase or (lambda s: None)
     check_target_and_budget(config)  # bad budget strings and a bad --out fail before any work
     check_out(out)
+    check_task_args(module if module is not None else model, data, task, input_shape)
     warm = Policy.load(warm_start) if warm_start else None
-    phase("preparing the model (a built-in model is trained once and cached)")
-    prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
-                       input_shape=input_shape, leaf=leaf, options=dict(warm.options) if warm else None,
-                       seed=config.seed)
-    ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
-    if warm is not None:
-        warm.validate(ws.space)
     out = Path(out)
-    if config.space == "tradeoff":
-        phase("scoring each choice's sensitivity (once per study)")
-    driver = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
-                          warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
-    phase("measuring the baseline")
-    base_acc = evaluator.baseline()
-    phase("searching")
-    found = driver.run()
-    phase("writing the output folder")
-    result = write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model, data=data,
-                                  measure=measure)
+    created = not out.exists()
+    shared = bool(storage) and storage.startswith(("postgresql", "mysql", "sqlite:"))  # extra workers welcome
+    searching = False
+    try:
+        with contextlib.nullcontext() if shared else FolderLock(out):
+            aside = claim(out, folder_claim(config, model, data, task, module), force=force)
+            if aside is not None:
+                phase(f"--force: the folder's previous results are in {aside}")
+            phase("preparing the model (a built-in model is trained once and cached)")
+            prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
+                               input_shape=input_shape, leaf=leaf, options=dict(warm.options) if warm else None,
+                               seed=config.seed)
+            ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
+            if warm is not None:
+                warm.validate(ws.space)
+            if config.space == "tradeoff":
+                phase("scoring each choice's sensitivity (once per study)")
+            driver = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
+                                  warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
+            phase("measuring the baseline")
+            base_acc = evaluator.baseline()
+            phase("searching")
+            searching = True
+            found = driver.run()
+            phase("writing the output folder")
+            result = write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model,
+                                          data=data, measure=measure)
+    except BaseException:
+        if created and not searching:  # refused before any trial: leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if keep is not None:
         keep.append(found)
     return result
 
 
+def folder_claim(config: SearchConfig, model: str | None, data: str | None, task: Any,
+                 module: nn.Module | None) -> Any:
+    """What a search asks ``--out`` to hold, named before the model is loaded."""
+    from autocompress.search.core import model_and_data
+    from autocompress.search.outdir import FolderClaim
+    from autocompress.search.setup import task_label
+
+    if module is not None:
+        model = f"python:{type(module).__name__}"
+    if task is None:
+        model, data = model_and_data(model, data)
+    else:
+        model, data = str(model), task_label(task)
+    return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space)
+
+
 _CONFIG_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.name not in ("target", "budget"))
-_RUN_OPTIONS = ("weights", "storage", "study_name", "warm_start", "leaf", "measure", "callback", "on_phase", "data")
+_RUN_OPTIONS = ("weights", "storage", "study_name", "warm_start", "leaf", "measure", "callback", "on_phase", "data",
+                "force")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,20 @@ def task_label(task: str | Task) -> str:
     return f"task:{task}" if isinstance(task, str) else f"task:{task.metric}"
 
 
+def check_task_args(model: str | nn.Module | None, data: str | None, task: Any,
+                    input_shape: tuple[int, ...] | None) -> None:
+    """Options that cannot go with a task, said before any work."""
+    if task is None:
+        return
+    if data:
+        raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
+    if input_shape:
+        raise UserInputError("--task and --input-shape both given: the task's example_input is the model's input; "
+                             "drop --input-shape")
+    if model is None:
+        raise UserInputError("--task needs the model it scores: add --model (e.g. --model path/model.py:factory)")
+
+
 def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str | Task | None = None,
             weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
             leaf: tuple[str, ...] = (), options: dict[str, Any] | None = None, seed: int = 0) -> Prepared:
@@ -51,13 +65,7 @@ def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str
         bundle = load_data(data, ws.space.input_shape)
         torch.manual_seed(seed)
         return Prepared(ws, CandidateEvaluator(ws, bundle, seed=seed), spec, data)
-    if data:
-        raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
-    if input_shape:
-        raise UserInputError("--task and --input-shape both given: the task's example_input is the model's input; "
-                             "drop --input-shape")
-    if spec is None:
-        raise UserInputError("--task needs the model it scores: add --model (e.g. --model path/model.py:factory)")
+    check_task_args(spec, data, task, input_shape)
     loaded_task = load_task(task) if isinstance(task, str) else task
     if not isinstance(loaded_task, Task):
         raise UserInputError(f"task must be an autocompress.Task or a path/file.py:factory spec, "

@@ -1,0 +1,78 @@
+"""One search per --out: a lock, a folder that remembers what it holds, --force that moves old results aside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_cli
+from tests.test_tasks import TOKENS
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("outdir") / "tokens.py"
+    path.write_text(TOKENS)
+    return path
+
+
+def _args(tokens: Path, out: Path, budget: str = "0.6x", *extra: str) -> list[str]:
+    return ["search", "--model", f"{tokens}:model", "--task", f"{tokens}:task", "--target", "mobile", "--budget",
+            budget, "--trials", "1", "--low-epochs", "0.2", "--full-epochs", "0.2", "--finalists", "1",
+            "--space", "layers", "--no-measure", "--out", str(out), *extra]
+
+
+def test_a_second_search_on_a_locked_out_is_refused_naming_the_holder(tokens: Path, tmp_path: Path):
+    from autocompress.search.outdir import FolderLock
+
+    out = tmp_path / "out"
+    with FolderLock(out):
+        res = run_cli(*_args(tokens, out))
+    msg = assert_one_line_error(res, "is in use by a running search", "pid ")
+    assert str(out) in msg
+    assert not (out / "study.journal").exists()
+
+
+def test_another_search_is_refused_and_force_moves_the_old_results_aside(tokens: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    first = run_cli(*_args(tokens, out, "0.6x"))
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((out / "search.json").read_text())
+    assert manifest["budget"] == "0.6x" and manifest["data"] == f"task:{tokens}:task"
+    before = (out / "result.json").read_text()
+
+    refused = run_cli(*_args(tokens, out, "0.8x"))
+    assert_one_line_error(refused, "holds another search", "budget '0.6x' -> '0.8x'", "--force")
+    assert (out / "result.json").read_text() == before  # nothing touched
+
+    forced = run_cli(*_args(tokens, out, "0.8x", "--force"))
+    assert forced.exit_code == 0, forced.output
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "result.json").read_text() == before
+    assert (aside[0] / "study.journal").exists()  # the old study went along, never deleted
+    assert json.loads((out / "search.json").read_text())["budget"] == "0.8x"
+    assert json.loads((out / "result.json").read_text())["budget"] != json.loads(before)["budget"]
+
+
+def test_a_refused_search_leaves_no_folder_behind(tokens: Path, tmp_path: Path):
+    out = tmp_path / "new"
+    res = run_cli(*_args(tokens, out, "0.01x"))
+    assert_one_line_error(res, "cannot be met")
+    assert not out.exists()
+
+
+def test_an_older_folder_is_compared_by_its_result(tmp_path: Path):
+    from autocompress.errors import UserInputError
+    from autocompress.search.outdir import FolderClaim, claim
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"model": "builtin:digits-net", "data": "sklearn:digits",
+                                                 "target": "mobile", "budget": {"latency_ms": 5.0}}))
+    same = FolderClaim("builtin:digits-net", "sklearn:digits", "mobile", "5ms", ("accuracy",), "tradeoff")
+    assert claim(out, same) is None  # the same model, data and target: resumed, not refused
+    other = FolderClaim("torchvision:resnet18", "sklearn:digits", "mobile", "5ms", ("accuracy",), "tradeoff")
+    with pytest.raises(UserInputError, match="model 'builtin:digits-net' -> 'torchvision:resnet18'"):
+        claim(out, other)
