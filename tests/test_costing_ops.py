@@ -388,3 +388,19 @@ def test_space_json_lists_an_lstm_as_not_compressible(tmp_path):
     assert any(d["layers"] == ["fc"] for d in data["decisions"])
     table = run_cli("space", "--model", f"{tmp_path}/lstm.py:model")
     assert table.exit_code == 0 and "not compressible" in table.stdout and "LSTM" in table.stdout
+
+
+def test_a_bert_space_lists_its_embeddings_but_not_the_attention_its_projections_feed():
+    transformers = pytest.importorskip("transformers")
+    from autocompress.compress import build_space
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**BERT)).eval()
+    ids = torch.randint(0, 1000, (1, 16))
+    space = build_space(trace(model, inputs=Inputs.from_example((ids,), model)), "bert")
+    rest = {r["layer"]: r for r in space.not_compressible()}
+    embeddings = ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings")
+    assert all(rest[e]["op"] == "embedding" and "gather" in rest[e]["reason"] for e in embeddings)
+    assert rest["embeddings.word_embeddings"]["params"] == 1000 * 64
+    assert not [r for r in rest.values() if r["op"] in ("attention", "linear")]  # q/k/v decisions cover them
+    assert space.to_json()["not_compressible"] == list(rest.values())

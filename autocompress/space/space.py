@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from autocompress.errors import PolicyError
-from autocompress.space.costs import CostTable
+from autocompress.space.costs import CostTable, LayerCost
 from autocompress.space.graph import ModelGraph
 
 KINDS = ("prune", "wbits", "abits", "rank", "merge", "branch", "heads", "drop")
@@ -81,16 +81,43 @@ class SearchSpace:
 
     def not_compressible(self) -> list[dict[str, Any]]:
         """Layers that compute or hold weights but that no decision covers: each with its op, its base
-        costs and why (``{"layer", "op", "macs", "params", "reason"}``), in execution order."""
+        costs and why (``{"layer", "op", "macs", "params", "reason"}``), in execution order.
+
+        A decision covers its layers and what lies under them or under the module its id names (a dropped
+        block's norms); a function between activations (attention, a matmul) is covered when a covered
+        layer produces one of its operands (head pruning re-costs the attention of the heads it cuts).
+        """
         covered = {layer for d in self.decisions for layer in d.layers}
+        modules = self.graph.modules()
+        covered |= {d.id.split(":", 1)[1] for d in self.decisions if d.id.split(":", 1)[1] in modules}
+        table = self.base_table()
+        is_module = {r.name: bool(r.name in self.graph.graph and self.graph.node(r.name).get("module_type"))
+                     for r in table}
+
+        def under(path: str) -> bool:
+            return path in covered or any(path.startswith(c + ".") for c in covered if c)
+
+        def fed_by_covered(row: LayerCost, depth: int = 0) -> bool:
+            for src in row.inputs:
+                if src not in table or depth > 16:
+                    continue
+                producer = table[src]
+                if is_module[src] and under(producer.target):
+                    return True
+                if producer.op in _THROUGH and fed_by_covered(producer, depth + 1):
+                    return True
+            return False
+
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for row in self.base_table():
-            a = self.graph.node(row.name) if row.name in self.graph.graph else {}
-            layer = row.target if a.get("module_type") else row.name
-            if (row.macs <= 0 and row.params <= 0) or layer in covered or layer in seen:
+        for row in table:
+            layer = row.target if is_module[row.name] else row.name
+            if (row.macs <= 0 and row.params <= 0) or layer in seen:
+                continue
+            if under(layer) if is_module[row.name] else fed_by_covered(row):
                 continue
             seen.add(layer)
+            a = self.graph.node(row.name) if row.name in self.graph.graph else {}
             why = _NOT_COMPRESSIBLE.get(row.op, _NOT_COMPRESSIBLE[""])
             out.append({"layer": layer, "op": row.op, "macs": row.macs, "params": row.params,
                         "reason": why.format(type=a.get("module_type") or row.target, gates=row.gates)})
@@ -107,6 +134,8 @@ class SearchSpace:
         return out
 
 
+# Ops an operand passes through on its way from a layer to attention or a matmul.
+_THROUGH = ("reshape", "getitem", "split", "dropout", "mul", "add", "act", "softmax", "norm")
 # Why a layer with MACs or weights has no decision, and how hwmodels costs it, per op kind ("": any other).
 _NOT_COMPRESSIBLE = {
     "rnn": "no decisions for {type} layers; costed as GEMMs step by step: per layer and direction one over "
