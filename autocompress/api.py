@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from autocompress.deploy import record_measured
+from autocompress.deploy import deployed_accuracy, deployed_gaps, record_measured
 from autocompress.errors import UserInputError
 from autocompress.hwmodels.summary import cost_summary
 from autocompress.space.inputs import as_tuple
@@ -54,6 +54,7 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     import torch
 
     from autocompress.compress import ApplyContext, apply, estimate
+    from autocompress.evaluators.accuracy import evaluate
     from autocompress.export.artifacts import check_out, commit_folder, write_model_files, write_policy_and_result
     from autocompress.hwmodels import get_target
 
@@ -77,6 +78,7 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     best = cost_summary(estimate(ws.space, policy), target)
     torch.manual_seed(seed)
     metric = "accuracy"
+    bundle = None
     if loaded_task is not None:
         from autocompress.evaluators.task import run_metric
         from autocompress.evaluators.task_finetune import calibration_inputs, task_finetune
@@ -93,7 +95,6 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
         best["accuracy"] = run_metric(loaded_task.evaluate, compressed, f"the task's evaluate ({metric})")
     else:
         calibration = None
-        bundle = None
         if data:
             from autocompress.evaluators.data import as_tensors, load_data
 
@@ -104,7 +105,6 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
         ctx = ApplyContext(ws.space, example, calibration=calibration)
         compressed = apply(ws.model, policy, ws.space, calibration=calibration, ctx=ctx)
         if bundle is not None:
-            from autocompress.evaluators.accuracy import evaluate
             from autocompress.evaluators.finetune import finetune
 
             baseline["accuracy"] = evaluate(ws.model, bundle.val)
@@ -114,14 +114,24 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     if metric != "accuracy":
         baseline[metric], best[metric] = baseline["accuracy"], best["accuracy"]
 
+    score = None
+    if loaded_task is not None:
+        score = lambda m: run_metric(loaded_task.evaluate, m, f"the task's evaluate ({metric})")  # noqa: E731
+    elif bundle is not None:
+        score = lambda m: evaluate(m, bundle.val)  # noqa: E731
+
     def build(folder):
         info = write_model_files(compressed, example, folder, calibration)
+        notes = list(ctx.notes)
+        if score is not None:
+            best["deployed_accuracy"] = deployed_accuracy(folder, score, compressed, example)
+            notes = deployed_gaps(best["accuracy"], best["deployed_accuracy"]) + notes
         if measure:
             record_measured(folder, ws.model, example, best, baseline)
         result = {"target": target, "budget": {}, "baseline": baseline, "best": best, "metric": metric,
                   "trials": {"complete": 0, "failed": 0, "pruned": 0}, "feasible": True,
                   "model": spec, "fingerprint": ws.space.fingerprint, "boosted": sorted(ctx.boosted),
-                  "notes": ctx.notes, **info}
+                  "notes": notes, **info}
         if task:
             result["data"] = f"task:{task}"
         write_policy_and_result(folder, policy, result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from autocompress.export.onnx import export_onnx
 from autocompress.hwmodels.measure import measure_files
@@ -33,3 +33,34 @@ def record_measured(folder: Path, teacher: Any, example: Any, best: dict[str, An
     if "best_int8" in ms:
         best["measured_latency_ms_local_int8"] = ms["best_int8"]
     baseline["measured_latency_ms_local"] = ms["baseline"]
+
+
+DEPLOYED_FILES = ("model.onnx", "model.int8.onnx")
+GAP_FLAG = 0.01  # a shipped file more than 1 point (0.01 of the metric) below the PyTorch model is flagged
+
+
+def deployed_accuracy(folder: Path, score: Callable[[Any], float], model: Any, example: Any) -> dict[str, float | None]:
+    """The held-out metric of each shipped ONNX file, run through ONNX Runtime (None where it cannot be scored)."""
+    from autocompress.export.ort_module import OrtModule
+
+    out: dict[str, float | None] = {}
+    for name in DEPLOYED_FILES:
+        if not (folder / name).exists():
+            continue
+        try:
+            out[name] = float(score(OrtModule(folder / name, like=model, example=example)))
+        except Exception:  # a file ONNX Runtime cannot run, or a metric that breaks on it: reported as unscored
+            out[name] = None
+    return out
+
+
+def deployed_gaps(simulated: float, deployed: dict[str, float | None]) -> list[str]:
+    """Notes for shipped files whose metric is more than GAP_FLAG below the simulated model's (or unscored)."""
+    notes = []
+    for name, value in deployed.items():
+        if value is None:
+            notes.append(f"{name} could not be scored through ONNX Runtime")
+        elif simulated - value > GAP_FLAG:
+            notes.append(f"{name} scores {value:.4f} through ONNX Runtime, {simulated - value:.4f} below the "
+                         f"simulated model's {simulated:.4f}")
+    return notes

@@ -116,6 +116,9 @@ def test_a_task_search_from_the_cli_names_its_metric_and_ships_named_int64_input
     assert result["best"]["latency_ms"] <= result["budget"]["latency_ms"] * (1 + 1e-9)
     report = (out / "report.md").read_text()
     assert "| balanced_acc (held-out) |" in report and "selection balanced_acc" in report
+    deployed = result["best"]["deployed_accuracy"]  # the user's metric on the shipped files, run in ONNX Runtime
+    assert "model.onnx" in deployed and all(0.0 <= v <= 1.0 for v in deployed.values())
+    assert "| balanced_acc of model.onnx through ONNX Runtime |" in report
     sess = ort.InferenceSession(str(out / "model.onnx"))
     inputs = sess.get_inputs()
     assert [i.name for i in inputs] == ["ids", "mask"] and inputs[0].type == "tensor(int64)"
@@ -234,3 +237,19 @@ def test_a_ray_worker_rebuilds_the_task_from_its_file(tokens: Path, tmp_path: Pa
     assert ctx.evaluator.metric == "balanced_acc"
     assert ctx.evaluator.baseline()["accuracy"] > 0.9
     assert [s.dtype for s in ctx.screen.space.graph.inputs.specs] == ["int64", "int64"]
+
+
+def test_an_onnx_file_scores_like_the_model_it_was_exported_from(tokens: Path, tmp_path: Path):
+    from autocompress.deploy import deployed_accuracy, deployed_gaps
+    from autocompress.export.onnx import export_onnx
+    from autocompress.userfile import import_function
+
+    make_model, _ = import_function(str(tokens), "model", ValueError, "model")
+    make_task, _ = import_function(str(tokens), "task", ValueError, "task")
+    model, task = make_model(), make_task()
+    export_onnx(model, task.example_input, tmp_path / "model.onnx")
+    with torch.no_grad():
+        scored = deployed_accuracy(tmp_path, task.evaluate, model, task.example_input)
+        assert scored == {"model.onnx": pytest.approx(task.evaluate(model), abs=1e-9)}
+    assert deployed_gaps(scored["model.onnx"] + 0.02, scored)  # more than a point below: flagged
+    assert not deployed_gaps(scored["model.onnx"] + 0.005, scored)

@@ -141,6 +141,11 @@ def _summary(result: dict, out: Path) -> None:
                       f"{local:.3f}" if local is not None else "-", f"{r['energy_mj']:.4f}",
                       f"{r['size_bytes'] / 1e6:.3f}", f"{r['macs']:,}")
     console.print(table)
+    deployed = s.get("deployed_accuracy") or {}
+    if deployed:
+        shown = ", ".join(f"{n} {v:.4f}" if v is not None else f"{n} not scored" for n, v in deployed.items())
+        flag = " (more than 1 point below the simulated model: see report.md)" if result.get("deployed_gap") else ""
+        console.print(f"{result.get('metric', 'accuracy')} of the shipped files through ONNX Runtime: {shown}{flag}")
     t = result["trials"]
     repeats = t.get("duplicates", 0)
     console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned'] - repeats} screened "

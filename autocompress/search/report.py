@@ -130,6 +130,9 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
             continue
         change = f"{sv / bv:.2f}x" if isinstance(bv, (int, float)) and bv else ""
         lines.append(f"| {label} | {_fmt(bv, nd)} | {_fmt(sv, nd)} | {change} |")
+    for name, value in (s.get("deployed_accuracy") or {}).items():
+        shown = _fmt(value, 4) if value is not None else "not scored"
+        lines.append(f"| {metric} of {name} through ONNX Runtime | | {shown} | |")
     if "measured_latency_ms_local_int8" in s:
         lines.append(f"| measured latency, local ONNX Runtime int8 (ms) | | {_fmt(s['measured_latency_ms_local_int8'])} | |")
     lines += ["", "## Chosen decisions per layer", "",
@@ -163,7 +166,7 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
 def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, out: Path, *, study: Any, model: str,
                          data: str, measure: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (all files or none) and return the result.json content; ``extra`` adds driver-specific keys."""
-    from autocompress.deploy import record_measured
+    from autocompress.deploy import deployed_accuracy, deployed_gaps, record_measured
     from autocompress.export.artifacts import commit_folder, write_model_files, write_policy_and_result
 
     policy, config = found.best_policy, found.config
@@ -178,6 +181,9 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
 
     def build(folder: Path) -> dict[str, Any]:
         info = write_model_files(found.best_model, evaluator.example, folder, evaluator.calibration)
+        best_costs["deployed_accuracy"] = deployed_accuracy(folder, evaluator.held_out, found.best_model,
+                                                            evaluator.example)
+        gaps = deployed_gaps(best_costs["accuracy"], best_costs["deployed_accuracy"])
         if measure:
             record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline)
         result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
@@ -186,7 +192,8 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
                   "metric": metric, "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
                   "search_space": config.space,
-                  "boosted": found.best_scored.boosted, "notes": found.best_scored.notes, **info, **(extra or {})}
+                  "boosted": found.best_scored.boosted, "notes": [*gaps, *found.best_scored.notes],
+                  "deployed_gap": bool(gaps), **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)
         write_trials_csv(study, folder / "trials.csv")
         front = plot_pareto(study, found.budget.latency_ms, baseline, found.best_trial, folder / "pareto.png", metric)

@@ -1,0 +1,77 @@
+"""An exported ONNX file behind a PyTorch module's call, so the user's metric can score what we ship.
+
+``OrtModule(path, like=model, example=...)`` runs the file in ONNX Runtime and
+returns outputs in the structure the PyTorch model returned (a tensor, a tuple,
+or a dict whose keys also read as attributes, like a ``ModelOutput``), so
+``task.evaluate`` and the built-in accuracy run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from autocompress.space.inputs import as_tuple, flatten_output
+
+
+class _Output(dict):
+    """A dict whose keys read as attributes too (``out["logits"]`` and ``out.logits``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _template(out: Any) -> Any:
+    """The output's structure with its tensor leaves replaced by their flattened positions."""
+    counter = iter(range(len(flatten_output(out))))
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return next(counter)
+        if isinstance(o, Mapping):
+            return {k: walk(v) for k, v in o.items() if v is not None}
+        if isinstance(o, (tuple, list)):
+            return tuple(walk(v) for v in o if v is not None)
+        return None
+
+    return walk(out)
+
+
+def _fill(template: Any, leaves: list[torch.Tensor]) -> Any:
+    if isinstance(template, int):
+        return leaves[template]
+    if isinstance(template, dict):
+        return _Output({k: _fill(v, leaves) for k, v in template.items()})
+    if isinstance(template, tuple):
+        return tuple(_fill(v, leaves) for v in template)
+    return None
+
+
+class OrtModule(nn.Module):
+    """Calls an ONNX file through ONNX Runtime with PyTorch tensors in and out (no gradients)."""
+
+    def __init__(self, path: str | os.PathLike, like: nn.Module, example: Any, threads: int = 1) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        with torch.no_grad():
+            self.template = _template(like.eval()(*as_tuple(example)))
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        feeds = {}
+        for name, t in zip(self.names, args):
+            t = t.detach().cpu()
+            feeds[name] = (t.float() if t.is_floating_point() else t).numpy()
+        leaves = [torch.from_numpy(a) for a in self.session.run(None, feeds)]
+        return _fill(self.template, leaves)
