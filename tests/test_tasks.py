@@ -87,6 +87,12 @@ TOKENS = textwrap.dedent('''
 
     def wrong_example():
         return task(example=torch.randn(1, 3, 8, 8))
+
+    def fragile():
+        """A metric that only the untouched model passes: any compression costs all of it."""
+        full = sum(p.numel() for p in model().parameters())
+        return task(evaluate=lambda net: float(sum(p.numel() for p in net.parameters()) == full and
+                                               not any("Quant" in type(m).__name__ for m in net.modules())))
 ''')
 
 
@@ -253,3 +259,29 @@ def test_an_onnx_file_scores_like_the_model_it_was_exported_from(tokens: Path, t
         assert scored == {"model.onnx": pytest.approx(task.evaluate(model), abs=1e-9)}
     assert deployed_gaps(scored["model.onnx"] + 0.02, scored)  # more than a point below: flagged
     assert not deployed_gaps(scored["model.onnx"] + 0.005, scored)
+
+
+def test_max_drop_returns_the_cheapest_model_within_the_drop(tokens: Path, tmp_path: Path):
+    out = tmp_path / "bounded"
+    args = ["search", "--model", f"{tokens}:model", "--task", f"{tokens}:task", "--target", "mobile",
+            "--max-drop", "5", "--minimise", "latency_ms", "--trials", "4", "--low-epochs", "0.5",
+            "--full-epochs", "1", "--finalists", "2", "--no-measure", "--out", str(out)]
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["max_drop"] == 5.0 and result["minimise"] == "latency_ms"
+    drop = 100 * (result["baseline"]["balanced_acc"] - result["best"]["balanced_acc"])
+    assert drop <= 5.0 + 1e-9  # a result that breaks the drop is never returned
+    assert result["best"]["latency_ms"] < result["baseline"]["latency_ms"]
+    assert "within 5 points" in (out / "report.md").read_text()
+    # a metric every compressed model loses entirely: a one-line error naming the smallest drop reached
+    fragile = [f"{tokens}:fragile" if a == f"{tokens}:task" else a for a in args[:-1]] + [str(tmp_path / "none")]
+    refused = run_cli(*fragile)
+    assert_one_line_error(refused, "no compressed model stays within 5 points", "smallest drop reached was 100.00 points")
+
+
+def test_budget_and_max_drop_are_exclusive(tokens: Path, tmp_path: Path):
+    res = run_cli("search", "--target", "mobile", "--budget", "5ms", "--max-drop", "1", "--out", str(tmp_path / "o"))
+    assert_one_line_error(res, "either --budget", "--max-drop")
+    res = run_cli("search", "--target", "mobile", "--out", str(tmp_path / "o"))
+    assert_one_line_error(res, "either --budget")

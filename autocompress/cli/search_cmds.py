@@ -20,7 +20,12 @@ def search(
     task: Optional[str] = typer.Option(None, "--task", help="file.py:factory returning an autocompress.Task: your "
                                                               "metric, batches and example input (replaces --data)"),
     target: str = typer.Option(..., "--target", "-t", help="see `autocompress targets`"),
-    budget: str = typer.Option(..., "--budget", "-b", help="e.g. 5ms, 800us, 2mJ, 4MB, 0.5x, or 5ms,4MB"),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="e.g. 5ms, 800us, 2mJ, 4MB, 0.5x, or 5ms,4MB "
+                                                                      "(required unless --max-drop)"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="instead of a budget: the cheapest model within "
+                                                                      "this many points of the baseline's metric"),
+    minimise: str = typer.Option("latency_ms", "--minimise", help="with --max-drop: latency_ms, energy_mj or "
+                                                                  "size_bytes"),
     trials: int = typer.Option(32, "--trials", "-n", help="candidates fine-tuned at low fidelity"),
     backend: str = typer.Option("optuna", "--backend", help="optuna (this machine) or ray (a Ray cluster)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend)"),
@@ -56,13 +61,19 @@ def search(
 ) -> None:
     """Find the most accurate compressed model that meets the budget on the target."""
     from autocompress.models.sources import parse_input_shape
+    from autocompress.errors import UserInputError
     from autocompress.search.core import SearchConfig
 
-    config = SearchConfig(target=target, budget=budget, trials=trials, sampler=sampler, seed=seed,
+    if (budget is None) == (max_drop is None):
+        raise UserInputError("give either --budget (the most accurate model within it) or --max-drop (the cheapest "
+                             "model within that many points of the baseline), not both or neither")
+    config = SearchConfig(target=target, budget=budget or "1x", max_drop=max_drop, minimise=minimise, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
+    if backend == "ray" and max_drop is not None:
+        raise UserInputError("--max-drop runs on the optuna backend (this machine or --storage for many workers)")
     if backend == "ray":
         from autocompress.search.ray_backend import run_ray_search
 
@@ -74,8 +85,6 @@ def search(
         _summary(result, out)
         return
     if backend != "optuna":
-        from autocompress.errors import UserInputError
-
         raise UserInputError(f"unknown backend {backend!r}; valid: optuna, ray")
     from autocompress.search.run import run_search
 
@@ -132,7 +141,9 @@ def _log_trial(total: int):
 
 def _summary(result: dict, out: Path) -> None:
     b, s = result["baseline"], result["best"]
-    table = Table(title=f"{result['model']} on {result['target']}, budget {result['budget']}")
+    goal = (f"the cheapest {result['minimise']} within {result['max_drop']:g} points" if result.get("max_drop") is not None
+            else f"budget {result['budget']}")
+    table = Table(title=f"{result['model']} on {result['target']}, {goal}")
     for col in ("", result.get("metric", "accuracy"), "latency ms (pred.)", "local ms (ORT)", "energy mJ", "size MB", "MACs"):
         table.add_column(col, justify="right")
     for name, r in (("baseline", b), ("chosen", s)):

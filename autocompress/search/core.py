@@ -44,6 +44,9 @@ class SearchConfig:
     seeds: bool = True  # enqueue uniform starting points in a fresh study
     # What the sampler searches: the allocation's trade-offs (``tradeoff``) or one parameter per decision.
     space: str = "tradeoff"
+    # Accuracy-bounded mode: the cheapest model (by ``minimise``) within ``max_drop`` points of the baseline.
+    max_drop: float | None = None
+    minimise: str = "latency_ms"
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tpe", "nsga2", "random"):
@@ -63,6 +66,10 @@ class SearchConfig:
                 raise UserInputError(f"{name} must be a number of epochs above 0 (at most 1000), got {value}")
         if self.finalists < 1:
             raise UserInputError(f"--finalists must be at least 1, got {self.finalists}")
+        if self.minimise not in ("latency_ms", "energy_mj", "size_bytes"):
+            raise UserInputError(f"--minimise must be latency_ms, energy_mj or size_bytes, got {self.minimise!r}")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and 0 <= self.max_drop <= 100):
+            raise UserInputError(f"--max-drop is in points of the metric, from 0 to 100; got {self.max_drop}")
 
 
 @dataclass
@@ -147,6 +154,8 @@ def study_name_for(space_fp: str, config: SearchConfig) -> str:
     key = f"{config.target}|{config.budget}|{config.objectives}|{config.tie}"
     if config.space != "layers":  # another parameter space is another study
         key += f"|{config.space}"
+    if config.max_drop is not None:  # the accuracy-bounded ladder is a study of its own
+        key += f"|max-drop {config.max_drop}|{config.minimise}"
     return f"autocompress-{space_fp}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 

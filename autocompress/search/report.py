@@ -113,8 +113,11 @@ def per_layer_table(space: Any, decisions: dict) -> list[str]:
 def write_report(path: Path, result: dict, found: SearchResult, front: list, decisions: dict,
                  extra_sections: list[str] = ()) -> None:
     b, s = result["baseline"], result["best"]
+    goal = (f"The cheapest {result['minimise']} within {result['max_drop']:g} points of the baseline's "
+            f"{result.get('metric', 'accuracy')} (--max-drop)" if result.get("max_drop") is not None
+            else f"Budget: {json.dumps(result['budget'])}")
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
-             f"Budget: {json.dumps(result['budget'])}. Feasible: **{result['feasible']}**. "
+             f"{goal}. Feasible: **{result['feasible']}**. "
              f"Trials: {result['trials']['complete']} evaluated, "
              f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0)} screened out by the "
              f"analytic model, {result['trials']['failed']} failed.", "",

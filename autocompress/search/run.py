@@ -59,18 +59,23 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
             ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
             if warm is not None:
                 warm.validate(ws.space)
-            if config.space == "tradeoff":
-                phase("scoring each choice's sensitivity (once per study)")
-            driver = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
-                                  warm_start=warm, callback=callback, worker=f"{socket.gethostname()}:{out.resolve()}")
+            phase("scoring each choice's sensitivity (once per study)")
+            if config.max_drop is not None:
+                search, study = _bounded(ws, evaluator, config, make_storage(storage, out), study_name, callback)
+            else:
+                search = OptunaDriver(ws, evaluator, config, storage=make_storage(storage, out), study_name=study_name,
+                                      warm_start=warm, callback=callback,
+                                      worker=f"{socket.gethostname()}:{out.resolve()}")
+                study = search.study
             phase("measuring the baseline")
             base_acc = evaluator.baseline()
             phase("searching")
             searching = True
-            found = driver.run()
+            found = search.run(config.max_drop) if config.max_drop is not None else search.run()
             phase("writing the output folder")
-            result = write_search_outputs(found, evaluator, base_acc, out, study=driver.study, model=model,
-                                          data=data, measure=measure)
+            extra = {"max_drop": config.max_drop, "minimise": config.minimise} if config.max_drop is not None else None
+            result = write_search_outputs(found, evaluator, base_acc, out, study=study, model=model,
+                                          data=data, measure=measure, extra=extra)
     except BaseException:
         if created and not searching:  # refused before any trial: leave no folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -78,6 +83,20 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     if keep is not None:
         keep.append(found)
     return result
+
+
+def _bounded(ws: Any, evaluator: Any, config: SearchConfig, storage: Any, study_name: str | None,
+             callback: Callable[[TrialEvent], None] | None) -> tuple[Any, Any]:
+    """The accuracy-bounded search (``--max-drop``) and its study."""
+    import optuna
+
+    from autocompress.search.bounded import BoundedSearch
+    from autocompress.search.core import study_name_for
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=study_name or study_name_for(ws.space.fingerprint, config),
+                                direction="maximize", load_if_exists=True)
+    return BoundedSearch(ws, evaluator, config, study=study, callback=callback), study
 
 
 def folder_claim(config: SearchConfig, model: str | None, data: str | None, task: Any,
