@@ -310,3 +310,58 @@ def test_a_dropped_blocks_other_decisions_conflict_with_it(vit, vit_space):
         assert blocked == inside and {f"heads:encoder.layers.encoder_layer_{i}.self_attention",
                                       f"prune:encoder.layers.encoder_layer_{i}.mlp.0"} <= blocked
     assert len(inside) == 1 + 1 + 6 + 6  # heads, MLP width, and rank and bits of each of six linears
+
+
+# -- int8 deployment -----------------------------------------------------------------------------
+
+INT8_RTOL = 0.1  # of the float model's largest output: the deployed int8 model's largest deviation
+
+
+def _ort(path, args, optimised=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimised is not None:
+        options.optimized_model_filepath = str(optimised)
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})[0]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_an_int8_policy_deploys_as_int8_matmuls_with_norms_and_softmax_in_float(name, request, tmp_path):
+    import onnx
+
+    from autocompress.export.int8 import export_int8
+
+    model, _, mg = request.getfixturevalue(name)
+    space = request.getfixturevalue(f"{name}_space")
+    model = copy.deepcopy(model)
+    if name == "vit":
+        nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision starts the head at zero
+    gen = torch.Generator().manual_seed(1)
+    calib = mg.inputs.example(32, seed=1)
+    test = (torch.randint(0, 1000, (16, 16), generator=gen),) if name == "bert" else \
+        (torch.randn(16, 3, 32, 32, generator=gen),)
+    policy = Policy(space.model, space.fingerprint, {d.id: 8 for d in space.of_kind("wbits", "abits")})
+    simulated = apply(model, policy, space, calibration=calib)
+    float_model = strip_fake_quant(simulated)
+    report = export_int8(float_model, tuple(t[:1] for t in calib), [calib], tmp_path / "m.int8.onnx",
+                         layer_bits(simulated))
+    linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert sorted(report.quantised) == sorted(linears) and report.simulated_only == []
+    proto = onnx.load(str(report.path))
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    kept_float = [n for n in proto.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert len(kept_float) == (9 + 4 if name == "bert" else 5 + 2)
+    assert all(producer.get(n.input[0]) != "DequantizeLinear" for n in kept_float)
+    _ort(report.path, test[:1], optimised=tmp_path / "ort.onnx")
+    kernels = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    sequence_linears = 24 if name == "bert" else 12  # MatMul over tokens; the pooler/classifier/head are Gemm
+    assert kernels.count("MatMulIntegerToFloat") == sequence_linears and "QGemm" in kernels
+    want, got = _ort(report.fp32_path, test), _ort(report.path, test)
+    with torch.no_grad():
+        sim = _outputs(simulated, test[0]).numpy()
+    err, sim_err = float(abs(got - want).max()), float(abs(sim - want).max())
+    assert err <= INT8_RTOL * float(abs(want).max())
+    assert err <= 2 * sim_err  # about as close as the fake-quant simulation the search scored

@@ -29,6 +29,10 @@ from autocompress.space.inputs import as_tuple
 
 FLOAT = 32
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# Where linears run over sequences (MatMul by a weight), int8 linears write float as simulated (ORT's MatMulInteger-
+# ToFloat, QGemm): bias adds, GELU, attention and logits stay float. Conv nets keep int8 between layers.
+_FLOAT_OUTPUT_LAYERS = ("Gemm", "MatMul")
+_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Gelu")  # too lossy at 8 bits, whatever their inputs
 _INT_BITS = {2: 8, 3: 8, 21: 16, 4: 16, 22: 4, 23: 4}  # ONNX TensorProto dtypes: (U)INT8, (U)INT16, (U)INT4
 
 
@@ -138,6 +142,11 @@ def _matches(path: str, node_name: str) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
 
 
+def is_layer_node(node: Any, initializers: set[str]) -> bool:
+    """A conv or linear layer: Conv, Gemm, or a MatMul by a weight (not attention's activation x activation)."""
+    return node.op_type in _LAYER_OPS and (node.op_type != "MatMul" or node.input[1] in initializers)
+
+
 def layer_nodes(model_proto: Any, order: list[str] | None = None) -> dict[str, Any]:
     """Module path -> the conv/linear ONNX node exported for it (first call of a shared module).
 
@@ -146,7 +155,8 @@ def layer_nodes(model_proto: Any, order: list[str] | None = None) -> dict[str, A
     GraphModules, ``/branch1.0/Conv``) cannot make two layers collide. Without
     it, or when the counts disagree, paths are read from the node names.
     """
-    nodes = [n for n in model_proto.graph.node if n.op_type in _LAYER_OPS]
+    inits = {t.name for t in model_proto.graph.initializer}
+    nodes = [n for n in model_proto.graph.node if is_layer_node(n, inits)]
     out: dict[str, Any] = {}
     if order is not None and len(order) == len(nodes) and all(_matches(p, n.name) for p, n in zip(order, nodes)):
         for path, node in zip(order, nodes):
@@ -225,23 +235,23 @@ _SHAPE_ARGS = ("Reshape", "Slice", "Squeeze", "Unsqueeze", "Split", "Gather", "E
                "Upsample")
 
 
-def float_island_nodes(model_proto: Any, quantised_layers: Iterable[str]) -> list[str]:
+def float_island_nodes(model_proto: Any, quantised_layers: Iterable[str], float_out: Iterable[str] = ()) -> list[str]:
     """Non-layer nodes to keep in float: those with an input that is not int8 in the deployed graph.
 
     Left to itself the quantiser puts every add, pool and concat in int8 as soon
     as one layer is, so a mostly-float model pays a quantise/dequantise pair
     (and ONNX Runtime a layout change) around each of them. Here an op is int8
-    only when every tensor it reads is: the output of an int8 layer, or of
-    another such op.
+    only when every tensor it reads is: the output of an int8 conv, or of
+    another such op; normalisation and softmax are always float.
     """
     inits = {t.name for t in model_proto.graph.initializer}
     quantised = set(quantised_layers)
     int8: set[str] = set()
     keep_float = []
     for node in model_proto.graph.node:
-        data = [i for i in node.input if i and i not in inits]
+        data = [] if node.op_type in _FLOAT_OPS else [i for i in node.input if i and i not in inits]
         if node.op_type in _LAYER_OPS:
-            if node.name in quantised:
+            if node.name in quantised and node.op_type not in float_out:  # op types that write float
                 int8.update(node.output)
             continue
         if node.op_type in ("Constant", "Shape"):
@@ -401,7 +411,8 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     # Layers the exporter did not name after a module stay float too (they are reported as float).
     named = {n.name for n in nodes.values()}
     exclude += [n.name for n in proto.graph.node if n.op_type in _LAYER_OPS and n.name not in named]
-    exclude += float_island_nodes(proto, quantised)
+    float_out = _FLOAT_OUTPUT_LAYERS if any(n.op_type == "MatMul" for n in nodes.values()) else ()
+    exclude += float_island_nodes(proto, quantised, float_out)
     reader = _BatchReader(calibration_batches, [i.name for i in proto.graph.input])
     if len(reader) == 0:
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
@@ -415,7 +426,8 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
                             reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                           "TensorQuantOverrides": overrides})
+                                           "TensorQuantOverrides": overrides,
+                                           "OpTypesToExcludeOutputQuantization": list(float_out)})
             written = shapes_from_quantised(onnx.load(str(tmp)))
             onnx.checker.check_model(written)
             onnx.save(written, str(tmp))
