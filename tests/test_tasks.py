@@ -88,6 +88,13 @@ TOKENS = textwrap.dedent('''
     def wrong_example():
         return task(example=torch.randn(1, 3, 8, 8))
 
+    def sized():
+        """A metric that tells candidates apart: the balanced accuracy scaled by the share of weights kept."""
+        full = sum(p.numel() for p in model().parameters())
+        tids, tmask, ty = data(96, 2)
+        return task(evaluate=lambda net: balanced_accuracy(net(tids, tmask)["logits"].argmax(-1), ty)
+                    * sum(p.numel() for p in net.parameters()) / full)
+
     def fragile():
         """A metric that only the untouched model passes: any compression costs all of it."""
         full = sum(p.numel() for p in model().parameters())
@@ -285,3 +292,25 @@ def test_budget_and_max_drop_are_exclusive(tokens: Path, tmp_path: Path):
     assert_one_line_error(res, "either --budget", "--max-drop")
     res = run_cli("search", "--target", "mobile", "--out", str(tmp_path / "o"))
     assert_one_line_error(res, "either --budget")
+
+
+def test_chunked_fine_tunes_stop_weak_candidates_early(tokens: Path, tmp_path: Path):
+    out = tmp_path / "chunks"
+    args = _args(tokens, out, "--space", "layers", "--chunks", "3", "--sampler", "random", trials=8)
+    args[args.index("--task") + 1] = f"{tokens}:sized"
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    import optuna
+
+    from autocompress.search.optuna_driver import make_storage
+
+    storage = make_storage(None, out)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert all(len(t.intermediate_values) == 3 for t in finished)  # every finished one reported each chunk
+    stopped = [t for t in study.trials if "stopped_at_chunk" in t.user_attrs]
+    result = json.loads((out / "result.json").read_text())
+    assert stopped and result["trials"]["early_stopped"] == len(stopped)
+    assert result["trials"]["complete"] + result["trials"]["failed"] + len(stopped) == 8  # they count as trials
+    for t in stopped:  # stopped before its last chunk, behind what the others had at that point
+        assert t.user_attrs["stopped_at_chunk"] < 3 and len(t.intermediate_values) == t.user_attrs["stopped_at_chunk"]

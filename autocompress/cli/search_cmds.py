@@ -56,6 +56,9 @@ def search(
     max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="ray backend: shared experiment folder"),
     resume: bool = typer.Option(False, "--resume", help="ray backend: continue an interrupted sweep"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="fine-tune each candidate in this many slices and "
+                                                                "stop weak ones between them (optuna: successive "
+                                                                "halving, default 1 = off; ray: ASHA, default 3)"),
     early_stop: bool = typer.Option(True, "--early-stop/--no-early-stop",
                                     help="ray backend: ASHA stops weak candidates between fine-tune chunks"),
 ) -> None:
@@ -67,7 +70,8 @@ def search(
     if (budget is None) == (max_drop is None):
         raise UserInputError("give either --budget (the most accurate model within it) or --max-drop (the cheapest "
                              "model within that many points of the baseline), not both or neither")
-    config = SearchConfig(target=target, budget=budget or "1x", max_drop=max_drop, minimise=minimise, trials=trials, sampler=sampler, seed=seed,
+    config = SearchConfig(target=target, budget=budget or "1x", max_drop=max_drop, minimise=minimise,
+                          chunks=chunks if chunks and backend == "optuna" else 1, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
@@ -81,7 +85,7 @@ def search(
                                 warm_start=warm_start, input_shape=shape, cpus_per_trial=cpus_per_trial,
                                 gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                                 storage_path=storage_path, resume=resume, measure=not no_measure,
-                                early_stop=early_stop, task=task)
+                                early_stop=early_stop, task=task, chunks=chunks or 3)
         _summary(result, out)
         return
     if backend != "optuna":
@@ -159,6 +163,8 @@ def _summary(result: dict, out: Path) -> None:
         console.print(f"{result.get('metric', 'accuracy')} of the shipped files through ONNX Runtime: {shown}{flag}")
     t = result["trials"]
     repeats = t.get("duplicates", 0)
-    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned'] - repeats} screened "
-                  f"out, {t['failed']} failed" + (f", {repeats} repeats of an evaluated policy skipped" if repeats else "")
+    early = t.get("early_stopped", 0)
+    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned'] - repeats - early} "
+                  f"screened out, {t['failed']} failed" + (f", {early} stopped early" if early else "")
+                  + (f", {repeats} repeats of an evaluated policy skipped" if repeats else "")
                   + f"; results in {out}/ (report.md, policy.json, model.onnx)")

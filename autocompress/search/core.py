@@ -47,6 +47,9 @@ class SearchConfig:
     # Accuracy-bounded mode: the cheapest model (by ``minimise``) within ``max_drop`` points of the baseline.
     max_drop: float | None = None
     minimise: str = "latency_ms"
+    # Multi-fidelity on the Optuna backend: the low-fidelity fine-tune in ``chunks`` slices, weak
+    # candidates stopped between them by successive halving (1: one slice, nothing stopped).
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tpe", "nsga2", "random"):
@@ -66,6 +69,10 @@ class SearchConfig:
                 raise UserInputError(f"{name} must be a number of epochs above 0 (at most 1000), got {value}")
         if self.finalists < 1:
             raise UserInputError(f"--finalists must be at least 1, got {self.finalists}")
+        if not 1 <= self.chunks <= 20:
+            raise UserInputError(f"--chunks must be from 1 to 20, got {self.chunks}")
+        if self.chunks > 1 and len(self.objectives) > 1:
+            raise UserInputError("--chunks stops weak candidates by their accuracy alone; it needs a single objective")
         if self.minimise not in ("latency_ms", "energy_mj", "size_bytes"):
             raise UserInputError(f"--minimise must be latency_ms, energy_mj or size_bytes, got {self.minimise!r}")
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and 0 <= self.max_drop <= 100):

@@ -78,6 +78,9 @@ def counts(study: optuna.Study) -> dict[str, int]:
     out = {"complete": sum(t.state == TrialState.COMPLETE for t in trials),
            "failed": sum(t.state == TrialState.FAIL for t in trials),
            "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+    stopped = sum(t.state == TrialState.PRUNED and "stopped_at_chunk" in t.user_attrs for t in trials)
+    if stopped:
+        out["early_stopped"] = stopped  # fine-tuned in part, then stopped by successive halving
     duplicates = sum(t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs for t in trials)
     if duplicates:
         out["duplicates"] = duplicates  # pruned without a fine-tune: their policy was evaluated already
@@ -110,8 +113,11 @@ class OptunaDriver:
         self.screen = Screen(self.space, config.target, config.budget)
         directions = [OBJECTIVES[o] for o in config.objectives]
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3) if config.chunks > 1
+                  else optuna.pruners.NopPruner())
         self.study = optuna.create_study(storage=storage, study_name=study_name or study_name_for(self.space.fingerprint, config),
-                                         directions=directions, sampler=make_sampler(config), load_if_exists=True)
+                                         directions=directions, sampler=make_sampler(config), pruner=pruner,
+                                         load_if_exists=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(list(config.objectives))
@@ -143,7 +149,7 @@ class OptunaDriver:
     # -- the loop -----------------------------------------------------------------------------
     def _evaluated(self) -> int:
         c = counts(self.study)
-        return c["complete"] + c["failed"]
+        return c["complete"] + c["failed"] + c.get("early_stopped", 0)
 
     def _recover_stale(self) -> None:
         """Trials left RUNNING by a killed process are marked failed, so the count stays honest.
@@ -275,7 +281,10 @@ class OptunaDriver:
             trial.set_constraint(key, margin)
         started = time.time()
         try:
-            scored = self.evaluator(policy, self.config.low_epochs)
+            scored = self._fine_tune(trial, policy) if self.config.chunks > 1 else \
+                self.evaluator(policy, self.config.low_epochs)
+            if scored is None:
+                return
         except TrialFailed as exc:
             self._fail(trial, str(exc))
             return
@@ -294,6 +303,28 @@ class OptunaDriver:
         self.callback(TrialEvent(trial.number, "complete", self._evaluated(), self.config.trials, self.best_accuracy(),
                                  "search", f"{metric_label(self.evaluator)} {scored.accuracy:.4f}, "
                                                    f"{costs['latency_ms']:.2f} ms"))
+
+    def _fine_tune(self, trial: optuna.Trial, policy: Policy) -> Any:
+        """The low-fidelity fine-tune in ``chunks`` slices, reporting the selection score after each;
+        returns the scored candidate, or None when successive halving stopped it (told as pruned)."""
+        from autocompress.search.evaluate import Scored
+
+        model, ctx = self.evaluator.build(policy)
+        chunks = self.config.chunks
+        score = float("nan")
+        for i in range(chunks):
+            self.evaluator.finetune_chunk(model, ctx, self.config.low_epochs / chunks, self.evaluator.seed + i)
+            score = self.evaluator.score(model)
+            trial.report(score, i + 1)
+            if i + 1 < chunks and trial.should_prune():
+                trial.set_user_attr("stopped_at_chunk", i + 1)
+                trial.set_user_attr("reason", f"stopped after {i + 1} of {chunks} chunks: {score:.4f} is behind "
+                                              "the other candidates at that point (successive halving)")
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self.callback(TrialEvent(trial.number, "stopped", self._evaluated(), self.config.trials,
+                                         self.best_accuracy(), "search", f"stopped after chunk {i + 1}"))
+                return None
+        return Scored(model.eval(), score, sorted(ctx.boosted), list(ctx.notes))
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr("fail_reason", reason[:300])

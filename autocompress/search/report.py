@@ -119,8 +119,9 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     lines = [f"# autocompress search: {result['model']} on {result['target']}", "",
              f"{goal}. Feasible: **{result['feasible']}**. "
              f"Trials: {result['trials']['complete']} evaluated, "
-             f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0)} screened out by the "
-             f"analytic model, {result['trials']['failed']} failed.", "",
+             f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0) - result['trials'].get('early_stopped', 0)}"
+             f" screened out by the analytic model, {result['trials']['failed']} failed"
+             f"{', %d stopped early by successive halving' % result['trials']['early_stopped'] if result['trials'].get('early_stopped') else ''}.", "",
              "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
     metric = result.get("metric", "accuracy")
     rows = [(f"{metric} (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
