@@ -365,3 +365,25 @@ def test_an_int8_policy_deploys_as_int8_matmuls_with_norms_and_softmax_in_float(
     err, sim_err = float(abs(got - want).max()), float(abs(sim - want).max())
     assert err <= INT8_RTOL * float(abs(want).max())
     assert err <= 2 * sim_err  # about as close as the fake-quant simulation the search scored
+
+
+def test_a_bert_reading_an_attention_mask_gets_every_decision_and_matches_the_estimate():
+    """The mask enters every block beside the hidden state: blocks are still found and dropped."""
+    from autocompress.compress import build_space
+
+    model = _bert()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(0, 1000, (2, 16), generator=g), torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    mg = trace(model, inputs=Inputs.from_example((ids, mask), model))
+    space = build_space(mg, "bert-masked")
+    assert [d.id for d in space.of_kind("drop")] == [f"drop:bert.encoder.layer.{i}" for i in range(4)]
+    with torch.no_grad():
+        reference = model(ids, mask).logits
+    for policy in random_policies(space, 4, seed=5):
+        built = apply(model, policy, space, ctx=ApplyContext(space, mg.example(1, seed=0)))
+        with torch.no_grad():
+            out = built(ids, mask).logits
+        assert out.shape == reference.shape and torch.isfinite(out).all()
+        predicted, measured = estimate(space, policy).totals(), _measured(built, mg)
+        assert (measured["macs"], measured["params"]) == (predicted["macs"], predicted["params"])

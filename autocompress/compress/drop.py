@@ -95,8 +95,16 @@ def _region(g: nx.DiGraph, members: list[str], dom: dict[str, str], post: dict[s
     """The block's input node, output node and rows, or None where the block is not self-contained."""
     # The input comes from outside the block; the output may be its last layer (BERT's LayerNorm).
     x_in, x_out = _common(dom, members, _SOURCE, True), _common(post, members, _SINK, False)
-    if x_in in (None, _SOURCE) or x_out in (None, _SINK):
+    if x_out in (None, _SINK):
         return None
+    if x_in in (None, _SOURCE):
+        # A side input (an attention mask) also enters the block: the hidden state is the input of its
+        # first layer that has the block's output shape.
+        shape = g.nodes[x_out]["out_shape"]
+        first = [p for p in g.predecessors(members[0]) if g.nodes[p]["out_shape"] == shape]
+        if len(first) != 1:
+            return None
+        x_in = first[0]
     rows = (nx.descendants(g, x_in) & nx.ancestors(g, x_out)) | {x_out}
     if not set(members) <= rows or g.nodes[x_in]["out_shape"] != g.nodes[x_out]["out_shape"]:
         return None
