@@ -96,8 +96,10 @@ def write_model_files(model: nn.Module, example_input: Any, folder: Path,
             parts = as_tuple(calib)
             chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
                       for i in range(0, len(parts[0]), 8)]
-            report = export_int8(float_model, example_input, chunks,
-                                 folder / "model.int8.onnx", bits, fp32_path=folder / "model.onnx")
+            with warnings.catch_warnings():  # numpy warnings from the quantiser's range maths on constant tensors
+                warnings.simplefilter("ignore")
+                report = export_int8(float_model, example_input, chunks,
+                                     folder / "model.int8.onnx", bits, fp32_path=folder / "model.onnx")
         finally:
             root.setLevel(level)
         data = report.to_json()

@@ -144,7 +144,13 @@ class _Original:
         if not space.graph.fx_traced:
             self.gm = teacher
             inputs: dict[str, Any] = {}
-            hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, args[0]))
+            def keep(name: str, args: tuple, kwargs: dict) -> None:  # modules may be called by keyword only
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(first, torch.Tensor):
+                    inputs.setdefault(name, first)
+
+            hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs, name=name: keep(name, args, kwargs),
+                                                 with_kwargs=True)
                      for name, m in teacher.named_modules() if name]
             try:
                 with torch.no_grad():
