@@ -387,3 +387,17 @@ def test_a_bert_reading_an_attention_mask_gets_every_decision_and_matches_the_es
         assert out.shape == reference.shape and torch.isfinite(out).all()
         predicted, measured = estimate(space, policy).totals(), _measured(built, mg)
         assert (measured["macs"], measured["params"]) == (predicted["macs"], predicted["params"])
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_random_policies_export_to_onnx_and_run_in_onnx_runtime(name, request, tmp_path):
+    from autocompress.export.onnx import export_onnx
+
+    model, x, mg = request.getfixturevalue(name)
+    space = request.getfixturevalue(f"{name}_space")
+    for i, policy in enumerate(random_policies(space, 3, seed=11)):
+        built = strip_fake_quant(apply(model, policy, space, ctx=ApplyContext(space, mg.example(1, seed=0))))
+        path = export_onnx(built, mg.example(1, seed=0), tmp_path / f"{name}{i}.onnx")
+        got = _ort(path, (x,))
+        want = _outputs(built, x).numpy()
+        assert got.shape == want.shape and abs(got - want).max() <= 1e-4 * max(1.0, abs(want).max()), (name, i)
