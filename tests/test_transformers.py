@@ -401,3 +401,20 @@ def test_random_policies_export_to_onnx_and_run_in_onnx_runtime(name, request, t
         got = _ort(path, (x,))
         want = _outputs(built, x).numpy()
         assert got.shape == want.shape and abs(got - want).max() <= 1e-4 * max(1.0, abs(want).max()), (name, i)
+
+
+def test_torchvision_vit_b_16_offers_every_kind_and_a_policy_of_all_kinds_matches_its_estimate():
+    from autocompress.workspace import open_model
+
+    torch.manual_seed(0)
+    ws = open_model("torchvision:vit_b_16")
+    space = ws.space
+    assert {d.kind for d in space.decisions} >= {"heads", "prune", "rank", "wbits", "abits", "drop"}
+    assert len(space.of_kind("heads")) == len(space.of_kind("drop")) == 12
+    choose = {space.of_kind("heads")[0].id: 0.5, space.of_kind("prune")[1].id: 0.5, space.of_kind("drop")[2].id: 1,
+              space.of_kind("rank")[5].id: 0.5, space.of_kind("wbits")[7].id: 8, space.of_kind("abits")[7].id: 8}
+    policy = Policy(space.model, space.fingerprint, choose, space.options)
+    built = apply(ws.model, policy, space, ctx=ApplyContext(space, space.graph.example(1, seed=0)))
+    predicted, measured = estimate(space, policy).totals(), _measured(built, space.graph)
+    assert (measured["macs"], measured["params"]) == (predicted["macs"], predicted["params"])
+    assert predicted["macs"] < space.base_table().totals()["macs"]
