@@ -9,6 +9,7 @@ continues without losing completed trials.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import optuna
@@ -138,3 +139,27 @@ def test_a_worker_killed_before_claiming_leaves_no_extra_trial(tmp_path, postgre
     evaluated = [t for t in after.values() if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert len(evaluated) == total
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]
+
+
+def test_two_workers_search_one_user_task_on_postgresql(tmp_path, postgres):
+    """A Task file is imported by every worker; the study counts both workers' trials together."""
+    from tests.test_tasks import TOKENS
+
+    url = fresh_db(postgres, "task_workers")
+    (tmp_path / "tokens.py").write_text(TOKENS)
+    spec = str(tmp_path / "tokens.py")
+    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), AUTOCOMPRESS_HEARTBEAT_S="2")
+    args = lambda i: [sys.executable, "-m", "autocompress.cli.main", "search", "--model", f"{spec}:model", "--task", f"{spec}:task", "--target",
+                      "mobile", "--budget", "0.6x", "--trials", "4", "--space", "layers", "--low-epochs", "0.3",
+                      "--full-epochs", "0.3", "--finalists", "1", "--no-measure", "--storage", url, "--study-name",
+                      STUDY, "--out", str(tmp_path / f"out{i}")]
+    procs = [subprocess.Popen(args(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    evaluated = [t for t in study_trials(url) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert len(evaluated) == 4
+    for i in range(2):
+        result = read_result(tmp_path / f"out{i}")
+        assert result["metric"] == "balanced_acc" and result["study"] == STUDY
