@@ -276,3 +276,31 @@ class RayCluster:
             if proc is not None and proc.poll() is None:
                 kill_group(proc)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def kill_after_completed(args: list[str], out: Path, completed: int = 2, timeout: float = 240.0) -> str:
+    """Run ``autocompress ARGS`` and SIGKILL it once its journal study in ``out`` has ``completed``
+    finished trials; returns the study's name (fails the test if that never happens)."""
+    import optuna
+    import pytest
+
+    from autocompress.search.optuna_driver import make_storage
+
+    proc = subprocess.Popen([sys.executable, "-m", "autocompress.cli.main", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if not (out / "study.journal").exists():
+                continue
+            storage = make_storage(None, out)
+            names = optuna.get_all_study_names(storage)
+            if names and sum(t.state.name == "COMPLETE"
+                             for t in optuna.load_study(study_name=names[0], storage=storage).trials) >= completed:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return names[0]
+        pytest.fail(f"the search did not complete {completed} trials in {timeout:.0f} s")
+    finally:
+        proc.wait(timeout=30)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -155,33 +151,12 @@ def test_a_raising_trial_is_failed_with_its_reason_and_the_search_goes_on(tiny: 
 
 def test_killed_search_resumes_without_losing_trials(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "autocompress.cli.main", *_search_args(tiny, out, trials=6), "--space", "layers"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     import optuna
-    from autocompress.search.optuna_driver import make_storage
 
-    deadline = time.time() + 240
-    done_before: dict[int, dict] = {}
-    try:
-        while time.time() < deadline:
-            time.sleep(0.5)
-            if not (out / "study.journal").exists():
-                continue
-            storage = make_storage(None, out)
-            names = optuna.get_all_study_names(storage)
-            if not names:
-                continue
-            study = optuna.load_study(study_name=names[0], storage=storage)
-            complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-            if len(complete) >= 2:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("the search did not complete two trials in time")
-    finally:
-        proc.wait(timeout=30)
+    from autocompress.search.optuna_driver import make_storage
+    from cluster_utils import kill_after_completed
+
+    names = [kill_after_completed([*_search_args(tiny, out, trials=6), "--space", "layers"], out)]
     study = optuna.load_study(study_name=names[0], storage=make_storage(None, out))
     done_before = {t.number: t.params for t in study.trials if t.state.name == "COMPLETE"}
     assert len(done_before) >= 2

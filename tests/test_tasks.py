@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -188,30 +184,11 @@ def test_task_and_data_together_are_refused(tokens: Path, tmp_path: Path):
 
 
 def test_a_killed_task_search_resumes_to_the_same_count_of_trials(tokens: Path, tmp_path: Path):
-    import optuna
-
-    from autocompress.search.optuna_driver import make_storage
+    from cluster_utils import kill_after_completed
 
     out = tmp_path / "out"
     args = _args(tokens, out, "--space", "layers", trials=5)
-    proc = subprocess.Popen([sys.executable, "-m", "autocompress.cli.main", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, names = time.time() + 240, []
-    try:
-        while time.time() < deadline:
-            time.sleep(0.5)
-            if not (out / "study.journal").exists():
-                continue
-            storage = make_storage(None, out)
-            names = optuna.get_all_study_names(storage)
-            if names and sum(t.state.name == "COMPLETE"
-                             for t in optuna.load_study(study_name=names[0], storage=storage).trials) >= 2:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("the task search did not complete two trials in time")
-    finally:
-        proc.wait(timeout=30)
+    kill_after_completed(args, out)
     assert not (out / "result.json").exists()
     res = run_cli(*args)
     assert res.exit_code == 0, res.output

@@ -10,7 +10,7 @@ weights through the straight-through estimator.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,20 @@ def warmup_cosine(steps: int, warmup: float = 0.1):
     return factor
 
 
+def train_step(student: nn.Module, opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, where: str,
+               history: list[float] | None = None) -> None:
+    """One optimiser step on ``loss``; a NaN or infinite loss fails the trial (TrialFailed) instead."""
+    if not torch.isfinite(loss):
+        student.eval()
+        raise TrialFailed(f"fine-tuning diverged: loss {loss.item()} at {where}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if history is not None:
+        history.append(loss.item())
+
+
 def finetune(student: nn.Module, teacher: nn.Module | None, bundle: DataBundle, *, epochs: float = 1.0,
              lr: float = 1e-3, boosted: Iterable[str] = (), boost: float = 10.0, temperature: float = 4.0,
              alpha: float = 0.7, seed: int = 0, teacher_logits: torch.Tensor | None = None,
@@ -96,16 +110,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, bundle: DataBundle, 
         for idx in batches(len(x), batch_size, gen, limit=steps - done):
             t = teacher_logits[idx] if teacher_logits is not None else None
             loss = distillation_loss(student(x[idx]), t, y[idx], temperature, alpha)
-            if not torch.isfinite(loss):
-                student.eval()
-                raise TrialFailed(f"fine-tuning diverged: loss {loss.item()} at step {done + 1} of {steps} "
-                                  f"(lr={lr}, boost={boost})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            train_step(student, opt, sched, loss, f"step {done + 1} of {steps} (lr={lr}, boost={boost})", history)
             done += 1
-            if history is not None:
-                history.append(loss.item())
     recalibrate_bn(student, x)
     return student.eval()

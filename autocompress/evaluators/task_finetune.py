@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocompress.errors import TrialFailed
-from autocompress.evaluators.finetune import distillation_loss, make_optimizer, warmup_cosine
+from autocompress.evaluators.finetune import distillation_loss, make_optimizer, train_step, warmup_cosine
 from autocompress.evaluators.task import Task
 from autocompress.evaluators.train import recalibrate_bn
 from autocompress.space.inputs import as_tuple, primary_output
@@ -75,17 +75,9 @@ def task_finetune(student: nn.Module, teacher: nn.Module, task: Task, *, epochs:
             args = as_tuple(inputs)
             with torch.no_grad():
                 teacher_out = teacher(*args)
-            loss = loss_fn(student(*args), teacher_out, targets)
-            if not torch.isfinite(loss):
-                student.eval()
-                raise TrialFailed(f"fine-tuning diverged: loss {loss.item()} at step {done + 1} of {steps}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            train_step(student, opt, sched, loss_fn(student(*args), teacher_out, targets),
+                       f"step {done + 1} of {steps}", history)
             done += 1
-            if history is not None:
-                history.append(loss.item())
             if done >= steps:
                 break
     recalibrate_bn(student, calibration_inputs(task, 512))
