@@ -120,6 +120,10 @@ class Target:
     sources: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool | None = None  # None: fixed published target; False: defaults awaiting calibration
     fit: Mapping[str, Any] = field(default_factory=dict)  # calibration statistics
+    # A shell command that prints the latency (ms) of the ONNX file at ``{onnx}`` on the device
+    # (``hwmodels.device``): calibration sends its designed set through it, a search its finalists.
+    measure_cmd: str = ""
+    measure_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "plain_efficiency", "energy_pj", "sources",
@@ -202,4 +206,6 @@ class Target:
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),
+            "fitted_at": self.fit.get("fitted_at"), "held_out": self.fit.get("held_out"),
+            "measure_cmd": self.measure_cmd,
         }
