@@ -502,6 +502,9 @@ def test_calibrate_from_csv_recovers_a_known_device(tmp_path):
         assert predict(s.table, "mynpu").latency_ms == pytest.approx(s.measured_ms, rel=0.1)
     assert fitted.efficiency["depthwise"] == pytest.approx(0.2, rel=0.25)
     assert fitted.kernel_overhead_us == pytest.approx(25.0, rel=0.25)
+    assert fitted.fit["plan"] == "csv" and fitted.fit["measured_by"] == "measured.csv" and fitted.fit["fitted_at"]
+    row = next(r for r in json.loads(CliRunner().invoke(app, ["targets", "--json"]).output) if r["name"] == "mynpu")
+    assert row["fitted_at"] == fitted.fit["fitted_at"] and row["held_out"] is None  # no held-out check from a CSV
 
 
 @pytest.mark.parametrize("content, match", [
@@ -563,6 +566,10 @@ def test_calibrate_local_quick_end_to_end():
     assert all(0 < v <= 3 for v in fitted.efficiency.values())
     assert fitted.fit["median_abs_err"] < 0.25
     assert "fitted" in fitted.sources
+    # it checked itself on variants it was not fitted to: two more of each of the quick plan's two networks
+    held = fitted.fit["held_out"]
+    assert held["samples"] == 4 and 0 <= held["within_10"] <= 1 and held["max_abs_err"] >= held["median_abs_err"]
+    assert fitted.fit["plan"] == "quick" and fitted.fit["fitted_at"].endswith("UTC")
 
 
 def test_the_fit_computes_what_predict_computes():

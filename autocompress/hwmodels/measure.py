@@ -251,7 +251,8 @@ def _slow_moments(log: Sequence[tuple[float, int, float]], best: Sequence[float]
 
 def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, runs: int = 20,
                   rounds: int = 4, extra_rounds: int | None = None, tolerance: float = 0.03, seed: int = 0,
-                  measure: Callable[[Path], float] | None = None) -> list[float]:
+                  measure: Callable[[Path], float] | None = None,
+                  on_timed: Callable[[int], None] | None = None) -> list[float]:
     """Uncontended latency (ms) of each ONNX file: ``rounds`` passes over all files (each pass in a
     new shuffled order), each file in a fresh session per pass (``warmup`` + ``runs`` calls), and the
     lowest ``robust_ms`` over passes.
@@ -262,7 +263,8 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
     same moment runs slow. A file whose best time came at a moment when the files timed just
     before and after it ran more than ``tolerance`` slower (relative to their own bests) than at the
     quietest moment of the measurement is timed again, in up to ``extra_rounds`` (default
-    ``rounds``) more passes over such files. ``measure`` replaces the timing of one file (tests).
+    ``rounds``) more passes over such files. ``measure`` replaces the timing of one file (a device
+    command, tests); ``on_timed`` hears how many timings are done after each (progress).
     """
     if measure is None:
         def measure(path: Path) -> float:
@@ -277,6 +279,8 @@ def measure_files(paths: Sequence[Path], threads: int = 1, warmup: int = 10, run
         ms = measure(paths[i])
         log.append((time.monotonic(), i, ms))
         best[i] = min(best[i], ms)
+        if on_timed is not None:
+            on_timed(len(log))
 
     order = list(range(n))
     for _ in range(max(1, rounds)):

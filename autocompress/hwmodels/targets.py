@@ -107,7 +107,8 @@ TARGETS.register("gpu", Target(
 
 TARGETS.register("local", Target(
     name="local",
-    description="this machine through ONNX Runtime (CPU execution provider); uncalibrated defaults until `autocompress calibrate --target local`",
+    description="this machine through ONNX Runtime (CPU execution provider); uncalibrated defaults: a search calibrates "
+                "it on first use, or run `autocompress calibrate --target local`",
     peak_gmacs={"fp32": 48.0, "fp16": 48.0, "int8": 192.0},
     efficiency={"conv": 0.5, "pointwise": 0.55, "depthwise": 0.15, "grouped": 0.25, "linear": 0.3},
     dram_gbs=12.0, cache_gbs=60.0, cache_bytes=1 << 20, llc_bytes=4 << 20, llc_gbs=30.0,
@@ -118,7 +119,8 @@ TARGETS.register("local", Target(
     model_weights_level=True, step_overhead_us=0.4, sequence_linear_epilogue=False,
     channel_block=16, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.5,
     calibrated=False,
-    sources={"all": "generic defaults for a ~3 GHz AVX-512 core; run `autocompress calibrate --target local` to fit them"},
+    sources={"all": "generic defaults for a ~3 GHz AVX-512 core, several times off on most machines: never used to "
+                    "predict for a user (hwmodels.first_use); `autocompress calibrate --target local` fits them"},
 ))
 
 

@@ -1,15 +1,18 @@
 """Fit a target's per-kernel-class coefficients to measured latencies.
 
 ``calibrate_local`` measures a designed set of layer configurations and small networks in ONNX Runtime
-on this machine; ``calibrate_from_csv`` reads latencies measured elsewhere (on the device). Both fit, by
+on this machine; ``calibrate_device`` sends the same files through a user's command that times them on
+a device; ``calibrate_from_csv`` reads latencies measured elsewhere. All fit, by
 least squares on the log of predicted / measured latency: the efficiency of each kernel class, DRAM and
 cache bandwidth, and the kernel, elementwise and per-call overheads. The peaks, cache size and energies
-stay as the base target states them.
+stay as the base target states them. A measured fit ends by scoring itself on held-out variants
+(``fit["held_out"]``), beside when (``fit["fitted_at"]``) and how it was measured.
 """
 
 from __future__ import annotations
 
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -19,57 +22,113 @@ from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Conf
                                                        designed_set, export_deployed, random_policy, time_built)
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
                                                   error_stats, fit_target, llc_choices, single_layer)
+from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
+from autocompress.hwmodels.device import MeasureCommand
 from autocompress.hwmodels.measure import measure_files, robust_ms, time_file
 from autocompress.hwmodels.predict import predict
 from autocompress.hwmodels.target import Target
 from autocompress.hwmodels.targets import TARGETS, get_target, target_path
 
 __all__ = [
-    "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "VARIANT_NETS", "Built", "Config", "FitProblem",
-    "Sample", "build_configs", "build_variants", "calibrate_from_csv", "calibrate_local", "check", "designed_set",
+    "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "VARIANT_NETS", "Built", "Config",
+    "FitProblem", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device", "calibrate_from_csv",
+    "calibrate_local", "check", "designed_set", "measure_plan",
     "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "random_policy",
     "read_csv_samples", "robust_ms", "single_layer", "time_built", "time_file",
 ]
 
 
 def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str] = (),
-                    per_model: int = 12) -> tuple[Target, Path]:
-    """Measure the designed set on this machine, fit ``local`` and save it in the cache dir.
+                    per_model: int = 12, plan: Plan | str | None = None,
+                    progress: Progress | None = None) -> tuple[Target, Path]:
+    """Measure a plan's designed set on this machine, fit ``local``, check it on held-out variants and
+    save it in the cache dir.
 
-    The designed set is layer configurations and small networks (``designed_set``) plus random
-    compressed variants of small networks (``VARIANT_NETS``). ``models`` (specs as
-    ``load_model`` takes them) add ``per_model`` random variants each of the networks the user
-    will search, so the fit sees their layers in their context. Everything is timed together
-    (``time_built``) and profiled per node.
+    The plan (``PLANS``: ``full``, or ``quick`` with ``quick=True``) is layer configurations and
+    small networks (``designed_set``) plus random compressed variants of small networks
+    (``VARIANT_NETS``), some held out of the fit to score it. ``models`` (specs as ``load_model``
+    takes them) add ``per_model`` random variants each of the networks the user will search, so the
+    fit sees their layers in their context. Everything is timed together (``time_built``) and
+    profiled per node. ``progress`` hears a line per stage.
     """
     if threads < 1:
         raise UserInputError(f"--threads must be >= 1, got {threads}")
     if per_model < 1:
         raise UserInputError(f"--variants must be >= 1, got {per_model}")
+    plan = _plan(plan, quick)
     base = TARGETS.get("local").with_(threads=threads)
-    warmup, runs, rounds = (3, 10, 1) if quick else (10, 20, 4)
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
-        # The user's models first, so a spec that does not load fails before minutes of work.
-        built = build_variants([(m, None) for m in dict.fromkeys(models)], per_model, Path(tmp), seed=1)
-        built += build_configs(designed_set(quick), Path(tmp))
-        built += build_variants(VARIANT_NETS[:2] if quick else VARIANT_NETS, 2 if quick else 12, Path(tmp))
-        samples = time_built(built, threads=threads, warmup=warmup, runs=runs, rounds=rounds, profile=True)
+        fit, held = measure_plan(plan, Path(tmp), threads=threads, models=models, per_model=per_model,
+                                 progress=progress)
     searched = f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""
-    fitted = fit_target(base, samples, "local", llc_choices=llc_choices(base), layer_weight=LAYER_WEIGHT if models else 1.0,
-                        sources_note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} thread(s))"
-                        + searched)
+    fitted = _fit_and_check(base, fit, held, "local", plan, progress, llc=llc_tries(plan, llc_choices(base)),
+                            layer_weight=LAYER_WEIGHT if models else 1.0,
+                            note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} "
+                                 f"thread(s)){searched}", measured_by=f"ONNX Runtime, {threads} thread(s)")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated"
                           + searched)
     return fitted, fitted.save(target_path("local"))
 
 
-def calibrate_from_csv(path: str | Path, name: str, base: str = "mobile") -> tuple[Target, Path]:
-    """Fit ``base``'s coefficients to a CSV of on-device latencies; save as target ``name``."""
+def calibrate_device(name: str, command: MeasureCommand, base: str = "mobile", quick: bool = False,
+                     models: Sequence[str] = (), per_model: int = 12,
+                     progress: Progress | None = None) -> tuple[Target, Path]:
+    """Fit target ``name`` to a device: the plan's files are timed by ``command`` (``--measure-cmd``),
+    the fit starts from ``base`` (for ``local``, the built-in ``local``), and the saved target keeps
+    the command, so a search on it times its finalists there too."""
+    _check_name(name)
+    start = TARGETS.get("local") if name == "local" else get_target(base)
+    plan = _plan(None, quick)
+    with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
+        fit, held = measure_plan(plan, Path(tmp), models=models, per_model=per_model, measure=command,
+                                 progress=progress)
+    fitted = _fit_and_check(start.with_(measure_cmd=command.template, measure_timeout_s=command.timeout_s), fit, held,
+                            name, plan, progress, llc=(), layer_weight=LAYER_WEIGHT if models else 1.0,
+                            note=f"fitted by autocompress calibrate --measure-cmd {command.template!r}",
+                            measured_by=f"--measure-cmd {command.template!r}")
+    if name != start.name:
+        fitted = fitted.with_(description=f"measured by --measure-cmd (starting from {start.name})")
+    return fitted, fitted.save(target_path(name))
+
+
+def _plan(plan: Plan | str | None, quick: bool) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    name = plan or ("quick" if quick else "full")
+    if name not in PLANS:
+        raise UserInputError(f"unknown calibration plan {name!r}; valid: {', '.join(PLANS)}")
+    return PLANS[name]
+
+
+def _fit_and_check(base: Target, fit: Sequence[Sample], held: Sequence[Sample], name: str, plan: Plan,
+                   progress: Progress | None, *, llc: Sequence[int], layer_weight: float, note: str,
+                   measured_by: str) -> Target:
+    """Fit ``base`` to ``fit`` (trying last-level cache sizes ``llc``) and record when, how, and how
+    well it predicts the held-out samples."""
+    if progress is not None:
+        progress(f"fitting {len(fit)} measurements")
+    fitted = fit_target(base, fit, name, llc_choices=llc, layer_weight=layer_weight, sources_note=note)
+    held_out = check(fitted, held) if held else {"samples": 0}
+    stats = dict(fitted.fit)
+    stats.update(fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), plan=plan.name,
+                 measured_by=measured_by,
+                 held_out={k: (round(v, 4) if isinstance(v, float) else v) for k, v in held_out.items()})
+    return fitted.with_(fit=stats)
+
+
+def _check_name(name: str) -> None:
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
         raise UserInputError(f"bad target name {name!r}: use letters, digits, '-', '_' or '.'")
+
+
+def calibrate_from_csv(path: str | Path, name: str, base: str = "mobile") -> tuple[Target, Path]:
+    """Fit ``base``'s coefficients to a CSV of on-device latencies; save as target ``name``."""
+    _check_name(name)
     start = get_target(base)
     samples = read_csv_samples(path)
     fitted = fit_target(start, samples, name, sources_note=f"fitted by autocompress calibrate --from-csv {Path(path).name}")
+    fitted = fitted.with_(fit={**fitted.fit, "fitted_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                               "plan": "csv", "measured_by": Path(path).name})
     if name != base:
         fitted = fitted.with_(description=f"calibrated from {Path(path).name} (starting from {base})")
     return fitted, fitted.save(target_path(name))

@@ -110,15 +110,18 @@ class Built:
 
 
 def time_built(built: Sequence[Built], threads: int = 1, warmup: int = 10, runs: int = 20, rounds: int = 4,
-               profile: bool = True) -> list[Sample]:
+               profile: bool = True, measure: Callable[[Path], float] | None = None,
+               on_timed: Callable[[int], None] | None = None) -> list[Sample]:
     """Samples from built configurations: all timed together with ``measure_files``, so layers and
-    networks share the machine's conditions, and profiled per node if asked."""
-    times = measure_files([b.path for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds)
+    networks share the machine's conditions, and profiled per node if asked. ``measure`` times one
+    file elsewhere (a device command) instead of ONNX Runtime here."""
+    times = measure_files([b.path for b in built], threads=threads, warmup=warmup, runs=runs, rounds=rounds,
+                          measure=measure, on_timed=on_timed)
     return [Sample(b.name, b.table, ms, parts=profile_onnx(b.path, threads=threads) if profile else None)
             for b, ms in zip(built, times)]
 
 
-def build_configs(configs: Iterable[Config], folder: Path) -> list[Built]:
+def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[], None] | None = None) -> list[Built]:
     """Export and trace each configuration into ``folder``; a name starting with "int8 " is
     exported with every layer at 8 bits, as the int8 exporter deploys it."""
     import torch
@@ -147,13 +150,15 @@ def build_configs(configs: Iterable[Config], folder: Path) -> list[Built]:
         else:
             path = export_onnx(model, x, stem.with_suffix(".onnx"))
         built.append(Built(name, table, path))
+        if on_built is not None:
+            on_built()
     return built
 
 
 def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: int, folder: Path,
-                   seed: int = 0) -> list[Built]:
-    """Random compressed variants (every decision kind) of each (model spec, input shape or None for
-    the model's own), exported as deployed into ``folder``."""
+                   seed: int = 0, kinds: Sequence[str] = (), on_built: Callable[[], None] | None = None) -> list[Built]:
+    """Random compressed variants (every decision kind, or only ``kinds``) of each (model spec, input
+    shape or None for the model's own), exported as deployed into ``folder``."""
     import torch
 
     from autocompress.compress import apply, build_space, estimate
@@ -171,21 +176,25 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
         space = build_space(trace(model, shape), spec)
         rng = random.Random(f"{seed}-{spec}")
         for v in range(per_net):
-            policy = random_policy(space, rng)
+            policy = random_policy(space, rng, kinds)
             sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
             path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), sub)
             built.append(Built(f"{spec} variant {v}", estimate(space, policy), path))
+            if on_built is not None:
+                on_built()
     return built
 
 
-def random_policy(space: Any, rng: random.Random) -> Any:
-    """A random policy over every decision kind: each decision takes a random non-identity choice
-    with a probability drawn per policy (0.1-0.6)."""
+def random_policy(space: Any, rng: random.Random, kinds: Sequence[str] = ()) -> Any:
+    """A random policy over every decision kind (or only ``kinds``): each decision takes a random
+    non-identity choice with a probability drawn per policy (0.1-0.6)."""
     from autocompress.space.policy import Policy
 
     p = rng.uniform(0.1, 0.6)
     chosen = {}
     for d in space.decisions:
+        if kinds and d.kind not in kinds:
+            continue
         others = [c for c in d.choices if c != d.identity]
         if others and rng.random() < p:
             chosen[d.id] = rng.choice(others)
