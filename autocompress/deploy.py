@@ -1,4 +1,5 @@
-"""What we ship, timed: the output folder's ONNX files measured in ONNX Runtime on this machine."""
+"""What we ship, timed and scored: the output folder's ONNX files measured in ONNX Runtime on this machine,
+their metric through ONNX Runtime, and the search's finalists timed where the target runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autocompress.export.onnx import export_onnx
+from autocompress.hwmodels.device import Timing
 from autocompress.hwmodels.measure import measure_files
 from autocompress.hwmodels.targets import get_target
 
@@ -64,3 +66,62 @@ def deployed_gaps(simulated: float, deployed: dict[str, float | None]) -> list[s
             notes.append(f"{name} scores {value:.4f} through ONNX Runtime, {simulated - value:.4f} below the "
                          f"simulated model's {simulated:.4f}")
     return notes
+
+
+# ---- the finalists timed where the target runs ------------------------------------------------------
+
+def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True) -> Path:
+    """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
+    int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.onnx."""
+    import logging
+
+    from autocompress.compress.quant import layer_bits, strip_fake_quant
+    from autocompress.space.costs import runs_int8
+    from autocompress.space.inputs import Inputs, as_tuple
+
+    float_model = strip_fake_quant(model)
+    fp32 = export_onnx(float_model, example, folder / "model.onnx")
+    bits = layer_bits(model)
+    if not (int8 and any(runs_int8(w, a) for w, a in bits.values())):
+        return fp32
+    from autocompress.export.int8 import export_int8
+
+    calib = calibration if calibration is not None else Inputs.from_example(example).example(16, seed=0)
+    parts = as_tuple(calib)
+    chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
+              for i in range(0, len(parts[0]), 8)]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
+    try:
+        return Path(export_int8(float_model, example, chunks, folder / "model.int8.onnx", bits, fp32_path=fp32).path)
+    finally:
+        root.setLevel(level)
+
+
+def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], float], *, calibration: Any = None,
+                  int8: bool = True, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:
+    """Each model's deployed file (``deployed_file``) and, with ``baseline``, the original model's fp32
+    file, timed by ``timer`` in ``rounds`` interleaved passes: [(file name, Timing)] and the baseline's
+    Timing. A model that cannot be exported or timed gets a Timing with the reason, not an exception."""
+    import tempfile
+
+    from autocompress.hwmodels.device import time_rounds
+
+    with tempfile.TemporaryDirectory(prefix="autocompress-finalists-") as tmp:
+        files: list[Path | None] = []
+        errors: list[str] = []
+        for i, model in enumerate([*models, *([baseline] if baseline is not None else [])]):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            try:
+                files.append(deployed_file(model, example, folder, calibration, int8=int8 and i < len(models)))
+                errors.append("")
+            except Exception as exc:  # one finalist that does not export is reported, the others still timed
+                files.append(None)
+                errors.append(f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        timed = iter(time_rounds([f for f in files if f is not None], timer, rounds))
+        timings = [next(timed) if f is not None else Timing(None, error=e) for f, e in zip(files, errors)]
+    names = [f.name if f is not None else "model.onnx" for f in files]
+    out = list(zip(names[:len(models)], timings[:len(models)]))
+    return out, (timings[-1] if baseline is not None else None)

@@ -51,6 +51,11 @@ def search(
     weights: Optional[Path] = typer.Option(None, "--weights"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     no_measure: bool = typer.Option(False, "--no-measure", help="skip ONNX Runtime timing of the result"),
+    measure_cmd: str = typer.Option("", "--measure-cmd", metavar="'CMD {onnx}'",
+                                    help="time the finalists on a device: a shell command that prints the latency "
+                                         "in ms of the ONNX file put at {onnx}; one over the budget is not returned"),
+    measure_timeout: float = typer.Option(120.0, "--measure-timeout", metavar="SECONDS",
+                                          help="with --measure-cmd: a command that runs longer counts as failed"),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="ray backend"),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="ray backend"),
     max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
@@ -73,7 +78,8 @@ def search(
     config = SearchConfig(target=target, budget=budget or "1x", max_drop=max_drop, minimise=minimise,
                           chunks=chunks if chunks and backend == "optuna" else 1, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
-                          space=space,
+                          space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,
+                          measure_finalists=not no_measure,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray" and max_drop is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from autocompress.errors import TrialFailed, UserInputError
@@ -50,6 +50,11 @@ class SearchConfig:
     # Multi-fidelity on the Optuna backend: the low-fidelity fine-tune in ``chunks`` slices, weak
     # candidates stopped between them by successive halving (1: one slice, nothing stopped).
     chunks: int = 1
+    # Finalists timed where the target runs (ONNX Runtime here for ``local``, else ``measure_cmd`` or the
+    # target's own command), so one over the budget by measurement is not returned.
+    measure_finalists: bool = True
+    measure_cmd: str = ""  # 'CMD {onnx}': prints the latency (ms) of the file at {onnx} on the device
+    measure_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tpe", "nsga2", "random"):
@@ -77,6 +82,12 @@ class SearchConfig:
             raise UserInputError(f"--minimise must be latency_ms, energy_mj or size_bytes, got {self.minimise!r}")
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and 0 <= self.max_drop <= 100):
             raise UserInputError(f"--max-drop is in points of the metric, from 0 to 100; got {self.max_drop}")
+        if self.measure_cmd:
+            from autocompress.hwmodels.device import MeasureCommand
+
+            MeasureCommand(self.measure_cmd, self.measure_timeout_s)  # a bad template fails before any work
+            if not self.measure_finalists:
+                raise UserInputError("--measure-cmd times the finalists and --no-measure turns timing off; drop one")
 
 
 @dataclass
@@ -132,14 +143,52 @@ class SearchResult:
     lowest_reachable: dict[str, float]
     baseline_costs: dict[str, Any]
     counts: dict[str, int]  # trials complete, failed and pruned
+    measured: "MeasuredCheck | None" = None  # the finalists timed where the target runs (None: not tried)
+
+    @property
+    def measured_feasible(self) -> bool | None:
+        return self.measured.feasible if self.measured is not None else None
 
 
-def check_target_and_budget(config: SearchConfig) -> None:
-    """Bad target names and budget strings fail before any work."""
-    from autocompress.hwmodels import get_target, parse_budget
+@dataclass(frozen=True)
+class MeasuredCheck:
+    """The finalists' deployed files timed where the target runs, against the budget's latency limit.
 
-    get_target(config.target)
+    A finalist is within the budget when its median timing is at most the limit plus its spread (half
+    the range of its timings); ``feasible`` is that verdict for the returned model (None: not measured)."""
+
+    feasible: bool | None
+    by: str = ""
+    limit_ms: float | None = None
+    finalists: tuple[tuple[int, str, Any], ...] = ()  # (trial, file timed, hwmodels.device.Timing)
+    baseline: Any = None  # the original model's Timing, for a relative budget
+    reason: str = ""  # why nothing was measured
+
+    def within(self, timing: Any) -> bool | None:
+        if timing.latency_ms is None or self.limit_ms is None:
+            return None
+        return timing.latency_ms <= self.limit_ms + timing.spread_ms
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"feasible": self.feasible, "by": self.by, "limit_ms": self.limit_ms,
+                               "rule": "median of the timings <= limit + spread (half their range)",
+                               "finalists": [{"trial": n, "file": f, **t.to_json(), "within": self.within(t)}
+                                             for n, f, t in self.finalists]}
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_json()
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def check_target_and_budget(config: SearchConfig, progress: Callable[[str], None] | None = None) -> None:
+    """Bad target names and budget strings fail before any work; an uncalibrated ``local`` is calibrated
+    now (``progress`` hears how far) or refused (``hwmodels.first_use``)."""
+    from autocompress.hwmodels import parse_budget
+    from autocompress.hwmodels.first_use import ready_target
+
     parse_budget(config.budget)
+    ready_target(config.target, progress)
 
 
 def model_and_data(model: str | None, data: str | None) -> tuple[str, str]:
@@ -188,6 +237,7 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
     best_low = max(c.accuracy for c in candidates)
     finalists: list[Finalist] = []
     best: tuple[tuple[float, float], Candidate, Any] | None = None
+    done: list[tuple[tuple[float, float], Candidate, Any]] = []
     for c in pick_finalists(candidates, config.finalists):
         scored = evaluator(c.policy, config.full_epochs)
         finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy))
@@ -195,14 +245,57 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
         callback(TrialEvent(c.number, "final", config.trials, config.trials, best_low, "finalists",
                             f"trial {c.number}: {metric_label(evaluator)} {scored.accuracy:.4f} after {config.full_epochs} "
                             "epochs"))
-        key = (scored.accuracy, -c.latency_ms)
-        if best is None or key > best[0]:
-            best = (key, c, scored)
+        entry = ((scored.accuracy, -c.latency_ms), c, scored)
+        done.append(entry)
+        if best is None or entry[0] > best[0]:
+            best = entry
     assert best is not None
-    _, chosen, scored = best
+    # The pick by prediction first, then the others by the same order: what measurement falls back on.
+    ranked = [best] + sorted((d for d in done if d is not best), key=lambda d: d[0], reverse=True)
+    pick, measured = measured_choice([(c, s) for _, c, s in ranked], evaluator, config, callback)
+    _, chosen, scored = ranked[pick]
     best_costs = dict(screen.costs(chosen.policy))
     return SearchResult(config=config, study_name=study_name, space=screen.space, best_trial=chosen.number,
                         best_policy=chosen.policy, best_model=scored.model, best_scored=scored, best_costs=best_costs,
                         feasible=not screen.violations(best_costs), finalists=tuple(finalists), budget=screen.budget,
                         lowest_reachable=dict(screen.lowest), baseline_costs=dict(screen.baseline_costs),
-                        counts=counts())
+                        counts=counts(), measured=measured)
+
+
+def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, config: SearchConfig,
+                    callback: Callable[[TrialEvent], None] = lambda e: None) -> tuple[int, MeasuredCheck | None]:
+    """The index in ``ranked`` (finalists, best first) of the first one within the latency budget by
+    measurement, or 0 (the pick by prediction) when none is; and the check. Nothing is timed where the
+    target cannot be measured, the budget has no latency limit, or ``measure_finalists`` is off."""
+    from autocompress.deploy import time_deployed
+    from autocompress.hwmodels import get_target, parse_budget
+    from autocompress.hwmodels.device import timer_for
+
+    if not config.measure_finalists:
+        return 0, None
+    target = get_target(config.target)
+    device = timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+    if device is None:
+        return 0, MeasuredCheck(None, reason=f"{target.name} is not measured here: give --measure-cmd to time on it")
+    budget = parse_budget(config.budget)
+    if budget.latency_ms is None and budget.relative is None:
+        return 0, MeasuredCheck(None, device.label, reason="the budget has no latency limit")
+    timings, base = time_deployed([s.model for _, s in ranked], evaluator.example, device.timer,
+                                  calibration=getattr(evaluator, "calibration", None), int8=target.fast_int8,
+                                  baseline=evaluator.teacher if budget.relative is not None else None)
+    limits = [budget.latency_ms] if budget.latency_ms is not None else []
+    if base is not None and base.latency_ms is not None:
+        limits.append(budget.relative * base.latency_ms)
+    check = MeasuredCheck(None, device.label, min(limits) if limits else None,
+                          tuple((c.number, f, t) for (c, _), (f, t) in zip(ranked, timings)), base,
+                          "" if limits else f"the original model could not be timed for the relative budget: "
+                                            f"{base.error if base is not None else ''}")
+    verdicts = [check.within(t) for _, _, t in check.finalists]
+    for (n, f, t), ok in zip(check.finalists, verdicts):
+        said = (f"{f} not measured: {t.error}" if t.latency_ms is None else
+                f"{f} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms"
+                + (f" against {check.limit_ms:.4g} ms: " + ("within the budget" if ok else "over the budget")
+                   if ok is not None else ""))
+        callback(TrialEvent(n, "final", config.trials, config.trials, None, "finalists", f"trial {n}: {said}"))
+    pick = next((i for i, ok in enumerate(verdicts) if ok), 0)
+    return pick, replace(check, feasible=verdicts[pick] if verdicts else None)

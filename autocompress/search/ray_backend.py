@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,8 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
     from autocompress.search.report import write_search_outputs
 
+    if not measure:  # --no-measure: nothing is timed, the finalists neither
+        config = replace(config, measure_finalists=False)
     check_target_and_budget(config)
     if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
         raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "

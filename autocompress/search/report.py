@@ -110,6 +110,31 @@ def per_layer_table(space: Any, decisions: dict) -> list[str]:
     return out
 
 
+def measured_lines(result: dict) -> list[str]:
+    """report.md's sentence on the budget by measurement (``measured_feasible``), then a blank line."""
+    m = result.get("measured") or {}
+    verdict = result.get("measured_feasible")
+    if verdict is None:
+        why = m.get("reason") or ("no finalist could be measured" if m.get("finalists") else "not measured")
+        return [f"Feasible by measurement: **not measured** ({why}).", ""]
+    chosen = next((r for r in m.get("finalists", []) if r["trial"] == result.get("best_trial")), {})
+    text = (f"Feasible by measurement: **{verdict}**: each finalist's deployed file timed by {m.get('by')}; the "
+            f"chosen {chosen.get('file', 'file')} measured {chosen.get('latency_ms', 0.0):.4g} ± "
+            f"{chosen.get('spread_ms', 0.0):.2g} ms against {m.get('limit_ms', 0.0):.4g} ms")
+    if not verdict:
+        text += " (no finalist was within the budget by measurement: this is the pick by prediction)"
+    return [text + ".", ""]
+
+
+def _timed(row: dict | None) -> str:
+    if not row:
+        return ""
+    if row.get("latency_ms") is None:
+        return f"; not measured: {row.get('error', '')}"
+    verdict = {True: ", within the budget", False: ", over the budget"}.get(row.get("within"), "")
+    return f"; {row['file']} measured {row['latency_ms']:.4g} ± {row['spread_ms']:.2g} ms{verdict}"
+
+
 def write_report(path: Path, result: dict, found: SearchResult, front: list, decisions: dict,
                  extra_sections: list[str] = ()) -> None:
     b, s = result["baseline"], result["best"]
@@ -122,7 +147,7 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
              f"{result['trials']['pruned'] - result['trials'].get('duplicates', 0) - result['trials'].get('early_stopped', 0)}"
              f" screened out by the analytic model, {result['trials']['failed']} failed"
              f"{', %d stopped early by successive halving' % result['trials']['early_stopped'] if result['trials'].get('early_stopped') else ''}.", "",
-             "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
+             *measured_lines(result), "| | baseline | chosen | change |", "|---|---:|---:|---:|"]
     metric = result.get("metric", "accuracy")
     rows = [(f"{metric} (held-out)", "accuracy", 4), (f"predicted latency on {result['target']} (ms)", "latency_ms", 3),
             ("measured latency, local ONNX Runtime fp32 (ms)", "measured_latency_ms_local", 3),
@@ -156,9 +181,10 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
               f"| trial | latency (ms) | {metric} |", "|---:|---:|---:|"]
     lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
     lines += ["", "Finalists re-trained at full fidelity:", ""]
+    timed = {row["trial"]: row for row in (result.get("measured") or {}).get("finalists", [])}
     for f in found.finalists:
         lines.append(f"- trial {f.number}: selection {metric} {f.accuracy_low:.4f} (short) -> "
-                     f"{f.accuracy_full:.4f} (full)")
+                     f"{f.accuracy_full:.4f} (full)" + _timed(timed.get(f.number)))
     if extra_sections:
         lines += ["", *extra_sections]
     if result.get("notes"):
@@ -191,7 +217,9 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
         if measure:
             record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline)
         result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
-                  "best": best_costs, "trials": dict(found.counts), "feasible": found.feasible, "model": model,
+                  "best": best_costs, "trials": dict(found.counts), "feasible": found.feasible,
+                  "measured_feasible": found.measured_feasible,
+                  "measured": found.measured.to_json() if found.measured is not None else None, "model": model,
                   "data": data, "fingerprint": found.space.fingerprint, "study": found.study_name,
                   "metric": metric, "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},

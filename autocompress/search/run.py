@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,9 +39,12 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     from autocompress.search.setup import check_task_args, prepare
 
     phase = on_phase or (lambda s: None)
-    check_target_and_budget(config)  # bad budget strings and a bad --out fail before any work
+    if not measure:  # --no-measure: nothing is timed, the finalists neither
+        config = replace(config, measure_finalists=False)
     check_out(out)
     check_task_args(module if module is not None else model, data, task, input_shape)
+    # Bad budget strings and a bad --out fail before any work; an uncalibrated `local` is calibrated here.
+    check_target_and_budget(config, phase)
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out)
     created = not out.exists()
