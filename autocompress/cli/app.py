@@ -7,6 +7,8 @@ library; ``guard`` turns a library exception into a one-line message.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -30,11 +32,27 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def debugging() -> bool:
+    return "--debug" in sys.argv or bool(os.environ.get("AUTOCOMPRESS_DEBUG"))
+
+
+def _debug_log() -> None:
+    """When debugging, the library's debug log goes to stderr (with AUTOCOMPRESS_DEBUG set, what tracers and
+    exporters print also passes through as they run, instead of into that log)."""
+    if not debugging():
+        return
+    log = logging.getLogger("autocompress")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    log.setLevel(logging.DEBUG)
+
+
 def guard(fn: F) -> F:
     """Run a command; map library errors to (one-line message, exit code)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _debug_log()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -51,7 +69,7 @@ def guard(fn: F) -> F:
         except KeyboardInterrupt:
             fail("interrupted; completed work is kept in the output folder, rerun the same command to resume", 130)
         except Exception as exc:  # an internal failure: still one line unless debugging
-            if "--debug" in sys.argv or __import__("os").environ.get("AUTOCOMPRESS_DEBUG"):
+            if debugging():
                 raise
             fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                  "(set AUTOCOMPRESS_DEBUG=1 for the traceback)", 1)

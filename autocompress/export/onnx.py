@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from autocompress.errors import AutocompressError
+from autocompress.space.export_graph import quiet
 from autocompress.space.inputs import Inputs, as_tuple, flatten_output
 
 OPSET = 17
@@ -68,8 +68,8 @@ def export_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike,
                 axes[n][1] = "sequence"  # token ids and masks: any sequence length up to the model's limit
     wrapped = model if plain else _Flat(model).eval()  # an eval wrapper: export restores the wrapper's mode
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _no_mha_fastpath():
-            warnings.simplefilter("ignore")
+        # The exporter prints its IR graph (from C++) when it fails: that goes to the debug log.
+        with quiet("the ONNX exporter"), torch.no_grad(), _no_mha_fastpath():
             torch.onnx.export(wrapped, args, str(tmp), input_names=in_names, output_names=out_names,
                               opset_version=opset, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
         proto = onnx.load(str(tmp))
@@ -79,7 +79,9 @@ def export_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike,
         onnx.checker.check_model(str(tmp))
     except Exception as exc:
         tmp.unlink(missing_ok=True)
-        raise AutocompressError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AutocompressError(f"ONNX export failed: {type(exc).__name__}: {reason} "
+                                "(AUTOCOMPRESS_DEBUG=1 shows the exporter's log)") from exc
     os.replace(tmp, path)
     return path
 
