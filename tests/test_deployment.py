@@ -279,6 +279,22 @@ def test_a_finalist_over_the_budget_by_measurement_is_not_returned(tmp_path):
     assert (pick, check.feasible) == (0, False)
 
 
+def test_on_local_the_finalists_are_timed_in_onnx_runtime_here():
+    from autocompress.search.core import SearchConfig, measured_choice
+
+    seed_fitted_local()
+    loose = SearchConfig(target="local", budget="1000ms", finalists=3)
+    pick, check = measured_choice(_ranked(), _Evaluator(), loose)
+    assert check.by.startswith("ONNX Runtime on this machine") and (pick, check.feasible) == (0, True)
+    assert all(0 < t.latency_ms < 1000 and len(t.rounds) == 3 for _, _, t in check.finalists)
+    pick, check = measured_choice(_ranked(), _Evaluator(), SearchConfig(target="local", budget="0.1us"))
+    assert (pick, check.feasible) == (0, False)
+    assert measured_choice(_ranked(), _Evaluator(), SearchConfig(target="local", budget="4MB"))[1].reason == \
+        "the budget has no latency limit"
+    assert measured_choice(_ranked(), _Evaluator(), SearchConfig(target="local", budget="1ms",
+                                                                 measure_finalists=False)) == (0, None)
+
+
 def test_a_relative_budget_is_measured_against_the_timed_original(tmp_path):
     from autocompress.search.core import measured_choice
 

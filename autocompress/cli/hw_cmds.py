@@ -58,7 +58,7 @@ def calibrate(
     target: str = typer.Option("local", "--target", help="target to calibrate: local, or a new name with --from-csv "
                                                           "or --measure-cmd"),
     threads: int = typer.Option(1, "--threads", help="ONNX Runtime intra-op threads (local only)"),
-    quick: bool = typer.Option(False, "--quick", help="fewer configurations, variants and runs (under a minute here)"),
+    quick: bool = typer.Option(False, "--quick", help="fewer configurations, variants and runs (about a minute)"),
     from_csv: Optional[str] = typer.Option(None, "--from-csv", help="fit from measured latencies in a CSV file instead of measuring here"),
     base: str = typer.Option("mobile", "--base", help="with --from-csv or --measure-cmd: the target whose peaks and "
                                                         "energies are the starting point"),

@@ -19,7 +19,7 @@ from autocompress.hwmodels.targets import get_target, target_dir, target_path
 # "calibrate" (default): calibrate on first use; "refuse": stop with how to calibrate (CI, shared caches).
 FIRST_USE_ENV = "AUTOCOMPRESS_LOCAL_FIRST_USE"
 FIRST_USE_PLAN = "first-use"
-HOW = ("run `autocompress calibrate --target local` once (--quick: under a minute; the full fit takes "
+HOW = ("run `autocompress calibrate --target local` once (--quick: about a minute; the full fit takes "
        "several minutes and is more accurate)")
 
 

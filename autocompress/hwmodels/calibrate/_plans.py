@@ -34,15 +34,15 @@ class Plan:
     llc_tries: int = 0  # the largest last-level cache sizes the fit tries (0: every one ``llc_choices`` gives)
 
 
-# Low-rank factorisation's SVD takes seconds per layer on two cores, so the first-use plan's variants
-# draw every other kind; its factor convs are plain convs the designed configurations cover.
+# Low-rank factorisation's SVD takes seconds per layer on two cores, so the short plans' variants draw
+# every other kind; its factor convs are plain convs the designed configurations cover.
 _NO_RANK = ("prune", "wbits", "abits", "merge", "branch", "heads", "drop")
 
 PLANS = {
     "full": Plan("full", lambda: designed_set(False), VARIANT_NETS, 12, 1, 10, 20, 4),
-    "quick": Plan("quick", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 1),
+    "quick": Plan("quick", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 1, kinds=_NO_RANK, llc_tries=2),
     "first-use": Plan("first-use", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 2, kinds=_NO_RANK,
-                      llc_tries=3),
+                      llc_tries=2),
 }
 
 
