@@ -385,3 +385,6 @@ def test_measure_cmd_and_no_measure_contradict(tmp_path):
     res = run_cli("search", "--model", f"{tiny}:model", "--data", f"{tiny}:data", "--target", "mobile",
                   "--budget", "0.8x", "--measure-cmd", "time {onnx}", "--no-measure", "--out", str(tmp_path / "o"))
     assert_one_line_error(res, "--measure-cmd", "--no-measure")
+    res = run_cli("search", "--model", f"{tiny}:model", "--data", f"{tiny}:data", "--target", "mobile",
+                  "--max-drop", "1", "--measure-cmd", "time {onnx}", "--out", str(tmp_path / "o"))
+    assert_one_line_error(res, "--measure-cmd", "--max-drop")

@@ -88,6 +88,9 @@ class SearchConfig:
             MeasureCommand(self.measure_cmd, self.measure_timeout_s)  # a bad template fails before any work
             if not self.measure_finalists:
                 raise UserInputError("--measure-cmd times the finalists and --no-measure turns timing off; drop one")
+            if self.max_drop is not None:
+                raise UserInputError("--measure-cmd checks the finalists against a latency budget and --max-drop "
+                                     "has none; give --budget, or drop --measure-cmd")
 
 
 @dataclass
