@@ -299,6 +299,7 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
                 f"{f} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms"
                 + (f" against {check.limit_ms:.4g} ms: " + ("within the budget" if ok else "over the budget")
                    if ok is not None else ""))
-        callback(TrialEvent(n, "final", config.trials, config.trials, None, "finalists", f"trial {n}: {said}"))
+        callback(TrialEvent(n, "final", config.trials, config.trials, ranked[0][1].accuracy, "finalists",
+                            f"trial {n}: {said}"))
     pick = next((i for i, ok in enumerate(verdicts) if ok), 0)
     return pick, replace(check, feasible=verdicts[pick] if verdicts else None)
