@@ -114,9 +114,9 @@ def _tp_groups(mg: ModelGraph, ignored: set[str], protected: set[str]) -> list[d
     model = mg.gm
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    with warnings.catch_warnings():  # Torch-Pruning warns about parameters it cannot map; we skip those groups
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=mg.example())
+    # On shapes only (no memory at any input size), quietly: Torch-Pruning warns about parameters it
+    # cannot map, and we skip those groups.
+    dg = mg.on_shapes(lambda *x: tp.DependencyGraph().build_dependency(model, example_inputs=x), grad=True)
     groups = []
     for group in dg.get_all_groups(ignored_layers=[modules[p] for p in ignored],
                                    root_module_types=[*CONV_TYPES, nn.Linear]):
