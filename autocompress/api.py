@@ -20,9 +20,10 @@ from autocompress.workspace import Workspace, open_model
 def profile(ws: Workspace, target: str = "mobile", policy: Policy | None = None, batch: int = 1) -> dict[str, Any]:
     """Per-layer and total costs (``profile --json`` format), for the model or under ``policy``."""
     from autocompress.compress import estimate
-    from autocompress.hwmodels import get_target, predict
+    from autocompress.hwmodels import predict
+    from autocompress.hwmodels.first_use import ready_target
 
-    tgt = get_target(target)
+    tgt = ready_target(target)  # an uncalibrated local is calibrated first (or refused), never silently off
     table = estimate(ws.space, policy.validate(ws.space)) if policy else ws.space.base_table()
     pred = predict(table, tgt, batch=batch)
     per_layer = {lp.name: lp for lp in pred.layers}
@@ -56,9 +57,9 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     from autocompress.compress import ApplyContext, apply, estimate
     from autocompress.evaluators.accuracy import evaluate
     from autocompress.export.artifacts import check_out, commit_folder, write_model_files, write_policy_and_result
-    from autocompress.hwmodels import get_target
+    from autocompress.hwmodels.first_use import ready_target
 
-    get_target(target)  # fail on an unknown target or a bad --out before any work
+    ready_target(target)  # fail on an unknown target before any work; calibrate an uncalibrated local
     check_out(out)
     if task and data:
         raise UserInputError("--task and --data both given: a task brings its own data; drop --data")

@@ -24,6 +24,17 @@ def _shape(text: Optional[str]):
     return parse_input_shape(text) if text else None
 
 
+def _ready(target: str) -> None:
+    """An uncalibrated ``local`` is calibrated here, with a line per stage, before the command's own work."""
+    from autocompress.hwmodels.first_use import ready_target
+
+    import sys
+
+    # stderr: stdout may carry --json
+    ready_target(target, progress=lambda text: print(f"calibrating local on first use: {text}", file=sys.stderr,
+                                                     flush=True))
+
+
 def _example(task: Optional[str], input_shape: Optional[str]):
     """The task's example input, or None; a task and a shape together are refused."""
     if not task:
@@ -80,6 +91,7 @@ def profile(model: str = ModelOpt, target: str = typer.Option("mobile", "--targe
     from autocompress.api import open_model, profile as run_profile
     from autocompress.space.policy import Policy
 
+    _ready(target)
     pol = Policy.load(policy) if policy else None
     ws = open_model(model, weights=weights, input_shape=_shape(input_shape), leaf=leaf,
                     options=dict(pol.options) if pol else None, example_input=_example(task, input_shape))
@@ -118,6 +130,7 @@ def apply(model: str = ModelOpt, policy: Path = typer.Option(..., "--policy"),
     """Apply a policy and write the compressed model (fine-tunes when data is given)."""
     from autocompress.api import apply_policy
 
+    _ready(target)
     result = apply_policy(model, policy, out, weights=weights, data=data, target=target, epochs=epochs,
                           input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure, task=task)
     b, a = result["baseline"], result["best"]
