@@ -110,13 +110,26 @@ def _conv_groups(items: list, root_idxs: list[int]) -> int | None:
     return None if len(counts) > 1 else (counts.pop() if counts else 1)
 
 
+def _dependency_graph(mg: ModelGraph, model: nn.Module) -> Any:
+    """Torch-Pruning's dependency graph, built on shapes only (no memory at any input size) where the model
+    runs on meta tensors; a model that does not (a custom autograd Function, a ViT's class token) gets one
+    real run at its example size. Quietly: Torch-Pruning warns about parameters it cannot map (skipped)."""
+    def build(*x: torch.Tensor) -> Any:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+
+    try:
+        return mg.on_shapes(build, grad=True)
+    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build(*mg.example())
+
+
 def _tp_groups(mg: ModelGraph, ignored: set[str], protected: set[str]) -> list[dict[str, Any]]:
     model = mg.gm
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    # On shapes only (no memory at any input size), quietly: Torch-Pruning warns about parameters it
-    # cannot map, and we skip those groups.
-    dg = mg.on_shapes(lambda *x: tp.DependencyGraph().build_dependency(model, example_inputs=x), grad=True)
+    dg = _dependency_graph(mg, model)
     groups = []
     for group in dg.get_all_groups(ignored_layers=[modules[p] for p in ignored],
                                    root_module_types=[*CONV_TYPES, nn.Linear]):
