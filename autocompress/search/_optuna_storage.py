@@ -37,3 +37,15 @@ def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record that an ask/tell trial is alive."""
     # Optuna records heartbeats only inside Study.optimize; there is no public call for ask/tell trials.
     study._storage.record_heartbeat(trial._trial_id)
+
+
+def mark_stale(study: optuna.Study, key: str, value: Any) -> None:
+    """Set ``key`` on the RUNNING trials whose heartbeats stopped, before ``fail_stale_trials`` finishes them."""
+    # Optuna names the stale trials only inside fail_stale_trials, once they are finished and read-only.
+    storage = study._storage
+    if not hasattr(storage, "_get_stale_trial_ids") or storage.get_heartbeat_interval() is None:
+        return
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t._trial_id in stale:
+            storage.set_trial_user_attr(t._trial_id, key, value)

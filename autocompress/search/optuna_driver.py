@@ -160,6 +160,9 @@ class OptunaDriver:
         if rdb:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # What Optuna fails for stopped heartbeats was interrupted, not a bad candidate: said while
+                # the trials are still RUNNING (a finished trial takes no attributes).
+                _optuna_storage.mark_stale(self.study, "fail_reason", "interrupted")
                 optuna.storages.fail_stale_trials(self.study)
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         # A worker killed between asking for a trial and claiming a slot left no heartbeat to go stale:
@@ -174,8 +177,9 @@ class OptunaDriver:
                         # it is not counted (as FAIL it would push the study past its total).
                         _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before fine-tuning")
                         self.study.tell(t.number, state=TrialState.PRUNED)
-                    elif not rdb and not t.params:
-                        # Killed between creating the trial and drawing its parameters: no candidate yet.
+                    elif not rdb and "policy" not in t.user_attrs:
+                        # Killed before its candidate was set (creating the trial, or part-way through
+                        # writing its parameters): nothing to run again.
                         _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before a candidate")
                         self.study.tell(t.number, state=TrialState.PRUNED)
                     elif not rdb:
