@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from autocompress.deploy import deployed_accuracy, deployed_gaps, record_measured
-from autocompress.errors import UserInputError
+from autocompress.search.setup import check_task_args
 from autocompress.hwmodels.summary import cost_summary
 from autocompress.space.inputs import as_tuple
 from autocompress.space.policy import Policy
@@ -61,16 +61,12 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
 
     ready_target(target)  # fail on an unknown target before any work; calibrate an uncalibrated local
     check_out(out)
-    if task and data:
-        raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
+    check_task_args(spec, data, task, input_shape)
     policy = Policy.load(policy_path)
     loaded_task = None
     if task:
         from autocompress.evaluators.task import check_task, load_task
 
-        if input_shape:
-            raise UserInputError("--task and --input-shape both given: the task's example_input is the model's "
-                                 "input; drop --input-shape")
         loaded_task = load_task(task)
     ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=dict(policy.options),
                     pretrained=True, example_input=loaded_task.example_input if loaded_task else None)
@@ -79,12 +75,13 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     best = cost_summary(estimate(ws.space, policy), target)
     torch.manual_seed(seed)
     metric = "accuracy"
-    bundle = None
+    score = None  # the held-out metric of a model: the task's, or accuracy on the data's held-out split
     if loaded_task is not None:
         from autocompress.evaluators.task import run_metric
         from autocompress.evaluators.task_finetune import calibration_inputs, task_finetune
 
         metric = loaded_task.metric
+        score = lambda m: run_metric(loaded_task.evaluate, m, f"the task's evaluate ({metric})")  # noqa: E731
         baseline["accuracy"] = check_task(loaded_task, ws.model)
         calibration = calibration_inputs(loaded_task)
         example = tuple(t[:1].clone() for t in as_tuple(loaded_task.example_input))
@@ -93,14 +90,15 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
         if epochs > 0:
             compressed = task_finetune(compressed, ws.model, loaded_task, epochs=epochs, boosted=ctx.boosted,
                                        seed=seed)
-        best["accuracy"] = run_metric(loaded_task.evaluate, compressed, f"the task's evaluate ({metric})")
+        best["accuracy"] = score(compressed)
     else:
-        calibration = None
+        calibration = bundle = None
         if data:
             from autocompress.evaluators.data import as_tensors, load_data
 
             bundle = load_data(data, ws.space.input_shape)
             calibration = as_tensors(bundle.train, limit=64)[0]
+            score = lambda m: evaluate(m.eval(), bundle.val)  # noqa: E731
         torch.manual_seed(seed)
         example = torch.randn(1, *ws.space.input_shape[1:])
         ctx = ApplyContext(ws.space, example, calibration=calibration)
@@ -108,18 +106,13 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
         if bundle is not None:
             from autocompress.evaluators.finetune import finetune
 
-            baseline["accuracy"] = evaluate(ws.model, bundle.val)
+            baseline["accuracy"] = score(ws.model)
             if epochs > 0:
                 compressed = finetune(compressed, ws.model, bundle, epochs=epochs, boosted=ctx.boosted, seed=seed)
-            best["accuracy"] = evaluate(compressed.eval(), bundle.val)
+            best["accuracy"] = score(compressed)
     if metric != "accuracy":
         baseline[metric], best[metric] = baseline["accuracy"], best["accuracy"]
 
-    score = None
-    if loaded_task is not None:
-        score = lambda m: run_metric(loaded_task.evaluate, m, f"the task's evaluate ({metric})")  # noqa: E731
-    elif bundle is not None:
-        score = lambda m: evaluate(m, bundle.val)  # noqa: E731
 
     def build(folder):
         info = write_model_files(compressed, example, folder, calibration)
