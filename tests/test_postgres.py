@@ -2,7 +2,7 @@
 
 Optuna's distributed mode: every worker asks and tells on the shared RDB
 storage. The study's trial total counts all workers together; seeds are
-enqueued once; a killed worker's trials are failed, and a restarted worker
+enqueued once; a killed worker's trials run again, and a restarted worker
 continues without losing completed trials.
 """
 
@@ -106,9 +106,12 @@ def test_killed_worker_resumes_without_losing_trials(tmp_path, postgres):
     for number, values in before.items():  # no completed trial lost or changed
         assert after[number].state == TrialState.COMPLETE and after[number].values == values
     for number, claimed in running.items():
-        if claimed:  # the killed process's fine-tune is failed, with the reason
-            assert after[number].state == TrialState.FAIL
-            assert after[number].user_attrs.get("fail_reason") == "interrupted"
+        if claimed:  # the killed process's fine-tune is not counted, and its candidate runs again
+            assert after[number].state == TrialState.PRUNED
+            assert after[number].user_attrs.get("reason") == "interrupted; run again"
+            rerun = [t for t in after.values() if t.user_attrs.get("origin") == f"re-run of {number}"]
+            assert len(rerun) == 1 and rerun[0].params == after[number].params
+            assert rerun[0].state in (TrialState.COMPLETE, TrialState.FAIL)
         else:  # killed between asking and claiming a slot: never fine-tuned, so not counted
             assert after[number].state == TrialState.PRUNED
             assert after[number].user_attrs.get("reason") == "interrupted before fine-tuning"

@@ -39,13 +39,13 @@ def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     study._storage.record_heartbeat(trial._trial_id)
 
 
-def mark_stale(study: optuna.Study, key: str, value: Any) -> None:
-    """Set ``key`` on the RUNNING trials whose heartbeats stopped, before ``fail_stale_trials`` finishes them."""
-    # Optuna names the stale trials only inside fail_stale_trials, once they are finished and read-only.
+def stale_running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials whose heartbeats stopped (their worker died), as the database holds them now."""
+    # Optuna names stale trials only inside fail_stale_trials, which fails them; a stopped trial is to be run again.
     storage = study._storage
-    if not hasattr(storage, "_get_stale_trial_ids") or storage.get_heartbeat_interval() is None:
-        return
+    rdb = rdb_backend(study)
+    if rdb is None or not hasattr(storage, "_get_stale_trial_ids") or storage.get_heartbeat_interval() is None:
+        return []
     stale = set(storage._get_stale_trial_ids(study._study_id))
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t._trial_id in stale:
-            storage.set_trial_user_attr(t._trial_id, key, value)
+    return [t for t in uncached_trials(study, rdb)
+            if t._trial_id in stale and t.state == optuna.trial.TrialState.RUNNING]

@@ -15,6 +15,7 @@ scores are stored on the study too (``full:<trial number>``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -152,48 +153,46 @@ class OptunaDriver:
         return c["complete"] + c["failed"] + c.get("early_stopped", 0)
 
     def _recover_stale(self) -> None:
-        """Trials left RUNNING by a killed process are marked failed, so the count stays honest.
+        """Trials left RUNNING by a killed process are pruned (not counted) and their candidates run again.
 
         A journal file belongs to one process, so every RUNNING trial in it is stale. An RDB study may
-        be shared by live workers: there only trials whose heartbeats stopped are failed."""
+        be shared by live workers: there only trials whose heartbeats stopped, or that never claimed a
+        slot and are older than the grace period, are stale; one worker at a time recovers them."""
         rdb = self._shared()
-        if rdb:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                # What Optuna fails for stopped heartbeats was interrupted, not a bad candidate: said while
-                # the trials are still RUNNING (a finished trial takes no attributes).
-                _optuna_storage.mark_stale(self.study, "fail_reason", "interrupted")
-                optuna.storages.fail_stale_trials(self.study)
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        # A worker killed between asking for a trial and claiming a slot left no heartbeat to go stale:
-        # such a trial is stale once it is older than the heartbeat grace period.
-        dead = ({t.number for t in workers.unclaimed_stale(running, self.worker, workers.grace_seconds(self.study))}
-                if rdb else set())
-        for t in running:
-            if not rdb or t.user_attrs.get("owner") == self.worker or t.number in dead:
-                try:
-                    if rdb and not t.user_attrs.get("claimed"):
-                        # Killed before it took one of the ``trials`` slots: it was never fine-tuned, so
-                        # it is not counted (as FAIL it would push the study past its total).
-                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before fine-tuning")
-                        self.study.tell(t.number, state=TrialState.PRUNED)
-                    elif not rdb and "policy" not in t.user_attrs:
-                        # Killed before its candidate was set (creating the trial, or part-way through
-                        # writing its parameters): nothing to run again.
-                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted before a candidate")
-                        self.study.tell(t.number, state=TrialState.PRUNED)
-                    elif not rdb:
-                        # This process's own interrupted trial: not a failure of the candidate. It is pruned
-                        # (not counted) and its parameters run again first.
-                        _optuna_storage.set_trial_user_attr(self.study, t, "reason", "interrupted; run again")
-                        self.study.tell(t.number, state=TrialState.PRUNED)
-                        self.study.enqueue_trial(dict(t.params), user_attrs={"origin": f"re-run of {t.number}"})
-                        self.rerun.append(t.number)
-                    else:
-                        _optuna_storage.set_trial_user_attr(self.study, t, "fail_reason", "interrupted")
-                        self.study.tell(t.number, state=TrialState.FAIL)
-                except Exception:
-                    pass
+        with workers.study_lock(self.study) if rdb else contextlib.nullcontext():
+            running = (_optuna_storage.stale_running(self.study) if rdb
+                       else self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if rdb:
+                # A worker killed between asking for a trial and claiming a slot left no heartbeat to go
+                # stale: such a trial is stale once it is older than the heartbeat grace period.
+                live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                known = {t.number for t in running}
+                running += [t for t in workers.unclaimed_stale(live, self.worker, workers.grace_seconds(self.study))
+                            if t.number not in known]
+                running += [t for t in live if t.user_attrs.get("owner") == self.worker and t.number not in known]
+            for t in running:
+                self._recover(t, rdb)
+
+    def _recover(self, t: optuna.trial.FrozenTrial, rdb: bool) -> None:
+        """Finish one interrupted trial: pruned with the reason; a fine-tuned candidate is enqueued again."""
+        if rdb and not t.user_attrs.get("claimed"):
+            # Killed before it took one of the ``trials`` slots: it was never fine-tuned.
+            reason, again = "interrupted before fine-tuning", False
+        elif "policy" not in t.user_attrs:
+            # Killed while the trial was created or its parameters written: nothing to run again.
+            reason, again = "interrupted before a candidate", False
+        else:
+            reason, again = "interrupted; run again", True
+        try:
+            _optuna_storage.set_trial_user_attr(self.study, t, "reason", reason)
+            self.study.tell(t.number, state=TrialState.PRUNED)
+        except Exception:  # another worker finished it first
+            return
+        if again:
+            self.study.enqueue_trial(dict(t.params), user_attrs={"origin": f"re-run of {t.number}"})
+            self.rerun.append(t.number)
+            self.callback(TrialEvent(t.number, "rerun", self._evaluated(), self.config.trials, self.best_accuracy(),
+                                     "resume", f"trial {t.number} was interrupted; its candidate runs again"))
 
     def _enqueue_starts(self) -> None:
         with workers.study_lock(self.study):  # two workers starting together enqueue the seeds once
@@ -215,9 +214,6 @@ class OptunaDriver:
         self._recover_stale()
         self._enqueue_starts()
         total = self.config.trials
-        for n in self.rerun:
-            self.callback(TrialEvent(n, "rerun", self._evaluated(), total, self.best_accuracy(), "resume",
-                                     f"trial {n} was interrupted; its candidate runs again"))
         asks = 0
         self.duplicates = 0
         # A sampler that keeps proposing evaluated policies has exhausted what the space offers.
