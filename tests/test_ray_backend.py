@@ -105,3 +105,30 @@ def test_ray_stays_out_of_the_import_path_and_resume_needs_a_sweep(tmp_path):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "no interrupted sweep" in lines[0], res.stderr
     assert not (out / "result.json").exists()
+
+
+def test_the_ray_backend_locks_out_and_refuses_a_folder_holding_another_search(tmp_path):
+    """The same rules as the Optuna backend: one search per --out, and a folder that holds another search
+    is refused (nothing touched) before Ray starts."""
+    from autocompress.search.outdir import FolderLock
+
+    model, data = write_factories(tmp_path)
+    env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    with FolderLock(out):
+        res = subprocess.run(search_args(model, data, out, 2, "--backend", "ray"), env=env, capture_output=True,
+                             text=True, timeout=120)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "is in use by a running search" in lines[0], res.stderr
+
+    held = {"format": "autocompress.search-folder/1", "model": "builtin:digits-net", "data": "sklearn:digits",
+            "target": "mobile", "budget": "9ms", "objectives": ["accuracy"], "space": "tradeoff"}
+    (out / "search.json").write_text(json.dumps(held))
+    (out / "result.json").write_text("{}")
+    res = subprocess.run(search_args(model, data, out, 2, "--backend", "ray"), env=env, capture_output=True,
+                         text=True, timeout=120)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "holds another search" in lines[0] and "--force" in lines[0], lines
+    assert json.loads((out / "search.json").read_text()) == held and (out / "result.json").read_text() == "{}"
+    assert not (out / "ray-tune").exists()

@@ -91,7 +91,7 @@ def search(
                                 warm_start=warm_start, input_shape=shape, cpus_per_trial=cpus_per_trial,
                                 gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                                 storage_path=storage_path, resume=resume, measure=not no_measure,
-                                early_stop=early_stop, task=task, chunks=chunks or 3)
+                                early_stop=early_stop, task=task, chunks=chunks or 3, force=force)
         _summary(result, out)
         return
     if backend != "optuna":

@@ -142,3 +142,17 @@ def claim(out: Path, wanted: FolderClaim, *, force: bool = False) -> Path | None
     tmp.write_text(json.dumps(wanted.to_json(), indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
     return aside
+
+
+def folder_claim(config: Any, model: str | None, data: str | None, task: Any, module: Any = None) -> FolderClaim:
+    """What a search (its SearchConfig and inputs) asks ``--out`` to hold, named before the model is loaded."""
+    from autocompress.search.core import model_and_data
+    from autocompress.search.setup import task_label
+
+    if module is not None:
+        model = f"python:{type(module).__name__}"
+    if task is None:
+        model, data = model_and_data(model, data)
+    else:
+        model, data = str(model), task_label(task)
+    return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,8 +256,11 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                    input_shape: tuple[int, ...] | None = None, cpus_per_trial: float = 1.0,
                    gpus_per_trial: float = 0.0, max_concurrent: int = 2, storage_path: str | os.PathLike | None = None,
                    resume: bool = False, measure: bool = True, chunks: int = 3,
-                   early_stop: bool = True, task: str | None = None) -> dict[str, Any]:
-    """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`."""
+                   early_stop: bool = True, task: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`:
+    ``out`` is locked for the sweep and remembers what it holds (``force`` starts over there)."""
+    from autocompress.export.artifacts import check_out
+    from autocompress.search.outdir import FolderLock, claim, folder_claim
     from autocompress.search.report import write_search_outputs
 
     if not measure:  # --no-measure: nothing is timed, the finalists neither
@@ -271,42 +276,59 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     shown, shown_data, shown_task = model, data, task
     model, task, data = _absolute(model), _absolute(task), _absolute(data)  # workers start in another folder
     warm = Policy.load(warm_start) if warm_start else None
+    check_out(out)
     out = Path(out).resolve()
-    job = JobSpec(model=model, data=data, task=task, config=config, weights=str(Path(weights).resolve()) if weights else None,
-                  input_shape=tuple(input_shape) if input_shape else None, options=dict(warm.options) if warm else {},
-                  chunks=chunks, threads=max(1, int(cpus_per_trial)), warm=warm.to_json() if warm else {})
-    ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
-    if warm is not None:
-        warm.validate(ctx.screen.space)
-    job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest, "sensitivity": ctx.sensitivity})
-    name = study_name_for(ctx.screen.space.fingerprint, config)
-    storage = str(storage_path or out / "ray-tune")
-    if "://" not in storage:  # s3://, gs://... go to Ray's storage layer as given
-        storage = str(Path(storage).resolve())
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    experiment = f"{storage.rstrip('/')}/{name}"
-    # Save the experiment state every second, so a killed driver loses at most that on restore.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints no tables; the CLI reports
-    if resume and not tune.Tuner.can_restore(experiment):
-        raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume to start one")
-    with _ray_session.session(address, cpus_per_trial):
-        # Ray counts a screened trial against --trials, so the starting points are repaired into the budget here.
-        starts = ctx.params.start_points(ctx.screen, warm, seeds=config.seeds, repaired=True)
-        points = [params for params, _ in starts][: config.trials]
-        tuner = _tuner(job, ctx, points, name=name, storage=storage, early_stop=early_stop, cpus=cpus_per_trial,
-                       gpus=gpus_per_trial, max_concurrent=max_concurrent)
-        grid = tuner.fit()
-    # The driver's study is a fresh in-memory copy of Tune's trials; Tune's folder is the durable record.
-    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
-                                directions=[OBJECTIVES[o] for o in config.objectives])
-    summary = _to_study(study, ctx, config, grid, chunks)
-    if ctx.sensitivity:
-        study.set_user_attr("sensitivity", ctx.sensitivity)
-    base_acc = ctx.evaluator.baseline()
-    result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
-    ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,
-                   "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial}
-    data = shown_data if shown_task is None else task_label(shown_task)
-    return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=shown, data=data,
-                                measure=measure, extra={"ray": ray_summary})
+    created, started = not out.exists(), False
+    try:
+        with FolderLock(out):
+            aside = claim(out, folder_claim(config, shown, shown_data, shown_task), force=force)
+            if aside is not None:
+                print(f"--force: the folder's previous results are in {aside}", file=sys.stderr)
+            job = JobSpec(model=model, data=data, task=task, config=config,
+                          weights=str(Path(weights).resolve()) if weights else None,
+                          input_shape=tuple(input_shape) if input_shape else None,
+                          options=dict(warm.options) if warm else {}, chunks=chunks,
+                          threads=max(1, int(cpus_per_trial)), warm=warm.to_json() if warm else {})
+            ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
+            if warm is not None:
+                warm.validate(ctx.screen.space)
+            job = JobSpec(**{**job.__dict__, "teacher_digest": ctx.digest, "sensitivity": ctx.sensitivity})
+            name = study_name_for(ctx.screen.space.fingerprint, config)
+            storage = str(storage_path or out / "ray-tune")
+            if "://" not in storage:  # s3://, gs://... go to Ray's storage layer as given
+                storage = str(Path(storage).resolve())
+                Path(storage).mkdir(parents=True, exist_ok=True)
+            experiment = f"{storage.rstrip('/')}/{name}"
+            # Save the experiment state every second, so a killed driver loses at most that on restore.
+            os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+            # With verbose=0 Tune prints no tables; the CLI reports.
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+            if resume and not tune.Tuner.can_restore(experiment):
+                raise UserInputError(f"--resume: no interrupted sweep under {experiment}; run without --resume "
+                                     "to start one")
+            started = True
+            with _ray_session.session(address, cpus_per_trial):
+                # Ray counts a screened trial against --trials: the starting points are repaired into the budget.
+                starts = ctx.params.start_points(ctx.screen, warm, seeds=config.seeds, repaired=True)
+                points = [params for params, _ in starts][: config.trials]
+                tuner = _tuner(job, ctx, points, name=name, storage=storage, early_stop=early_stop,
+                               cpus=cpus_per_trial, gpus=gpus_per_trial, max_concurrent=max_concurrent)
+                grid = tuner.fit()
+            # The driver's study is a fresh in-memory copy of Tune's trials; Tune's folder is the durable record.
+            study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name=name,
+                                        directions=[OBJECTIVES[o] for o in config.objectives])
+            summary = _to_study(study, ctx, config, grid, chunks)
+            if ctx.sensitivity:
+                study.set_user_attr("sensitivity", ctx.sensitivity)
+            base_acc = ctx.evaluator.baseline()
+            result = conclude(study, ctx.params, ctx.screen, ctx.evaluator, config)
+            ray_summary = {**summary, "experiment": experiment, "address": address or "local", "chunks": chunks,
+                           "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
+                           "gpus_per_trial": gpus_per_trial}
+            data = shown_data if shown_task is None else task_label(shown_task)
+            return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=shown, data=data,
+                                        measure=measure, extra={"ray": ray_summary})
+    except BaseException:
+        if created and not started:  # refused before any trial: leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise

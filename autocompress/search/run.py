@@ -35,7 +35,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     from autocompress.export.artifacts import check_out
     from autocompress.search.optuna_driver import OptunaDriver, make_storage
     from autocompress.search.report import write_search_outputs
-    from autocompress.search.outdir import FolderLock, claim
+    from autocompress.search.outdir import FolderLock, claim, folder_claim
     from autocompress.search.setup import check_task_args, prepare
 
     phase = on_phase or (lambda s: None)
@@ -100,22 +100,6 @@ def _bounded(ws: Any, evaluator: Any, config: SearchConfig, storage: Any, study_
     study = optuna.create_study(storage=storage, study_name=study_name or study_name_for(ws.space.fingerprint, config),
                                 direction="maximize", load_if_exists=True)
     return BoundedSearch(ws, evaluator, config, study=study, callback=callback), study
-
-
-def folder_claim(config: SearchConfig, model: str | None, data: str | None, task: Any,
-                 module: nn.Module | None) -> Any:
-    """What a search asks ``--out`` to hold, named before the model is loaded."""
-    from autocompress.search.core import model_and_data
-    from autocompress.search.outdir import FolderClaim
-    from autocompress.search.setup import task_label
-
-    if module is not None:
-        model = f"python:{type(module).__name__}"
-    if task is None:
-        model, data = model_and_data(model, data)
-    else:
-        model, data = str(model), task_label(task)
-    return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space)
 
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.name not in ("target", "budget"))
