@@ -34,7 +34,7 @@ from autocompress.space.costs import CostTable
 from autocompress.space.graph import ModelGraph
 from autocompress.space.space import IMPORTANCE, Decision, SearchSpace
 
-RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers whose channel surgery we cost exactly, plus Torch-Pruning's parameter-free graph ops.
