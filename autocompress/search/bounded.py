@@ -34,6 +34,19 @@ def points(drop: float) -> float:
     return 100.0 * drop
 
 
+def floor(metric: float, drop_points: float) -> float:
+    """The lowest metric within ``drop_points`` points of ``metric``."""
+    return metric - drop_points / 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One step of the cost ladder: the allocation's policy at ``fraction`` of the baseline's cost."""
+
+    fraction: float
+    policy: Policy
+
+
 class BoundedSearch:
     """Bisection over the allocation's cost ladder for the cheapest model within the drop."""
 
@@ -50,15 +63,15 @@ class BoundedSearch:
         self.base_cost = float(self.screen.baseline_costs[self.key])
         self.rungs = self._rungs()
 
-    def _rungs(self) -> list[tuple[float, Policy]]:
-        """(fraction, policy) per ladder rung the allocation can meet, cheapest last, distinct policies only."""
+    def _rungs(self) -> list[Rung]:
+        """The ladder rungs the allocation can meet, cheapest last, distinct policies only."""
         neutral = {k: 1.0 for k in self.planner.kinds()}
-        out: list[tuple[float, Policy]] = []
+        out: list[Rung] = []
         for f in LADDER:
             planner = dataclasses.replace(self.planner, limits={self.key: f * self.base_cost}, _memo={})
             policy = planner.allocation(neutral)
-            if policy is not None and all(policy != p for _, p in out):
-                out.append((f, policy))
+            if policy is not None and all(policy != r.policy for r in out):
+                out.append(Rung(f, policy))
         if not out:
             raise InfeasibleBudgetError(f"no allocation lowers {self.key} below {LADDER[0]:.0%} of the baseline's; "
                                         "the space offers too little to compress")
@@ -70,7 +83,7 @@ class BoundedSearch:
 
     def _evaluate(self, index: int) -> float:
         """The selection score of rung ``index`` after the short fine-tune (from the study when done before)."""
-        fraction, policy = self.rungs[index]
+        fraction, policy = self.rungs[index].fraction, self.rungs[index].policy
         done = self._done()
         if fraction in done:
             return done[fraction]
@@ -93,10 +106,14 @@ class BoundedSearch:
                                  f"{self.key} ({costs[self.key]:.4g})"))
         return score
 
-    def run(self, max_drop: float) -> SearchResult:
+    def run(self) -> SearchResult:
+        """The cheapest rung within ``config.max_drop`` points on the selection and held-out splits."""
+        max_drop = self.config.max_drop
+        if max_drop is None:
+            raise ValueError("BoundedSearch needs SearchConfig.max_drop")
         base = self.evaluator.baseline()
-        select_floor = base["accuracy_select"] - max_drop / 100.0
-        held_floor = base["accuracy"] - max_drop / 100.0
+        select_floor = floor(base["accuracy_select"], max_drop)
+        held_floor = floor(base["accuracy"], max_drop)
         lo, hi = -1, len(self.rungs)  # rung lo passes (-1: the baseline itself), rung hi fails
         scores: dict[int, float] = {}
         budget = max(1, self.config.trials)
@@ -108,7 +125,7 @@ class BoundedSearch:
         finalists: list[Finalist] = []
         best_seen = -math.inf
         for i in passing[: max(1, self.config.finalists)]:
-            fraction, policy = self.rungs[i]
+            fraction, policy = self.rungs[i].fraction, self.rungs[i].policy
             scored = self.evaluator(policy, self.config.full_epochs)
             number = self._trial_number(fraction)
             finalists.append(Finalist(number, ALLOCATION, scores[i], scored.accuracy))

@@ -74,7 +74,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
             base_acc = evaluator.baseline()
             phase("searching")
             searching = True
-            found = search.run(config.max_drop) if config.max_drop is not None else search.run()
+            found = search.run()
             phase("writing the output folder")
             extra = {"max_drop": config.max_drop, "minimise": config.minimise} if config.max_drop is not None else None
             result = write_search_outputs(found, evaluator, base_acc, out, study=study, model=model,
