@@ -18,6 +18,7 @@ scale) or ``random``. ``prune_round_to`` rounds kept widths to a multiple
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any
@@ -119,7 +120,9 @@ def _dependency_graph(mg: ModelGraph, model: nn.Module) -> Any:
 
     try:
         return mg.on_shapes(build, grad=True)
-    except Exception:
+    except Exception as exc:
+        logging.getLogger("autocompress.debug").debug("Torch-Pruning's pass on shapes failed (%s); one real run "
+                                                      "at the example size instead", str(exc).splitlines()[:1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build(*mg.example())
