@@ -56,6 +56,9 @@ def search(
                                          "in ms of the ONNX file put at {onnx}; one over the budget is not returned"),
     measure_timeout: float = typer.Option(120.0, "--measure-timeout", metavar="SECONDS",
                                           help="with --measure-cmd: a command that runs longer counts as failed"),
+    prune_round_to: Optional[int] = typer.Option(None, "--prune-round-to", metavar="N",
+                                                 help="round pruned widths to a multiple of N (default: the "
+                                                      "target's, measured by calibration for local; 1: any width)"),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="ray backend"),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="ray backend"),
     max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
@@ -79,7 +82,7 @@ def search(
                           chunks=chunks if chunks and backend == "optuna" else 1, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,
-                          measure_finalists=not no_measure,
+                          measure_finalists=not no_measure, prune_round_to=prune_round_to,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray" and max_drop is not None:

@@ -124,6 +124,9 @@ class Target:
     # (``hwmodels.device``): calibration sends its designed set through it, a search its finalists.
     measure_cmd: str = ""
     measure_timeout_s: float = 120.0
+    # Pruned widths are rounded to a multiple of this, so that pruning turns into speed: a width between
+    # multiples of the runtime's channel block runs padded or in a slower kernel (1: any width).
+    prune_round_to: int = 1
 
     def __post_init__(self) -> None:
         for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "plain_efficiency", "energy_pj", "sources",
@@ -132,6 +135,9 @@ class Target:
         missing = [d for d in DTYPES if d not in self.peak_gmacs]
         if missing:
             raise UserInputError(f"target {self.name!r}: peak_gmacs lacks {', '.join(missing)}; give all of {DTYPES}")
+        if not isinstance(self.prune_round_to, int) or isinstance(self.prune_round_to, bool) or self.prune_round_to < 1:
+            raise UserInputError(f"target {self.name!r}: prune_round_to must be a whole number >= 1, "
+                                 f"got {self.prune_round_to!r}")
         missing = [c for c in KERNEL_CLASSES if c not in self.efficiency]
         if missing:
             raise UserInputError(f"target {self.name!r}: efficiency lacks {', '.join(missing)}; give all of {KERNEL_CLASSES}")
@@ -207,5 +213,5 @@ class Target:
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,
             "calibrated": self.calibrated, "sources": dict(self.sources),
             "fitted_at": self.fit.get("fitted_at"), "held_out": self.fit.get("held_out"),
-            "measure_cmd": self.measure_cmd,
+            "measure_cmd": self.measure_cmd, "prune_round_to": self.prune_round_to,
         }

@@ -55,6 +55,8 @@ class SearchConfig:
     measure_finalists: bool = True
     measure_cmd: str = ""  # 'CMD {onnx}': prints the latency (ms) of the file at {onnx} on the device
     measure_timeout_s: float = 120.0
+    # Pruned widths rounded to a multiple of this; None: the target's ``prune_round_to``.
+    prune_round_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tpe", "nsga2", "random"):
@@ -74,6 +76,8 @@ class SearchConfig:
                 raise UserInputError(f"{name} must be a number of epochs above 0 (at most 1000), got {value}")
         if self.finalists < 1:
             raise UserInputError(f"--finalists must be at least 1, got {self.finalists}")
+        if self.prune_round_to is not None and not 1 <= self.prune_round_to <= 256:
+            raise UserInputError(f"--prune-round-to must be a whole number from 1 to 256, got {self.prune_round_to}")
         if not 1 <= self.chunks <= 20:
             raise UserInputError(f"--chunks must be from 1 to 20, got {self.chunks}")
         if self.chunks > 1 and len(self.objectives) > 1:

@@ -287,7 +287,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
             job = JobSpec(model=model, data=data, task=task, config=config,
                           weights=str(Path(weights).resolve()) if weights else None,
                           input_shape=tuple(input_shape) if input_shape else None,
-                          options=dict(warm.options) if warm else {}, chunks=chunks,
+                          options=setup.space_options(config, warm.options if warm else None), chunks=chunks,
                           threads=max(1, int(cpus_per_trial)), warm=warm.to_json() if warm else {})
             ctx = build_context(job)  # on the driver: the baseline, the finalists and the report
             if warm is not None:

@@ -36,7 +36,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     from autocompress.search.optuna_driver import OptunaDriver, make_storage
     from autocompress.search.report import write_search_outputs
     from autocompress.search.outdir import FolderLock, claim, folder_claim
-    from autocompress.search.setup import check_task_args, prepare
+    from autocompress.search.setup import check_task_args, prepare, space_options
 
     phase = on_phase or (lambda s: None)
     if not measure:  # --no-measure: nothing is timed, the finalists neither
@@ -57,7 +57,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                 phase(f"--force: the folder's previous results are in {aside}")
             phase("preparing the model (a built-in model is trained once and cached)")
             prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
-                               input_shape=input_shape, leaf=leaf, options=dict(warm.options) if warm else None,
+                               input_shape=input_shape, leaf=leaf, options=space_options(config, warm.options if warm else None),
                                seed=config.seed)
             ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
             if warm is not None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from autocompress.errors import UserInputError
 from autocompress.evaluators.task import Task, check_task, load_task
-from autocompress.search.core import model_and_data
+from autocompress.hwmodels.targets import get_target
+from autocompress.search.core import SearchConfig, model_and_data
 from autocompress.search.evaluate import CandidateEvaluator, TaskEvaluator
 from autocompress.workspace import Workspace, open_model
 
@@ -29,6 +30,17 @@ class Prepared:
     evaluator: Any  # CandidateEvaluator or TaskEvaluator
     model: str
     data: str
+
+
+def space_options(config: SearchConfig, warm_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The search space's options: a warm start's, with pruned widths rounded to ``--prune-round-to`` or
+    else to the target's multiple (measured by calibration for ``local``), so that pruning turns into speed."""
+    options = dict(warm_options or {})
+    if config.prune_round_to is not None:
+        options["prune_round_to"] = config.prune_round_to
+    else:
+        options.setdefault("prune_round_to", get_target(config.target).prune_round_to)
+    return options
 
 
 def task_label(task: str | Task) -> str:

@@ -23,6 +23,7 @@ from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Conf
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
                                                   error_stats, fit_target, llc_choices, single_layer)
 from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
+from autocompress.hwmodels.calibrate._widths import WidthProbe, choose_round_to, probe_widths
 from autocompress.hwmodels.device import MeasureCommand
 from autocompress.hwmodels.measure import measure_files, robust_ms, time_file
 from autocompress.hwmodels.predict import predict
@@ -32,7 +33,7 @@ from autocompress.hwmodels.targets import TARGETS, get_target, target_path
 __all__ = [
     "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "VARIANT_NETS", "Built", "Config",
     "FitProblem", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device", "calibrate_from_csv",
-    "calibrate_local", "check", "designed_set", "measure_plan",
+    "calibrate_local", "check", "choose_round_to", "designed_set", "measure_plan", "probe_widths", "WidthProbe",
     "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "random_policy",
     "read_csv_samples", "robust_ms", "single_layer", "time_built", "time_file",
 ]
@@ -60,13 +61,17 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
         fit, held = measure_plan(plan, Path(tmp), threads=threads, models=models, per_model=per_model,
                                  progress=progress)
+        widths = probe_widths(Path(tmp), threads=threads, rounds=2 if quick else 3, progress=progress)
     searched = f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""
     fitted = _fit_and_check(base, fit, held, "local", plan, progress, llc=llc_tries(plan, llc_choices(base)),
                             layer_weight=LAYER_WEIGHT if models else 1.0,
                             note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} "
                                  f"thread(s)){searched}", measured_by=f"ONNX Runtime, {threads} thread(s)")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated"
-                          + searched)
+                          + searched, prune_round_to=widths.round_to, fit={**fitted.fit, "widths": widths.to_json()},
+                          sources={**fitted.sources, "prune_round_to": f"measured by calibration: a 3x3 conv pair at "
+                                   f"{widths.widths[0]}-{widths.widths[-1]} channels runs no faster between multiples "
+                                   f"of {widths.round_to} than at the multiple above"})
     return fitted, fitted.save(target_path("local"))
 
 
