@@ -120,12 +120,14 @@ def test_unfused_elementwise_ops_cost_traffic_and_overhead():
     assert all(l.latency_ms > mobile.elementwise_overhead_us / 1e3 for l in concat + pools)
 
 
-def test_int8_is_faster_only_where_the_isa_has_fast_int8():
+def test_int8_is_faster_only_where_the_target_has_fast_int8():
     t = spec_table("torchvision:resnet18")
     speedup = {n: predict(t, n).latency_ms / predict(with_bits(t, 8), n).latency_ms for n in BUILTIN}
     assert speedup["mobile"] > 1.5
     assert speedup["x86-server"] > 1.5
-    assert 0.9 <= speedup["rpi4"] <= 1.2  # no dot product: only the smaller tensors help
+    assert 1.3 <= speedup["rpi4"] <= 2.0  # ncnn's Pi 4 int8 tables since 2022: 1.10-1.91x (docs/int8-ratios.md)
+    no_int8 = get_target("rpi4").with_(fast_int8=False)
+    assert 0.9 <= predict(t, no_int8).latency_ms / predict(with_bits(t, 8), no_int8).latency_ms <= 1.2  # float kernels
 
 
 def test_pruning_half_the_channels_lowers_the_layer_latency():
