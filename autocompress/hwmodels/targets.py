@@ -45,8 +45,10 @@ TARGETS.register("mobile", Target(
     efficiency={"conv": 0.4, "pointwise": 0.33, "depthwise": 0.12, "grouped": 0.22, "linear": 0.3},
     dram_gbs=10.0, cache_gbs=40.0, cache_bytes=1 << 20,
     kernel_overhead_us=10.0, elementwise_overhead_us=5.0, call_overhead_us=50.0,
+    prune_round_to=4,
     channel_block=4, fast_int8=True, fast_fp16=True, threads=1, int8_efficiency=0.48, step_overhead_us=1.0,
     sources={
+        "prune_round_to": "channel_block: a pruned width between multiples of the 4-lane NEON block costs as the next multiple (padded); rounded so pruning always buys speed",
         "peak_gmacs.fp32": f"2.5 GHz x 8 MAC/cycle; {_A75}; Pixel 3 big-core clock 2.5 GHz (Snapdragon 845 spec)",
         "peak_gmacs.fp16": "Armv8.2-A half-precision arithmetic: 16 fp16 MAC/cycle x 2.5 GHz",
         "peak_gmacs.int8": f"2.5 GHz x 32 MAC/cycle; {_DOT}",
@@ -68,8 +70,10 @@ TARGETS.register("rpi4", Target(
     efficiency={"conv": 0.18, "pointwise": 0.12, "depthwise": 0.04, "grouped": 0.07, "linear": 0.1},
     dram_gbs=5.5, cache_gbs=16.0, cache_bytes=1 << 20,
     kernel_overhead_us=40.0, elementwise_overhead_us=20.0, call_overhead_us=100.0,
+    prune_round_to=4,
     channel_block=4, fast_int8=True, fast_fp16=False, threads=4, int8_efficiency=1.6, step_overhead_us=5.0,
     sources={
+        "prune_round_to": "channel_block: a pruned width between multiples of the 4-lane NEON block costs as the next multiple (padded); rounded so pruning always buys speed",
         "peak_gmacs.fp32": "4 cores x 1.5 GHz x 8 fp32 MAC/cycle (Cortex-A72: two 128-bit FP/NEON pipes with FMA; Arm Cortex-A72 Software Optimization Guide)",
         "peak_gmacs.int8": "Armv8.0-A has no SDOT: int8 goes through widening multiplies (SMULL/SMLAL), so its peak is stated as fp32's",
         "int8_efficiency": "int8 kernels run 1.6x the fp32 rate (ncnn's and XNNPACK's widening-multiply kernels, int8 tensors): "
@@ -94,8 +98,10 @@ TARGETS.register("x86-server", Target(
     efficiency={"conv": 0.36, "pointwise": 0.4, "depthwise": 0.08, "grouped": 0.18, "linear": 0.3},
     dram_gbs=12.0, cache_gbs=80.0, cache_bytes=int(1.25 * (1 << 20)),
     kernel_overhead_us=3.0, elementwise_overhead_us=2.0, call_overhead_us=20.0,
+    prune_round_to=16,
     channel_block=16, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.6, step_overhead_us=0.4,
     sources={
+        "prune_round_to": "channel_block: AVX-512 kernels (oneDNN's nChw16c) pad channels to 16; rounded so pruning always buys speed",
         "peak_gmacs.fp32": "2 AVX-512 FMA ports x 16 fp32 lanes = 32 MAC/cycle x 2.5 GHz (Intel 64 and IA-32 Optimization Reference Manual)",
         "peak_gmacs.int8": "AVX-512 VNNI VPDPBUSD: 64 int8 MACs per instruction, 2 ports = 128 MAC/cycle x 2.5 GHz",
         "peak_gmacs.fp16": "no fp16 arithmetic before Sapphire Rapids: fp16 runs as fp32",
@@ -117,9 +123,11 @@ TARGETS.register("gpu", Target(
     efficiency={"conv": 0.45, "pointwise": 0.45, "depthwise": 0.03, "grouped": 0.1, "linear": 0.4},
     dram_gbs=3350.0, cache_gbs=10_000.0, cache_bytes=50 << 20,
     kernel_overhead_us=3.0, elementwise_overhead_us=2.5, call_overhead_us=10.0,
+    prune_round_to=8,
     channel_block=32, fast_int8=True, fast_fp16=True, threads=1, fused_attention=True, fuses_gelu=True,
     step_overhead_us=3.0,
     sources={
+        "prune_round_to": "NVIDIA Deep Learning Performance Guide: Tensor Core convolutions want channel counts that are multiples of 8 (fp16; int8 16), others are padded or fall back; 8 keeps small networks' widths searchable",
         "peak_gmacs": "NVIDIA H100 Tensor Core GPU datasheet, SXM, dense: TF32 494.7 TFLOPS, FP16 989.4 TFLOPS, INT8 1978.9 TOPS (MAC = 2 ops)",
         "dram_gbs": "H100 SXM HBM3 3.35 TB/s (datasheet); H200 4.8 TB/s",
         "cache_bytes": "50 MB L2 (NVIDIA Hopper architecture whitepaper)",
