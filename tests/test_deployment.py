@@ -58,7 +58,7 @@ def tiny_configs():
 
 # Five layer configurations and one digits-net variant in the fit, two more variants held out; one pass.
 TINY_PLAN = Plan("tiny", tiny_configs, (("builtin:digits-net", None),), per_net=1, held_out_per_net=2, warmup=1,
-                 runs=3, rounds=1, kinds=("prune", "wbits", "abits"), profile=False, llc_tries=1)
+                 runs=3, rounds=1, kinds=("prune", "wbits", "abits"), profile=False, llc_tries=1, widths=1)
 
 ORT_SCRIPT = textwrap.dedent('''
     import statistics, sys, time
@@ -193,6 +193,10 @@ def test_first_use_calibrates_local_once_and_checks_it_on_held_out_variants(monk
     assert held["samples"] == 2 and 0.0 <= held["within_10"] <= 1.0 and held["median_abs_err"] >= 0
     assert said[0].startswith("calibrating `local` on first use")
     assert any("timing 8 files" in s for s in said) and "held-out variants within ±10 %" in said[-1]
+    # the pruned-width probe ran and set the multiple the search rounds to
+    assert any("conv pair at 25 widths" in s for s in said)
+    assert fitted.prune_round_to in (1, 2, 4, 8, 16) and fitted.fit["widths"]["round_to"] == fitted.prune_round_to
+    assert len(fitted.fit["widths"]["ms"]) == 25 and min(fitted.fit["widths"]["ms"]) > 0
     again: list[str] = []
     assert ready_target("local", again.append) == fitted and again == []  # cached: no second calibration
     table = run_cli("targets", "--json")

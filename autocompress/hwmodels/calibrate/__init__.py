@@ -61,17 +61,20 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
     with tempfile.TemporaryDirectory(prefix="autocompress-calibrate-") as tmp:
         fit, held = measure_plan(plan, Path(tmp), threads=threads, models=models, per_model=per_model,
                                  progress=progress)
-        widths = probe_widths(Path(tmp), threads=threads, rounds=2 if quick else 3, progress=progress)
+        widths = (probe_widths(Path(tmp), threads=threads, rounds=plan.widths, progress=progress)
+                  if plan.widths else None)
     searched = f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""
     fitted = _fit_and_check(base, fit, held, "local", plan, progress, llc=llc_tries(plan, llc_choices(base)),
                             layer_weight=LAYER_WEIGHT if models else 1.0,
                             note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} "
                                  f"thread(s)){searched}", measured_by=f"ONNX Runtime, {threads} thread(s)")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated"
-                          + searched, prune_round_to=widths.round_to, fit={**fitted.fit, "widths": widths.to_json()},
-                          sources={**fitted.sources, "prune_round_to": f"measured by calibration: a 3x3 conv pair at "
-                                   f"{widths.widths[0]}-{widths.widths[-1]} channels runs no faster between multiples "
-                                   f"of {widths.round_to} than at the multiple above"})
+                          + searched)
+    if widths is not None:
+        fitted = fitted.with_(prune_round_to=widths.round_to, fit={**fitted.fit, "widths": widths.to_json()},
+                              sources={**fitted.sources, "prune_round_to": f"measured by calibration: a 3x3 conv pair "
+                                       f"at {widths.widths[0]}-{widths.widths[-1]} channels runs as a staircase of "
+                                       f"multiples of {widths.round_to}"})
     return fitted, fitted.save(target_path("local"))
 
 

@@ -32,6 +32,7 @@ class Plan:
     kinds: tuple[str, ...] = ()  # decision kinds the variants draw from (empty: all)
     profile: bool = True  # per-node ONNX Runtime profiles for the parts the fit also matches
     llc_tries: int = 0  # the largest last-level cache sizes the fit tries (0: every one ``llc_choices`` gives)
+    widths: int = 3  # passes of the pruned-width probe (``_widths``) that sets prune_round_to; 0: none
 
 
 # Low-rank factorisation's SVD takes seconds per layer on two cores, so the short plans' variants draw
@@ -40,9 +41,10 @@ _NO_RANK = ("prune", "wbits", "abits", "merge", "branch", "heads", "drop")
 
 PLANS = {
     "full": Plan("full", lambda: designed_set(False), VARIANT_NETS, 12, 1, 10, 20, 4),
-    "quick": Plan("quick", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 1, kinds=_NO_RANK, llc_tries=2),
+    "quick": Plan("quick", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 1, kinds=_NO_RANK, llc_tries=2,
+                  widths=2),
     "first-use": Plan("first-use", lambda: designed_set(True), VARIANT_NETS[:2], 2, 2, 3, 10, 2, kinds=_NO_RANK,
-                      llc_tries=2),
+                      llc_tries=2, widths=2),
 }
 
 
