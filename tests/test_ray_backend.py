@@ -132,3 +132,18 @@ def test_the_ray_backend_locks_out_and_refuses_a_folder_holding_another_search(t
     assert "holds another search" in lines[0] and "--force" in lines[0], lines
     assert json.loads((out / "search.json").read_text()) == held and (out / "result.json").read_text() == "{}"
     assert not (out / "ray-tune").exists()
+
+
+def test_the_ray_backend_says_each_stage_of_a_first_use_calibration(monkeypatch, capsys):
+    import autocompress.hwmodels.first_use as first_use
+    from autocompress.errors import UserInputError
+    from autocompress.search.core import SearchConfig
+    from autocompress.search.ray_backend import run_ray_search
+
+    def calibrating(name, progress=None):
+        progress("calibrating `local` on first use (about a minute)")
+
+    monkeypatch.setattr(first_use, "ready_target", calibrating)
+    with pytest.raises(UserInputError, match="bad Ray resources"):  # stops right after the calibration
+        run_ray_search(SearchConfig(target="local", budget="1x"), cpus_per_trial=0)
+    assert "calibrating `local` on first use" in capsys.readouterr().err

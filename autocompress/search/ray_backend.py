@@ -30,7 +30,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -256,16 +256,19 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
                    input_shape: tuple[int, ...] | None = None, cpus_per_trial: float = 1.0,
                    gpus_per_trial: float = 0.0, max_concurrent: int = 2, storage_path: str | os.PathLike | None = None,
                    resume: bool = False, measure: bool = True, chunks: int = 3,
-                   early_stop: bool = True, task: str | None = None, force: bool = False) -> dict[str, Any]:
+                   early_stop: bool = True, task: str | None = None, force: bool = False,
+                   on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the search through Ray Tune and write ``out`` like :func:`autocompress.search.run.run_search`:
-    ``out`` is locked for the sweep and remembers what it holds (``force`` starts over there)."""
+    ``out`` is locked for the sweep and remembers what it holds (``force`` starts over there); ``on_phase``
+    hears the first-use calibration's stages (default: stderr)."""
     from autocompress.export.artifacts import check_out
     from autocompress.search.outdir import FolderLock, claim, folder_claim
     from autocompress.search.report import write_search_outputs
 
     if not measure:  # --no-measure: nothing is timed, the finalists neither
         config = replace(config, measure_finalists=False)
-    check_target_and_budget(config)
+    # An uncalibrated ``local`` is calibrated here (about a minute): say so, a line per stage.
+    check_target_and_budget(config, on_phase or (lambda text: print(text, file=sys.stderr, flush=True)))
     if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
         raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "
                              f"{gpus_per_trial} (>= 0), --max-concurrent {max_concurrent} (>= 1)")
