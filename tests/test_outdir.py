@@ -63,6 +63,20 @@ def test_a_refused_search_leaves_no_folder_behind(tokens: Path, tmp_path: Path):
     assert not out.exists()
 
 
+def test_a_refused_search_adds_nothing_to_an_existing_folder(tokens: Path, tmp_path: Path):
+    """An impossible budget in an empty --out (a mounted volume, a folder made beforehand) leaves it empty,
+    so the next command with a feasible budget is not refused as 'another search'."""
+    from autocompress.search.outdir import FolderClaim, claim
+
+    out = tmp_path / "made"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = run_cli(*_args(tokens, out, "0.01x"))
+    assert_one_line_error(res, "cannot be met")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert claim(out, FolderClaim("m", "d", "mobile", "0.6x", ("accuracy",), "tradeoff")) is None
+
+
 def test_an_older_folder_is_compared_by_its_result(tmp_path: Path):
     from autocompress.errors import UserInputError
     from autocompress.search.outdir import FolderClaim, claim

@@ -48,6 +48,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out)
     created = not out.exists()
+    held_before = set() if created or not out.is_dir() else {e.name for e in out.iterdir()}
     shared = bool(storage) and storage.startswith(("postgresql", "mysql", "sqlite:"))  # extra workers welcome
     searching = False
     try:
@@ -57,8 +58,8 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                 phase(f"--force: the folder's previous results are in {aside}")
             phase("preparing the model (a built-in model is trained once and cached)")
             prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
-                               input_shape=input_shape, leaf=leaf, options=space_options(config, warm.options if warm else None),
-                               seed=config.seed)
+                               input_shape=input_shape, leaf=leaf, seed=config.seed,
+                               options=space_options(config, warm.options if warm else None))
             ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
             if warm is not None:
                 warm.validate(ws.space)
@@ -80,8 +81,17 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
             result = write_search_outputs(found, evaluator, base_acc, out, study=study, model=model,
                                           data=data, measure=measure, extra=extra)
     except BaseException:
-        if created and not searching:  # refused before any trial: leave no folder behind
-            shutil.rmtree(out, ignore_errors=True)
+        if not searching:  # refused before any trial: leave no folder, nor anything new in one, behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            elif out.is_dir() and not shared:
+                for entry in out.iterdir():
+                    if entry.name in held_before:
+                        continue
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
         raise
     if keep is not None:
         keep.append(found)
