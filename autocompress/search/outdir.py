@@ -156,3 +156,25 @@ def folder_claim(config: Any, model: str | None, data: str | None, task: Any, mo
     else:
         model, data = str(model), task_label(task)
     return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space)
+
+
+def entries(out: Path) -> set[str] | None:
+    """What ``out`` holds now (None: it does not exist), for ``undo`` after a refused search."""
+    return {e.name for e in out.iterdir()} if out.is_dir() else None
+
+
+def undo(out: Path, before: set[str] | None) -> None:
+    """Remove what a search refused before its first trial added: the whole folder if it made it,
+    else each entry that was not there before."""
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name in before:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -262,7 +261,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     ``out`` is locked for the sweep and remembers what it holds (``force`` starts over there); ``on_phase``
     hears the first-use calibration's stages (default: stderr)."""
     from autocompress.export.artifacts import check_out
-    from autocompress.search.outdir import FolderLock, claim, folder_claim
+    from autocompress.search.outdir import FolderLock, claim, entries, folder_claim, undo
     from autocompress.search.report import write_search_outputs
 
     if not measure:  # --no-measure: nothing is timed, the finalists neither
@@ -281,7 +280,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     warm = Policy.load(warm_start) if warm_start else None
     check_out(out)
     out = Path(out).resolve()
-    created, started = not out.exists(), False
+    before, started = entries(out), False
     try:
         with FolderLock(out):
             aside = claim(out, folder_claim(config, shown, shown_data, shown_task), force=force)
@@ -332,6 +331,6 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
             return write_search_outputs(result, ctx.evaluator, base_acc, out, study=study, model=shown, data=data,
                                         measure=measure, extra={"ray": ray_summary})
     except BaseException:
-        if created and not started:  # refused before any trial: leave no folder behind
-            shutil.rmtree(out, ignore_errors=True)
+        if not started:  # refused before any trial: leave nothing behind
+            undo(out, before)
         raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     from autocompress.export.artifacts import check_out
     from autocompress.search.optuna_driver import OptunaDriver, make_storage
     from autocompress.search.report import write_search_outputs
-    from autocompress.search.outdir import FolderLock, claim, folder_claim
+    from autocompress.search.outdir import FolderLock, claim, entries, folder_claim, undo
     from autocompress.search.setup import check_task_args, prepare, space_options
 
     phase = on_phase or (lambda s: None)
@@ -47,8 +46,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     check_target_and_budget(config, phase)
     warm = Policy.load(warm_start) if warm_start else None
     out = Path(out)
-    created = not out.exists()
-    held_before = set() if created or not out.is_dir() else {e.name for e in out.iterdir()}
+    before = entries(out)
     shared = bool(storage) and storage.startswith(("postgresql", "mysql", "sqlite:"))  # extra workers welcome
     searching = False
     try:
@@ -81,17 +79,8 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
             result = write_search_outputs(found, evaluator, base_acc, out, study=study, model=model,
                                           data=data, measure=measure, extra=extra)
     except BaseException:
-        if not searching:  # refused before any trial: leave no folder, nor anything new in one, behind
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            elif out.is_dir() and not shared:
-                for entry in out.iterdir():
-                    if entry.name in held_before:
-                        continue
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+        if not searching and not (shared and before is not None):  # refused before any trial: leave nothing
+            undo(out, before)
         raise
     if keep is not None:
         keep.append(found)
