@@ -194,3 +194,35 @@ def test_a_redirected_search_logs_each_trial_as_it_finishes(tmp_path: Path) -> N
     trials = [l for l in lines if l.startswith("trial ") and " complete (" in l]
     assert len(trials) >= 2 and all("best" in l and "elapsed" in l for l in trials)
     assert "\r" not in log.read_text() and not any(l.startswith("searching") for l in lines)  # no progress bar
+
+
+def test_an_empty_budget_is_a_bad_budget_not_a_missing_one(tmp_path: Path) -> None:
+    res = run_cli("search", "--target", "mobile", "--budget", "", "--out", str(tmp_path / "out"))
+    assert_one_line_error(res, "empty budget")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("bogus", "bad data spec"), ("sklearn:iris", "iris"), ("imagefolder:{tmp}/missing", "does not exist"),
+    ("{tmp}/missing.py:data", "does not exist"), ("nosuch:x", "unknown source"),
+])
+def test_a_bad_data_spec_is_refused_before_the_builtin_model_is_trained(spec: str, fragment: str, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A first search trains digits-net for minutes; a --data it cannot use is said before that."""
+    import importlib
+
+    train = importlib.import_module("autocompress.evaluators.train")  # the package re-exports a function of that name
+
+    def trains(*args, **kwargs):
+        raise AssertionError("the built-in model was trained before --data was checked")
+
+    monkeypatch.setattr(train, "pretrained_builtin", trains)
+    data = spec.replace("{tmp}", str(tmp_path))
+    res = run_cli("search", "--target", "mobile", "--budget", "5ms", "--data", data, "--out", str(tmp_path / "out"))
+    assert_one_line_error(res, fragment)
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"format": "autocompress.policy/1", "decisions": {}}))
+    res = run_cli("apply", "--model", "builtin:digits-net", "--policy", str(policy), "--data", data,
+                  "--out", str(tmp_path / "applied"), "--no-measure")
+    assert_one_line_error(res, fragment)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "applied").exists()

@@ -78,7 +78,13 @@ def search(
     if (budget is None) == (max_drop is None):
         raise UserInputError("give either --budget (the most accurate model within it) or --max-drop (the cheapest "
                              "model within that many points of the baseline), not both or neither")
-    config = SearchConfig(target=target, budget=budget or "1x", max_drop=max_drop, minimise=minimise,
+    if data is not None and task is None:  # said before a built-in model is trained (minutes on first use)
+        from autocompress.evaluators.data import check_data_spec
+
+        check_data_spec(data)
+    # An empty --budget is a bad budget, not a missing one.
+    config = SearchConfig(target=target, budget=budget if budget is not None else "1x", max_drop=max_drop,
+                          minimise=minimise,
                           chunks=chunks if chunks and backend == "optuna" else 1, trials=trials, sampler=sampler, seed=seed,
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,

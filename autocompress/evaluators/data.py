@@ -174,8 +174,9 @@ def _num_classes(train: Dataset, val: Dataset) -> int:
     return top + 1
 
 
-def load_data(spec: str, input_shape: tuple[int, ...]) -> DataBundle:
-    """Resolve a data spec to a :class:`DataBundle` shaped for ``input_shape`` (N, C, H, W)."""
+def check_data_spec(spec: str) -> None:
+    """A data spec's form and what it names (source, data set, folder, file), without loading or importing
+    anything: commands call it before a built-in model is trained, so a bad --data is said at once."""
     if not isinstance(spec, str) or ":" not in spec:
         raise DataError(f"bad data spec {spec!r}: expected sklearn:digits, imagefolder:PATH "
                         "or path/to/file.py:factory")
@@ -183,13 +184,28 @@ def load_data(spec: str, input_shape: tuple[int, ...]) -> DataBundle:
         path, _, factory = spec.rpartition(":")
         if not factory:
             raise DataError(f"bad data spec {spec!r}: name the factory function after the colon")
-        return _from_file(path, factory, tuple(input_shape))
+        if not Path(path).is_file():
+            raise DataError(f"data file {path!r} does not exist; give path/to/file.py:factory")
+        return
     head, _, tail = spec.partition(":")
     if head not in DATA_SOURCES:
         raise DataError(f"bad data spec {spec!r}: unknown source {head!r}; expected one of "
                         f"{', '.join(DATA_SOURCES.names())} or path/to/file.py:factory")
     if not tail:
         raise DataError(f"bad data spec {spec!r}: give a name or path after the colon")
+    if head == "sklearn" and tail != "digits":
+        raise DataError(f"unknown sklearn data set {tail!r}; the bundled one is sklearn:digits")
+    if head == "imagefolder" and not Path(tail).is_dir():
+        raise DataError(f"image folder {tail!r} does not exist; give imagefolder:PATH with one subfolder per class")
+
+
+def load_data(spec: str, input_shape: tuple[int, ...]) -> DataBundle:
+    """Resolve a data spec to a :class:`DataBundle` shaped for ``input_shape`` (N, C, H, W)."""
+    check_data_spec(spec)
+    if ".py:" in spec:
+        path, _, factory = spec.rpartition(":")
+        return _from_file(path, factory, tuple(input_shape))
+    head, _, tail = spec.partition(":")
     return DATA_SOURCES.get(head)(tail, tuple(input_shape))
 
 
