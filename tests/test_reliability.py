@@ -226,3 +226,27 @@ def test_a_bad_data_spec_is_refused_before_the_builtin_model_is_trained(spec: st
                   "--out", str(tmp_path / "applied"), "--no-measure")
     assert_one_line_error(res, fragment)
     assert not (tmp_path / "out").exists() and not (tmp_path / "applied").exists()
+
+
+def test_a_weights_file_that_is_no_state_dict_is_one_line_and_never_unpickled(tmp_path: Path, capfd) -> None:
+    import pickle
+    import warnings
+
+    from autocompress.errors import WeightsError
+    from autocompress.models.sources import load_weights
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    model = workspace("builtin:digits-net").model
+    (tmp_path / "w.pt").write_bytes(pickle.dumps(Payload(), protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(WeightsError, match="as a state dict"):
+            load_weights(model, tmp_path / "w.pt")
+    assert not seen and capfd.readouterr() == ("", "")  # torch's protocol warning used to precede the error
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(WeightsError, match="empty or truncated"):
+        load_weights(model, tmp_path / "empty.pt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -126,11 +127,15 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict without unpickling arbitrary objects; mismatches are user errors."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file {str(path)!r} does not exist") from None
     except Exception as exc:
-        raise WeightsError(f"cannot read weights file {str(path)!r} as a state dict: {exc}".splitlines()[0]) from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or truncated file"
+        raise WeightsError(f"cannot read weights file {str(path)!r} as a state dict ({type(exc).__name__}: "
+                           f"{reason})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
