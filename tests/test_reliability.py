@@ -250,3 +250,44 @@ def test_a_weights_file_that_is_no_state_dict_is_one_line_and_never_unpickled(tm
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(WeightsError, match="empty or truncated"):
         load_weights(model, tmp_path / "empty.pt")
+
+
+@pytest.mark.parametrize("args", [["profile", "--model", "builtin:digits-net"],
+                                  ["space", "--model", "builtin:digits-net", "--json"]])
+def test_a_reader_that_has_gone_is_no_error(args: list[str]) -> None:
+    """`autocompress ... | head`: a table (rich) or JSON (print) into a pipe nobody reads any more."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE, as after `head` has exited
+    try:
+        res = subprocess.run([sys.executable, "-m", "autocompress.cli.main", *args], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert (res.returncode, res.stderr) == (0, "")  # was 1 (rich's exit) or 120 and 'Exception ignored' (print)
+
+
+def test_a_ctrl_c_that_surfaces_as_another_exception_is_still_an_interruption(capsys) -> None:
+    import signal
+
+    import typer
+
+    from autocompress.cli.app import guard
+
+    @guard
+    def command() -> None:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None  # what an extension module's import made of it
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(typer.Exit) as info:
+            command()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert info.value.exit_code == 130
+    assert capsys.readouterr().err.startswith("error: interrupted;")

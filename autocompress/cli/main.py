@@ -40,6 +40,12 @@ def main() -> None:
             code = 2
         else:
             raise
+    try:
+        sys.stdout.flush()  # here, not at exit: a reader that has gone (`| head`) is not an error
+    except BrokenPipeError:
+        from autocompress.cli.app import stdout_gone
+
+        stdout_gone()
     sys.exit(code if isinstance(code, int) else 0)
 
 
