@@ -62,10 +62,6 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
     ready_target(target)  # fail on an unknown target before any work; calibrate an uncalibrated local
     check_out(out)
     check_task_args(spec, data, task, input_shape)
-    if data and not task:  # before a built-in model is trained (minutes on first use)
-        from autocompress.evaluators.data import check_data_spec
-
-        check_data_spec(data)
     policy = Policy.load(policy_path)
     loaded_task = None
     if task:

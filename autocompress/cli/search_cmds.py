@@ -78,10 +78,6 @@ def search(
     if (budget is None) == (max_drop is None):
         raise UserInputError("give either --budget (the most accurate model within it) or --max-drop (the cheapest "
                              "model within that many points of the baseline), not both or neither")
-    if data is not None and task is None:  # said before a built-in model is trained (minutes on first use)
-        from autocompress.evaluators.data import check_data_spec
-
-        check_data_spec(data)
     # An empty --budget is a bad budget, not a missing one.
     config = SearchConfig(target=target, budget=budget if budget is not None else "1x", max_drop=max_drop,
                           minimise=minimise,

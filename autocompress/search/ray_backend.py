@@ -267,6 +267,7 @@ def run_ray_search(config: SearchConfig, *, model: str | None = None, data: str 
     if not measure:  # --no-measure: nothing is timed, the finalists neither
         config = replace(config, measure_finalists=False)
     # An uncalibrated ``local`` is calibrated here (about a minute): say so, a line per stage.
+    setup.check_task_args(model, data, task, input_shape)
     check_target_and_budget(config, on_phase or (lambda text: print(text, file=sys.stderr, flush=True)))
     if cpus_per_trial <= 0 or gpus_per_trial < 0 or max_concurrent < 1 or chunks < 1:
         raise UserInputError(f"bad Ray resources: --cpus-per-trial {cpus_per_trial} (> 0), --gpus-per-trial "

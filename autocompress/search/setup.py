@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from autocompress.errors import UserInputError
+from autocompress.evaluators.data import check_data_spec
 from autocompress.evaluators.task import Task, check_task, load_task
 from autocompress.hwmodels.targets import get_target
 from autocompress.search.core import SearchConfig, model_and_data
@@ -49,8 +50,11 @@ def task_label(task: str | Task) -> str:
 
 def check_task_args(model: str | nn.Module | None, data: str | None, task: Any,
                     input_shape: tuple[int, ...] | None) -> None:
-    """Options that cannot go with a task, said before any work."""
+    """Options that cannot go with a task, and a --data spec that names nothing, said before any work (a built-in
+    model is trained before its data is loaded: minutes on first use)."""
     if task is None:
+        if data:
+            check_data_spec(data)
         return
     if data:
         raise UserInputError("--task and --data both given: a task brings its own data; drop --data")
