@@ -36,8 +36,8 @@ import torch
 from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
-from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target, llc_choices,
-                                             random_policy, LAYER_WEIGHT)
+from autocompress.hwmodels.calibrate import (Sample, choose_channel_block, error_stats, export_deployed, fit_target,
+                                             llc_choices, probe_widths, random_policy, LAYER_WEIGHT)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.compress import build_space
@@ -162,20 +162,27 @@ def collect(args: argparse.Namespace) -> dict:
               f"{args.rounds} passes), {time.time() - started:.0f}s", file=sys.stderr, flush=True)
         suite = [Sample(b.name, b.table, ms, parts=profile_onnx(b.path, threads=args.threads))
                  for b, ms in zip(designed, times)]
+        widths_dir = Path(workdir) / "widths"
+        widths_dir.mkdir()
+        widths = probe_widths(widths_dir, threads=args.threads).to_json()  # as `calibrate --target local` probes
         for r, ms in zip(records, times[len(designed):]):
             r["measured_ms"] = ms
             r["parts"] = profile_onnx(r["path"], threads=args.threads) if r["calib"] else None
             del r["path"]
-    return {"records": records, "suite": suite, "failures": failures, "seconds": round(time.time() - started),
+    return {"records": records, "suite": suite, "widths": widths, "failures": failures, "seconds": round(time.time() - started),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python", "benchmarks/predictor_accuracy.py", *sys.argv[1:]]), **timing,
             "jobs": args.jobs, "timings": len(timings), "files": len(paths)}
 
 
-def score(raw: dict, models: list[str]) -> dict:
+def score(raw: dict, models: list[str], channel_block: int = 0) -> dict:
     """Refit `local` on the calibration variants and score the others (nn-Meter's measures)."""
     records = raw["records"]
     base = get_target("local")
+    if channel_block:
+        base = base.with_(channel_block=channel_block)
+    elif raw.get("widths"):  # the float layout's block as calibration measures it (runs before it: 16)
+        base = base.with_(channel_block=choose_channel_block(dict(zip(raw["widths"]["widths"], raw["widths"]["ms"]))))
     calib = [Sample(f"{r['model']}#{r['index']}", r["table"], r["measured_ms"], parts=r.get("parts"))
              for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
@@ -206,6 +213,7 @@ def score(raw: dict, models: list[str]) -> dict:
     out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
     out["int8_variants"] = sum(r["int8"] for r in records)
+    out["channel_block"] = base.channel_block
     out["fitted_target"] = fitted.to_json()
     return out
 
@@ -278,6 +286,8 @@ def main() -> None:
     ap.add_argument("--rescore", default="", help="score a --raw pickle again instead of measuring")
     ap.add_argument("--reproducibility", default="",
                     help="a --raw pickle of another run of the same variants: report how well the runs agree")
+    ap.add_argument("--channel-block", type=int, default=0,
+                    help="score with this float channel block instead of the one the run's width probe measured")
     args = ap.parse_args()
     import pickle
 
@@ -287,7 +297,7 @@ def main() -> None:
         raw = collect(args)
         if args.raw:
             Path(args.raw).write_bytes(pickle.dumps(raw))
-    out = score(raw, args.models)
+    out = score(raw, args.models, args.channel_block)
     if args.reproducibility:
         out["reproducibility"] = reproducibility(raw, pickle.loads(Path(args.reproducibility).read_bytes()), args.models)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -6,9 +6,11 @@ import random
 
 import onnx
 import pytest
+import torch
 
 from autocompress.errors import UserInputError
-from autocompress.hwmodels.calibrate import choose_round_to, probe_widths
+from autocompress.hwmodels import predict
+from autocompress.hwmodels.calibrate import choose_channel_block, choose_round_to, probe_widths
 from autocompress.hwmodels.target import Target
 from autocompress.hwmodels.targets import TARGETS
 from autocompress.search.core import SearchConfig
@@ -33,6 +35,37 @@ def test_a_padded_staircase_gives_its_block(block):
 def test_every_width_its_own_speed_gives_1_and_the_avx2_timings_give_8():
     assert choose_round_to({w: 0.02 * w for w in range(40, 65)}) == 1
     assert choose_round_to(AVX2) == 8
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_the_channel_block_is_the_staircase_of_the_widths_the_blocked_kernel_takes(block):
+    plain_off_4 = {w: t * (1.3 if w % 4 else 1.0) for w, t in staircase(block).items()}  # plain kernels: slower
+    assert choose_channel_block(plain_off_4) == block
+
+
+def test_the_avx2_timings_give_a_channel_block_of_8():
+    assert choose_channel_block(AVX2) == 8
+
+
+def test_float_convs_pad_to_the_channel_block_and_int8_convs_to_their_own():
+    from autocompress.space.costs import CostTable
+    from autocompress.space.graph import trace
+
+    def conv_ms(width: int, bits: int, target: Target) -> float:
+        net = torch.nn.Sequential(torch.nn.Conv2d(64, width, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(width, 64, 3, padding=1))
+        table = CostTable.from_graph(trace(net.eval(), (1, 64, 28, 28)))
+        for row in table:
+            if row.op == "conv":
+                row.wbits = row.abits = bits
+        return predict(table, target).latency_ms
+
+    local = TARGETS.get("local").with_(channel_block=8, int8_channel_block=16)
+    assert local.int8_block == 16 and TARGETS.get("mobile").int8_block == TARGETS.get("mobile").channel_block
+    # fp32: 44 channels cost as 48 (block 8), 40 less; int8: 40 and 44 cost as 48 (block 16)
+    assert conv_ms(44, 32, local) == pytest.approx(conv_ms(48, 32, local), rel=0.02)
+    assert conv_ms(40, 32, local) < 0.97 * conv_ms(48, 32, local)
+    assert conv_ms(40, 8, local) == pytest.approx(conv_ms(48, 8, local), rel=0.02)
 
 
 @pytest.mark.parametrize("block", [4, 8, 16])

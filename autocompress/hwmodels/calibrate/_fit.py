@@ -179,7 +179,8 @@ class FitProblem:
 
 
 def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> dict[str, float]:
-    """nn-Meter's accuracy measures: share within ±10 % and ±5 %, RMSPE, plus the median |error|."""
+    """nn-Meter's accuracy measures: share within ±10 % and ±5 %, RMSPE, plus the median |error| and the
+    median signed error (below 0: underpredicted)."""
     errs = [(p - m) / m for p, m in zip(predicted_ms, measured_ms)]
     if not errs:
         return {"samples": 0}
@@ -188,7 +189,7 @@ def error_stats(predicted_ms: Sequence[float], measured_ms: Sequence[float]) -> 
     return {"samples": n, "within_10": sum(e <= 0.10 for e in abs_errs) / n,
             "within_5": sum(e <= 0.05 for e in abs_errs) / n,
             "rmspe": math.sqrt(sum(e * e for e in errs) / n), "median_abs_err": abs_errs[n // 2],
-            "max_abs_err": abs_errs[-1]}
+            "max_abs_err": abs_errs[-1], "median_err": sorted(errs)[n // 2]}
 
 
 def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
