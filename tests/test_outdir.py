@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,22 @@ def test_an_older_folder_is_compared_by_its_result(tmp_path: Path):
     other = FolderClaim("torchvision:resnet18", "sklearn:digits", "mobile", "5ms", ("accuracy",), "tradeoff")
     with pytest.raises(UserInputError, match="model 'builtin:digits-net' -> 'torchvision:resnet18'"):
         claim(out, other)
+
+
+def test_a_journal_lock_left_in_out_by_a_killed_run_is_removed_and_one_elsewhere_is_kept(tmp_path: Path):
+    import optuna
+
+    from autocompress.search.optuna_driver import make_storage
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "study.journal.lock"
+    os.symlink(out / "study.journal", lock)  # what a SIGKILL during a journal write leaves
+    storage = make_storage(None, out)  # --out's journal: this process holds the folder's lock
+    assert not lock.is_symlink()
+    optuna.create_study(storage=storage, study_name="s").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1
+    shared = tmp_path / "shared.journal"  # --storage FILE.journal: other processes may write it
+    os.symlink(shared, Path(f"{shared}.lock"))
+    make_storage(str(shared), out)
+    assert Path(f"{shared}.lock").is_symlink()

@@ -148,6 +148,20 @@ def test_a_one_class_image_folder_is_refused(tmp_path: Path) -> None:
         load_data(f"imagefolder:{_image_folder(tmp_path / 'one', 1)}", (1, 1, 8, 8))
 
 
+def test_a_one_class_folder_is_refused_before_a_built_in_model_trains(tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    from autocompress.errors import DataError
+    from autocompress.search.setup import prepare
+
+    train = importlib.import_module("autocompress.evaluators.train")  # the package exports a function of that name
+    trained: list[str] = []
+    monkeypatch.setattr(train, "pretrained_builtin", lambda name: trained.append(name))  # minutes on first use
+    with pytest.raises(DataError, match="at least two"):
+        prepare("builtin:digits-net", data=f"imagefolder:{_image_folder(tmp_path / 'one', 1)}")
+    assert trained == []
+
+
 def test_a_corrupt_image_is_named(tmp_path: Path) -> None:
     from autocompress.errors import DataError
     from autocompress.evaluators.data import as_tensors, load_data

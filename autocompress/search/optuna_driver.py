@@ -35,9 +35,9 @@ from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, Searc
 from autocompress.search.screen import Screen
 from autocompress.search.space_params import ParamSpace
 from autocompress.search.tradeoff import make_params
+from autocompress.space.policy import Policy
 
 SENSITIVITY_ATTR = "sensitivity"
-from autocompress.space.policy import Policy
 
 
 def make_storage(storage: str | None, out: Path) -> Any:
@@ -48,13 +48,19 @@ def make_storage(storage: str | None, out: Path) -> Any:
             return _journal(Path(storage))
         raise UserInputError(f"bad --storage {storage!r}: give sqlite:///FILE, postgresql://..., or FILE.journal")
     out.mkdir(parents=True, exist_ok=True)
-    return _journal(out / "study.journal")
+    return _journal(out / "study.journal", owned=True)
 
 
-def _journal(path: Path) -> Any:
-    from optuna.storages.journal import JournalFileBackend
+def _journal(path: Path, owned: bool = False) -> Any:
+    """A journal file study. ``owned``: the journal in ``--out``, whose folder lock this process holds, so a
+    journal lock link found there was left by a process killed mid-write: removed at once, where Optuna
+    would wait out its 30 s grace period with a warning every 10 s."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    lock = Path(str(path) + ".lock")  # the link JournalFileSymlinkLock makes beside the journal
+    if owned and lock.is_symlink():
+        lock.unlink(missing_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
 
 
 def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from autocompress.errors import UserInputError
-from autocompress.evaluators.data import check_data_spec
+from autocompress.evaluators.data import check_data_spec, load_data
 from autocompress.evaluators.task import Task, check_task, load_task
 from autocompress.hwmodels.targets import get_target
 from autocompress.search.core import SearchConfig, model_and_data
 from autocompress.search.evaluate import CandidateEvaluator, TaskEvaluator
+from autocompress.models import load_model
 from autocompress.workspace import Workspace, open_model
 
 
@@ -75,10 +76,14 @@ def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str
         if module is not None:
             raise UserInputError("searching an in-memory model needs a task: autocompress.search(model, task, ...)")
         spec, data = model_and_data(spec, data)
+        early, early_shape = None, None
+        if weights is None and spec.startswith("builtin:"):
+            # A built-in model trains on first use (minutes): its data is read, and refused if bad, before that.
+            early_shape = tuple(load_model(spec, input_shape=input_shape).input_shape)
+            early = load_data(data, early_shape)
         ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=options, pretrained=True)
-        from autocompress.evaluators.data import load_data
-
-        bundle = load_data(data, ws.space.input_shape)
+        shape = tuple(ws.space.input_shape)
+        bundle = early if early is not None and early_shape == shape else load_data(data, shape)
         torch.manual_seed(seed)
         return Prepared(ws, CandidateEvaluator(ws, bundle, seed=seed), spec, data)
     check_task_args(spec, data, task, input_shape)
