@@ -205,6 +205,10 @@ def score(raw: dict, models: list[str], channel_block: int = 0) -> dict:
             idx = [k for k, r in enumerate(scored) if r["model"] == spec]
             per_model[spec] = error_stats([preds[k] for k in idx], [meas[k] for k in idx])
         out[label + "_per_model"] = per_model
+        out[label + "_by_precision"] = {
+            kind: error_stats([p for p, r in zip(preds, scored) if r["int8"] == is_int8],
+                              [r["measured_ms"] for r in scored if r["int8"] == is_int8])
+            for kind, is_int8 in (("fp32", False), ("int8", True))}
         if label == "suite_plus_calib_variants":
             out["rows"] = [{"model": r["model"], "index": r["index"], "int8": r["int8"], "kinds": r["kinds"],
                             "architecture": r.get("architecture", ""), "measured_ms": r["measured_ms"],

@@ -50,8 +50,6 @@ def _head_kernel(f: Fuser, r: LayerCost) -> None:
         is_blocked = r.in_ch % t.channel_align == 0 or (cls != "depthwise" and r.in_ch < block)
         plain = not is_blocked
     f.channels[r.name] = r.out_ch
-    if dtype == "int8":
-        block = max(1, t.int8_block)  # padding only: int8 kernels read plain tensors (no layout decision)
     if cls == "depthwise":
         padding, reduction = padding_factor(r.out_ch, block), area
     else:

@@ -63,9 +63,6 @@ class Target:
     elementwise_overhead_us: float
     call_overhead_us: float = 0.0
     channel_block: int = 1
-    # int8 kernels pad channels to their own block where it differs from the float layout's (ONNX Runtime's
-    # QLinearConv packs 16 channels on x86 whatever the NCHWc block); 0: ``channel_block``.
-    int8_channel_block: int = 0
     fast_int8: bool = False
     fast_fp16: bool = False
     threads: int = 1
@@ -153,11 +150,6 @@ class Target:
             return "fp16" if self.fast_fp16 else "fp32"
         return "fp32"
 
-    @property
-    def int8_block(self) -> int:
-        """The channel block int8 kernels pad to."""
-        return max(1, self.int8_channel_block or self.channel_block)
-
     def with_(self, **changes: Any) -> "Target":
         return replace(self, **changes)
 
@@ -208,7 +200,7 @@ class Target:
             "llc_gbs": self.llc_gbs, "llc_bytes": self.llc_bytes, "gemm_k0": self.gemm_k0, "gemm_s0": self.gemm_s0,
             "int8_efficiency": self.int8_efficiency, "int8_class_efficiency": dict(self.int8_class_efficiency),
             "int8_pool_ns": self.int8_pool_ns, "block_fallback": self.block_fallback,
-            "channel_block": self.channel_block, "int8_channel_block": self.int8_block,
+            "channel_block": self.channel_block,
             "channel_align": self.channel_align, "plain_efficiency": dict(self.plain_efficiency),
             "plain_pool_ns": self.plain_pool_ns,
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
