@@ -36,7 +36,7 @@ import torch
 from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
-from autocompress.hwmodels.calibrate import (Sample, choose_channel_block, error_stats, export_deployed, fit_target,
+from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target,
                                              llc_choices, probe_widths, random_policy, LAYER_WEIGHT)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
@@ -179,10 +179,8 @@ def score(raw: dict, models: list[str], channel_block: int = 0) -> dict:
     """Refit `local` on the calibration variants and score the others (nn-Meter's measures)."""
     records = raw["records"]
     base = get_target("local")
-    if channel_block:
+    if channel_block:  # an experiment: pad to another block (the width probe in raw["widths"] shows the machine's)
         base = base.with_(channel_block=channel_block)
-    elif raw.get("widths"):  # the float layout's block as calibration measures it (runs before it: 16)
-        base = base.with_(channel_block=choose_channel_block(dict(zip(raw["widths"]["widths"], raw["widths"]["ms"]))))
     calib = [Sample(f"{r['model']}#{r['index']}", r["table"], r["measured_ms"], parts=r.get("parts"))
              for r in records if r["calib"]]
     scored = [r for r in records if not r["calib"]]
@@ -291,7 +289,7 @@ def main() -> None:
     ap.add_argument("--reproducibility", default="",
                     help="a --raw pickle of another run of the same variants: report how well the runs agree")
     ap.add_argument("--channel-block", type=int, default=0,
-                    help="score with this float channel block instead of the one the run's width probe measured")
+                    help="score with this channel block instead of local's")
     args = ap.parse_args()
     import pickle
 

@@ -10,7 +10,7 @@ import torch
 
 from autocompress.errors import UserInputError
 from autocompress.hwmodels import predict
-from autocompress.hwmodels.calibrate import choose_channel_block, choose_round_to, probe_widths
+from autocompress.hwmodels.calibrate import choose_round_to, probe_widths
 from autocompress.hwmodels.target import Target
 from autocompress.hwmodels.targets import TARGETS
 from autocompress.search.core import SearchConfig
@@ -35,16 +35,6 @@ def test_a_padded_staircase_gives_its_block(block):
 def test_every_width_its_own_speed_gives_1_and_the_avx2_timings_give_8():
     assert choose_round_to({w: 0.02 * w for w in range(40, 65)}) == 1
     assert choose_round_to(AVX2) == 8
-
-
-@pytest.mark.parametrize("block", [8, 16])
-def test_the_channel_block_is_the_staircase_of_the_widths_the_blocked_kernel_takes(block):
-    plain_off_4 = {w: t * (1.3 if w % 4 else 1.0) for w, t in staircase(block).items()}  # plain kernels: slower
-    assert choose_channel_block(plain_off_4) == block
-
-
-def test_the_avx2_timings_give_a_channel_block_of_8():
-    assert choose_channel_block(AVX2) == 8
 
 
 def test_convs_pad_to_the_channel_block():

@@ -23,7 +23,7 @@ from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Conf
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
                                                   error_stats, fit_target, llc_choices, single_layer)
 from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
-from autocompress.hwmodels.calibrate._widths import WidthProbe, choose_channel_block, choose_round_to, probe_widths
+from autocompress.hwmodels.calibrate._widths import WidthProbe, choose_round_to, probe_widths
 from autocompress.hwmodels.device import MeasureCommand
 from autocompress.hwmodels.measure import measure_files, robust_ms, time_file
 from autocompress.hwmodels.predict import predict
@@ -33,7 +33,7 @@ from autocompress.hwmodels.targets import TARGETS, get_target, target_path
 __all__ = [
     "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "VARIANT_NETS", "Built", "Config",
     "FitProblem", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device", "calibrate_from_csv",
-    "calibrate_local", "check", "choose_channel_block", "choose_round_to", "designed_set", "measure_plan", "probe_widths", "WidthProbe",
+    "calibrate_local", "check", "choose_round_to", "designed_set", "measure_plan", "probe_widths", "WidthProbe",
     "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "random_policy",
     "read_csv_samples", "robust_ms", "single_layer", "time_built", "time_file",
 ]
@@ -63,8 +63,6 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
                                  progress=progress)
         widths = (probe_widths(Path(tmp), threads=threads, rounds=plan.widths, progress=progress)
                   if plan.widths else None)
-    if widths is not None:  # the fit's efficiencies are those of kernels padded to this machine's block
-        base = base.with_(channel_block=widths.channel_block)
     searched = f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""
     fitted = _fit_and_check(base, fit, held, "local", plan, progress, llc=llc_tries(plan, llc_choices(base)),
                             layer_weight=LAYER_WEIGHT if models else 1.0,
@@ -76,9 +74,7 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
         fitted = fitted.with_(prune_round_to=widths.round_to, fit={**fitted.fit, "widths": widths.to_json()},
                               sources={**fitted.sources, "prune_round_to": f"measured by calibration: a 3x3 conv pair "
                                        f"at {widths.widths[0]}-{widths.widths[-1]} channels runs as a staircase of "
-                                       f"multiples of {widths.round_to}",
-                                       "channel_block": f"measured by calibration: the conv pair's widths that are "
-                                       f"multiples of 4 run as a staircase of multiples of {widths.channel_block}"})
+                                       f"multiples of {widths.round_to}"})
     return fitted, fitted.save(target_path("local"))
 
 

@@ -4,9 +4,7 @@ A conv whose channel count is not a multiple of the runtime's channel block runs
 kernel, so pruning to such a width costs accuracy and buys no speed (ONNX Runtime on an AVX2 core:
 a 3x3 conv pair at 42 channels 1.20 ms, at 48 channels 0.93 ms; docs/hwmodels.md). The probe times
 one conv pair at every width of a range and keeps the multiple whose padded staircase fits the
-timings best. The same timings at widths the blocked kernel takes (multiples of ``CHANNEL_ALIGN``)
-give the float layout's channel block, which the latency model pads to (ONNX Runtime's NCHWc block:
-8 channels with AVX2, 16 with AVX-512).
+timings best.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from typing import Callable, Mapping
 
 PROBE_WIDTHS = tuple(range(40, 65))  # every residue modulo 16, with multiples of 16 on both sides
 CANDIDATES = (16, 8, 4, 2)
-CHANNEL_ALIGN = 4  # ONNX Runtime runs a float conv blocked only when its input channels are a multiple of 4
-NCHWC_BLOCKS = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -29,11 +25,9 @@ class WidthProbe:
     widths: tuple[int, ...]
     ms: tuple[float, ...]
     round_to: int
-    channel_block: int
 
     def to_json(self) -> dict[str, object]:
-        return {"widths": list(self.widths), "ms": [round(m, 4) for m in self.ms], "round_to": self.round_to,
-                "channel_block": self.channel_block}
+        return {"widths": list(self.widths), "ms": [round(m, 4) for m in self.ms], "round_to": self.round_to}
 
 
 def staircase_loss(timings: Mapping[int, float], r: int) -> float:
@@ -59,13 +53,6 @@ def choose_round_to(timings: Mapping[int, float]) -> int:
         if loss < 0.99 * best_loss:
             best, best_loss = r, loss
     return best
-
-
-def choose_channel_block(timings: Mapping[int, float]) -> int:
-    """The float layout's channel block: of ONNX Runtime's two NCHWc blocks (8 with AVX2, 16 with AVX-512),
-    the one whose staircase fits the widths that run the blocked kernel (multiples of ``CHANNEL_ALIGN``) best."""
-    aligned = {w: ms for w, ms in timings.items() if w % CHANNEL_ALIGN == 0}
-    return min(NCHWC_BLOCKS, key=lambda r: staircase_loss(aligned, r))
 
 
 def conv_pair(width: int, path: Path, channels: int = 64, size: int = 28) -> Path:
@@ -104,5 +91,4 @@ def probe_widths(folder: Path, threads: int = 1, rounds: int = 3,
         progress(f"timing a conv pair at {len(PROBE_WIDTHS)} widths (which pruned widths run fast)")
     paths = [conv_pair(w, folder / f"width-{w}.onnx") for w in PROBE_WIDTHS]
     ms = measure_files(paths, threads=threads, rounds=rounds)
-    timings = dict(zip(PROBE_WIDTHS, ms))
-    return WidthProbe(PROBE_WIDTHS, tuple(ms), choose_round_to(timings), choose_channel_block(timings))
+    return WidthProbe(PROBE_WIDTHS, tuple(ms), choose_round_to(dict(zip(PROBE_WIDTHS, ms))))
