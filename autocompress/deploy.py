@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from autocompress.export.fp16 import export_fp16, half_layers
 from autocompress.export.onnx import export_onnx
 from autocompress.hwmodels.device import Timing
 from autocompress.hwmodels.measure import measure_files
@@ -37,7 +38,7 @@ def record_measured(folder: Path, teacher: Any, example: Any, best: dict[str, An
     baseline["measured_latency_ms_local"] = ms["baseline"]
 
 
-DEPLOYED_FILES = ("model.onnx", "model.int8.onnx")
+DEPLOYED_FILES = ("model.onnx", "model.int8.onnx", "model.fp16.onnx")
 GAP_FLAG = 0.01  # a shipped file more than 1 point (0.01 of the metric) below the PyTorch model is flagged
 
 
@@ -70,9 +71,11 @@ def deployed_gaps(simulated: float, deployed: dict[str, float | None]) -> list[s
 
 # ---- the finalists timed where the target runs ------------------------------------------------------
 
-def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True) -> Path:
+def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True,
+                  fp16: bool = False) -> Path:
     """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
-    int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.onnx."""
+    int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.fp16.onnx where a
+    layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx."""
     import logging
 
     from autocompress.compress.quant import layer_bits, strip_fake_quant
@@ -83,6 +86,9 @@ def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = Non
     fp32 = export_onnx(float_model, example, folder / "model.onnx")
     bits = layer_bits(model)
     if not (int8 and any(runs_int8(w, a) for w, a in bits.values())):
+        half = half_layers(bits)
+        if fp16 and half:
+            return export_fp16(float_model, example, fp32, folder / "model.fp16.onnx", set(bits) - half)
         return fp32
     from autocompress.export.int8 import export_int8
 
@@ -100,7 +106,7 @@ def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = Non
 
 
 def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], float], *, calibration: Any = None,
-                  int8: bool = True, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:
+                  int8: bool = True, fp16: bool = False, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:
     """Each model's deployed file (``deployed_file``) and, with ``baseline``, the original model's fp32
     file, timed by ``timer`` in ``rounds`` interleaved passes: [(file name, Timing)] and the baseline's
     Timing. A model that cannot be exported or timed gets a Timing with the reason, not an exception."""
@@ -115,7 +121,9 @@ def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], f
             folder = Path(tmp) / str(i)
             folder.mkdir()
             try:
-                files.append(deployed_file(model, example, folder, calibration, int8=int8 and i < len(models)))
+                finalist = i < len(models)  # the baseline is timed as its fp32 file
+                files.append(deployed_file(model, example, folder, calibration, int8=int8 and finalist,
+                                           fp16=fp16 and finalist))
                 errors.append("")
             except Exception as exc:  # one finalist that does not export is reported, the others still timed
                 files.append(None)

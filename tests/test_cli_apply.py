@@ -201,3 +201,32 @@ def test_mismatched_weights_write_nothing(tmp_path, existing):
                      "--weights", str(tmp_path / "absent.pt"))
     assert_one_line_error(result, "does not exist")
     assert _state_of(out) == before
+
+
+def test_a_policy_with_16_bit_layers_ships_a_half_precision_file_scored_like_the_others(tmp_path):
+    half = {"wbits:inception1.branch1.0": 16, "abits:inception1.branch1.0": 16, "wbits:fc1": 16, "abits:fc1": 16}
+    space = workspace(SPEC).space
+    policy = Policy(space.model, space.fingerprint, {**DECISIONS, **half}, space.options)
+    out = tmp_path / "out"
+    result = _apply(tmp_path, out, "--data", "sklearn:digits", policy=policy)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.fp16.onnx").is_file()
+    best = json.loads((out / "result.json").read_text())["best"]
+    deployed = best["deployed_accuracy"]
+    assert set(deployed) == {"model.onnx", "model.int8.onnx", "model.fp16.onnx"}
+    assert deployed["model.fp16.onnx"] == pytest.approx(deployed["model.onnx"], abs=0.005)
+
+
+def test_a_target_with_fast_fp16_is_sent_the_half_precision_file(tmp_path):
+    from autocompress.deploy import deployed_file
+    from autocompress.evaluators.train import pretrained_builtin
+
+    ws = workspace(SPEC)
+    half = {"wbits:fc1": 16, "abits:fc1": 16}
+    policy = Policy(ws.space.model, ws.space.fingerprint, half, ws.space.options)
+    example = torch.randn(1, 1, 32, 32)
+    model = apply(pretrained_builtin("digits-net"), policy, ws.space, ctx=ApplyContext(ws.space, example))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert deployed_file(model, example, tmp_path / "a", fp16=True).name == "model.fp16.onnx"
+    assert deployed_file(model, example, tmp_path / "b", fp16=False).name == "model.onnx"

@@ -227,3 +227,33 @@ def test_a_reshape_between_int8_layers_stays_int8(tmp_path):
     kernels = _ort_kernels(report.path, tmp_path)
     assert kernels["QLinearConv"] == 2
     assert kernels["QuantizeLinear"] == 1 and kernels["DequantizeLinear"] == 1  # graph input and output only
+
+
+def test_the_half_precision_file_keeps_32_bit_layers_in_float32_and_scores_as_fp32(trained, tmp_path):
+    from autocompress.export.fp16 import export_fp16, half_layers
+    from autocompress.export.int8 import call_order
+    from autocompress.export.onnx import export_onnx
+
+    model, bundle = trained
+    xv, yv = bundle.val.tensors
+    bits = {p: (16, 16) for p in layer_bits(model)}
+    bits.update({"fc2": (32, 32), "res.conv2": (16, 32)})  # a 32-bit input keeps the layer in float32
+    assert half_layers(bits) == set(bits) - {"fc2", "res.conv2"}
+    fp32 = export_onnx(model, xv[:1], tmp_path / "m.onnx")
+    path = export_fp16(model, xv[:1], fp32, tmp_path / "m.fp16.onnx", set(bits) - half_layers(bits))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    inits = {t.name: t.data_type for t in proto.graph.initializer}
+    nodes = layer_nodes(proto, call_order(model, xv[:1]))
+    half, single = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert inits[nodes["fc2"].input[1]] == single and inits[nodes["res.conv2"].input[1]] == single
+    assert inits[nodes["inception1.branch1.0"].input[1]] == half and inits[nodes["fc1"].input[1]] == half
+    assert proto.graph.input[0].type.tensor_type.elem_type == single  # runs where model.onnx runs
+    acc_fp32 = float((np.argmax(_run(fp32, xv), 1) == yv.numpy()).mean())
+    acc_fp16 = float((np.argmax(_run(path, xv), 1) == yv.numpy()).mean())
+    assert abs(acc_fp16 - acc_fp32) <= 0.005
+    modules = dict(model.named_modules())
+    kept = sum(p.numel() for path in ("fc2", "res.conv2") for p in modules[path].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    expected = 2 * (total - kept) + 4 * kept  # bytes of weights: half precision but for the float32 layers
+    assert path.stat().st_size == pytest.approx(expected, rel=0.03)

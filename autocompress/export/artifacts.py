@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autocompress.errors import EnvironmentProblem, UserInputError
+from autocompress.export.fp16 import export_fp16, half_layers
 from autocompress.export.onnx import export_onnx
 from autocompress.space.costs import runs_int8
 from autocompress.space.inputs import Inputs, as_tuple
@@ -78,7 +79,8 @@ def _export_program(model: nn.Module, example_input: Any):
 
 def write_model_files(model: nn.Module, example_input: Any, folder: Path,
                       calibration: Any = None) -> dict[str, Any]:
-    """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.pt2, model.state.pt."""
+    """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.fp16.onnx where a
+    layer runs at 16 bits (``export.fp16``), model.pt2, model.state.pt."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
 
     info: dict[str, Any] = {}
@@ -106,6 +108,10 @@ def write_model_files(model: nn.Module, example_input: Any, folder: Path,
         for key in ("path", "fp32_path"):  # staging paths mean nothing once the folder is moved
             data.pop(key, None)
         info["int8"] = data
+    half = half_layers(bits)
+    if half:
+        export_fp16(float_model, example_input, folder / "model.onnx", folder / "model.fp16.onnx", set(bits) - half)
+        info["fp16"] = {"layers": len(half), "float32_layers": len(bits) - len(half)}
     save_pytorch(model, example_input, folder)
     return info
 

@@ -289,6 +289,7 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
         return 0, MeasuredCheck(None, device.label, reason="the budget has no latency limit")
     timings, base = time_deployed([s.model for _, s in ranked], evaluator.example, device.timer,
                                   calibration=getattr(evaluator, "calibration", None), int8=target.fast_int8,
+                                  fp16=target.fast_fp16,
                                   baseline=evaluator.teacher if budget.relative is not None else None)
     limits = [budget.latency_ms] if budget.latency_ms is not None else []
     if base is not None and base.latency_ms is not None:

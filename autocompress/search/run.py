@@ -140,7 +140,7 @@ def search(model: str | nn.Module, task: str | Task | None = None, *, target: st
     result = run_search(config, model=None if module is not None else model, out=out, task=task, module=module,
                         keep=found, **run_kwargs)
     folder = Path(out)
-    names = ("policy.json", "result.json", "report.md", "model.onnx", "model.int8.onnx", "model.pt2",
+    names = ("policy.json", "result.json", "report.md", "model.onnx", "model.int8.onnx", "model.fp16.onnx", "model.pt2",
              "model.state.pt", "trials.csv", "pareto.png", "sensitivity.png")
     return SearchOutcome(found[0].best_policy, found[0].best_model, result.get("metric", "accuracy"),
                          result["baseline"], result["best"], bool(result["feasible"]),
