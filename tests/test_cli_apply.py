@@ -230,3 +230,20 @@ def test_a_target_with_fast_fp16_is_sent_the_half_precision_file(tmp_path):
     (tmp_path / "b").mkdir()
     assert deployed_file(model, example, tmp_path / "a", fp16=True).name == "model.fp16.onnx"
     assert deployed_file(model, example, tmp_path / "b", fp16=False).name == "model.onnx"
+
+
+def test_a_half_precision_file_that_fails_to_convert_leaves_the_other_files_and_says_why(tmp_path, monkeypatch):
+    import autocompress.export.artifacts as artifacts
+    from autocompress.evaluators.train import pretrained_builtin
+
+    def broken(*args, **kwargs):
+        raise ValueError("no fp16 kernel for this op")
+
+    monkeypatch.setattr(artifacts, "export_fp16", broken)
+    ws = workspace(SPEC)
+    policy = Policy(ws.space.model, ws.space.fingerprint, {"wbits:fc1": 16, "abits:fc1": 16}, ws.space.options)
+    example = torch.randn(1, 1, 32, 32)
+    model = apply(pretrained_builtin("digits-net"), policy, ws.space, ctx=ApplyContext(ws.space, example))
+    info = artifacts.write_model_files(model, example, tmp_path)
+    assert info["fp16"] == {"layers": 1, "error": "ValueError: no fp16 kernel for this op"}
+    assert (tmp_path / "model.onnx").is_file() and not (tmp_path / "model.fp16.onnx").exists()

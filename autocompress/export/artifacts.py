@@ -110,8 +110,13 @@ def write_model_files(model: nn.Module, example_input: Any, folder: Path,
         info["int8"] = data
     half = half_layers(bits)
     if half:
-        export_fp16(float_model, example_input, folder / "model.onnx", folder / "model.fp16.onnx", set(bits) - half)
-        info["fp16"] = {"layers": len(half), "float32_layers": len(bits) - len(half)}
+        try:
+            export_fp16(float_model, example_input, folder / "model.onnx", folder / "model.fp16.onnx",
+                        set(bits) - half)
+            info["fp16"] = {"layers": len(half), "float32_layers": len(bits) - len(half)}
+        except Exception as exc:  # the fp32 and int8 files still ship; result.json says why this one did not
+            (folder / "model.fp16.onnx").unlink(missing_ok=True)
+            info["fp16"] = {"layers": len(half), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     save_pytorch(model, example_input, folder)
     return info
 
