@@ -165,6 +165,23 @@ def bisect_ratio(latency_of: Callable[[float], float], budget_ms: float, iters: 
     return hi, n
 
 
+class FinalistsSeen:
+    """The search's evaluator, recording each full-fidelity model's held-out accuracy: how good the
+    finalists it did not choose were (the held-out split still plays no part in choosing)."""
+
+    def __init__(self, ev: Any, full_epochs: float) -> None:
+        self.ev, self.full_epochs, self.held_out = ev, full_epochs, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ev, name)
+
+    def __call__(self, policy: Any, epochs: float) -> Any:
+        scored = self.ev(policy, epochs)
+        if epochs == self.full_epochs:
+            self.held_out.append(self.ev.held_out(scored.model))
+        return scored
+
+
 # -- the benchmark ------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -249,7 +266,8 @@ class Bench:
                            seed=self.args.seed, low_epochs=self.args.low_epochs, full_epochs=self.args.full_epochs,
                            finalists=self.args.finalists, seeds=seeds, space=space)
         torch.manual_seed(cfg.seed)
-        driver = OptunaDriver(self.ws, self.ev, cfg, storage=optuna.storages.InMemoryStorage(),
+        seen = FinalistsSeen(self.ev, self.args.full_epochs)
+        driver = OptunaDriver(self.ws, seen, cfg, storage=optuna.storages.InMemoryStorage(),
                               study_name=f"sq-{sampler}-{frac}",
                               callback=lambda e: print(f"  [{sampler} {frac:g}x] trial {e.number} {e.state} {e.message}",
                                                        flush=True))
@@ -261,7 +279,9 @@ class Bench:
         pick = next(f for f in found.finalists if f.number == found.best_trial)
         info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
                 "trials": found.counts, "best_trial": found.best_trial, "best_origin": pick.origin,
-                "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds}
+                "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds,
+                "finalists": [{"trial": f.number, "origin": f.origin, "select": f.accuracy_full, "loss": f.loss_full,
+                               "held_out": held} for f, held in zip(found.finalists, seen.held_out)]}
         return self.finish(found.best_model, info, started, self.budget_ms)
 
     def uniform(self, frac: float, bits: int | None) -> dict[str, Any]:
@@ -425,10 +445,13 @@ def report(paths: list[Path]) -> str:
 
 
 def summary(paths: list[Path]) -> str:
-    """Held-out accuracy mean ± sd over the seeds (one result file per seed), per model, budget and method."""
+    """Held-out accuracy mean ± sd over the seeds (one result file per seed), per model, budget and method.
+
+    A later file's row replaces an earlier one's for the same model, budget, method and seed: a method
+    re-run on newer code is summarised beside the baselines of the first run."""
     import statistics
 
-    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    rows: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     budget_ms: dict[tuple[str, str], float] = {}
     base: dict[str, float] = {}
     for p in paths:
@@ -438,7 +461,8 @@ def summary(paths: list[Path]) -> str:
             budget_ms[(d["model"], frac)] = entry["budget_ms"]
             for name, r in entry["methods"].items():
                 if "accuracy" in r:
-                    cells.setdefault((d["model"], frac), {}).setdefault(name, []).append(r["accuracy"])
+                    rows.setdefault((d["model"], frac), {}).setdefault(name, {})[d["config"]["seed"]] = r["accuracy"]
+    cells = {key: {name: list(by_seed.values()) for name, by_seed in methods.items()} for key, methods in rows.items()}
     lines = ["| model | budget | method | held-out acc, mean ± sd | seeds | vs best baseline |", "|---|---|---|---|---|---|"]
     for (model, frac), methods in sorted(cells.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
         baselines = [statistics.mean(v) for k, v in methods.items() if k.startswith(("uniform", "tp-"))]
