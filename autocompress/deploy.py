@@ -76,11 +76,9 @@ def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = Non
     """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
     int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.fp16.onnx where a
     layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx."""
-    import logging
-
     from autocompress.compress.quant import layer_bits, strip_fake_quant
+    from autocompress.export.artifacts import write_int8_file
     from autocompress.space.costs import runs_int8
-    from autocompress.space.inputs import Inputs, as_tuple
 
     float_model = strip_fake_quant(model)
     fp32 = export_onnx(float_model, example, folder / "model.onnx")
@@ -90,19 +88,7 @@ def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = Non
         if fp16 and half:
             return export_fp16(float_model, example, fp32, folder / "model.fp16.onnx", set(bits) - half)
         return fp32
-    from autocompress.export.int8 import export_int8
-
-    calib = calibration if calibration is not None else Inputs.from_example(example).example(16, seed=0)
-    parts = as_tuple(calib)
-    chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
-              for i in range(0, len(parts[0]), 8)]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
-    try:
-        return Path(export_int8(float_model, example, chunks, folder / "model.int8.onnx", bits, fp32_path=fp32).path)
-    finally:
-        root.setLevel(level)
+    return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32, calibration).path)
 
 
 def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], float], *, calibration: Any = None,

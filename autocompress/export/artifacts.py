@@ -77,6 +77,27 @@ def _export_program(model: nn.Module, example_input: Any):
         return torch.export.export(model, args)
 
 
+def write_int8_file(float_model: nn.Module, example_input: Any, path: Path, bits: Mapping[str, Any], fp32_path: Path,
+                    calibration: Any = None) -> Any:
+    """``path`` (model.int8.onnx) quantised from ``float_model`` by ``export.int8``, calibrated in batches of 8
+    on ``calibration`` (default: 16 generated inputs); the int8 export's report."""
+    from autocompress.export.int8 import export_int8
+
+    calib = calibration if calibration is not None else Inputs.from_example(example_input).example(16, seed=0)
+    parts = as_tuple(calib)
+    chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
+              for i in range(0, len(parts[0]), 8)]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
+    try:
+        with warnings.catch_warnings():  # numpy warnings from the quantiser's range maths on constant tensors
+            warnings.simplefilter("ignore")
+            return export_int8(float_model, example_input, chunks, path, bits, fp32_path=fp32_path)
+    finally:
+        root.setLevel(level)
+
+
 def write_model_files(model: nn.Module, example_input: Any, folder: Path,
                       calibration: Any = None) -> dict[str, Any]:
     """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.fp16.onnx where a
@@ -88,22 +109,8 @@ def write_model_files(model: nn.Module, example_input: Any, folder: Path,
     export_onnx(float_model, example_input, folder / "model.onnx")
     bits = layer_bits(model)
     if any(runs_int8(w, a) for w, a in bits.values()):
-        from autocompress.export.int8 import export_int8
-
-        calib = calibration if calibration is not None else Inputs.from_example(example_input).example(16, seed=0)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # ONNX Runtime's quantiser logs advice through the root logger
-        try:
-            parts = as_tuple(calib)
-            chunks = [tuple(t[i:i + 8] for t in parts) if isinstance(calib, tuple) else calib[i:i + 8]
-                      for i in range(0, len(parts[0]), 8)]
-            with warnings.catch_warnings():  # numpy warnings from the quantiser's range maths on constant tensors
-                warnings.simplefilter("ignore")
-                report = export_int8(float_model, example_input, chunks,
-                                     folder / "model.int8.onnx", bits, fp32_path=folder / "model.onnx")
-        finally:
-            root.setLevel(level)
+        report = write_int8_file(float_model, example_input, folder / "model.int8.onnx", bits, folder / "model.onnx",
+                                 calibration)
         data = report.to_json()
         for key in ("path", "fp32_path"):  # staging paths mean nothing once the folder is moved
             data.pop(key, None)
