@@ -175,7 +175,7 @@ def collect(args: argparse.Namespace) -> dict:
             "jobs": args.jobs, "timings": len(timings), "files": len(paths)}
 
 
-def score(raw: dict, models: list[str], channel_block: int = 0) -> dict:
+def score(raw: dict, models: list[str], channel_block: int = 0, layer_weight: float = LAYER_WEIGHT) -> dict:
     """Refit `local` on the calibration variants and score the others (nn-Meter's measures)."""
     records = raw["records"]
     base = get_target("local")
@@ -188,7 +188,7 @@ def score(raw: dict, models: list[str], channel_block: int = 0) -> dict:
     # The designed layer set keeps bandwidths and overheads physical; the variants add whole-graph effects.
     llc = llc_choices(base)  # as `autocompress calibrate` chooses the cache size
     # As `calibrate --model` fits: the designed layers weigh LAYER_WEIGHT beside the searched networks' variants.
-    fitted = (fit_target(base, suite + calib, "local", llc_choices=llc, layer_weight=LAYER_WEIGHT)
+    fitted = (fit_target(base, suite + calib, "local", llc_choices=llc, layer_weight=layer_weight)
               if len(calib) >= 4 else base)
     base = fit_target(base, suite, "local", llc_choices=llc) if len(suite) >= 4 else base  # what calibrate gives
     out = {k: v for k, v in raw.items() if k not in ("records", "suite")}
@@ -290,6 +290,8 @@ def main() -> None:
                     help="a --raw pickle of another run of the same variants: report how well the runs agree")
     ap.add_argument("--channel-block", type=int, default=0,
                     help="score with this channel block instead of local's")
+    ap.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
+                    help="a single layer's weight beside the calibration variants in the --model row's fit")
     args = ap.parse_args()
     import pickle
 
@@ -299,7 +301,7 @@ def main() -> None:
         raw = collect(args)
         if args.raw:
             Path(args.raw).write_bytes(pickle.dumps(raw))
-    out = score(raw, args.models, args.channel_block)
+    out = score(raw, args.models, args.channel_block, args.layer_weight)
     if args.reproducibility:
         out["reproducibility"] = reproducibility(raw, pickle.loads(Path(args.reproducibility).read_bytes()), args.models)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
