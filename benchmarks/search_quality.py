@@ -280,7 +280,7 @@ class Bench:
         info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
                 "trials": found.counts, "best_trial": found.best_trial, "best_origin": pick.origin,
                 "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds,
-                "finalists": [{"trial": f.number, "origin": f.origin, "select": f.accuracy_full, "loss": f.loss_full,
+                "finalists": [{"trial": f.number, "origin": f.origin, "select": f.accuracy_full,
                                "held_out": held} for f, held in zip(found.finalists, seen.held_out)]}
         return self.finish(found.best_model, info, started, self.budget_ms)
 

@@ -210,26 +210,6 @@ def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() 
     assert [c.number for c in pick_finalists([cand(0, 0.5, 0.8, 2.0)], 0)] == [0]  # always at least one
 
 
-def test_finalists_within_one_selection_sample_are_ranked_by_selection_loss() -> None:
-    from autocompress.search.core import Candidate, rank_finalists
-    from autocompress.search.evaluate import Scored
-    from autocompress.space.policy import Policy
-
-    def done(number: int, ms: float, acc: float, loss: float | None) -> tuple[Candidate, Scored]:
-        return (Candidate(number, (("n", number),), Policy("m", "f", {}), 0.5, ms),
-                Scored(None, acc, [], [], loss=loss))
-
-    one = 1 / 200  # a 200-sample selection split
-    finals = [done(0, 1.0, 0.990, 0.40), done(1, 2.0, 0.985, 0.05), done(2, 0.5, 0.980, 0.01)]
-    # 0.985 is one sample below the best, so the lower loss wins; 0.980 is two below and stays behind
-    assert [c.number for c, _ in rank_finalists(finals, one)] == [1, 0, 2]
-    # A metric without a resolution (a user's) or without a loss ranks by the metric, the faster first
-    assert [c.number for c, _ in rank_finalists(finals, 0.0)] == [0, 1, 2]
-    no_loss = [done(0, 1.0, 0.990, None), done(1, 0.5, 0.990, 0.1)]
-    assert [c.number for c, _ in rank_finalists(no_loss, one)] == [1, 0]
-    assert rank_finalists([], one) == []
-
-
 
 def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     from autocompress.search import sensitivity

@@ -1,4 +1,4 @@
-"""Accuracy, cross-entropy and logits of a model on a dataset, batched, in eval mode, without gradients."""
+"""Accuracy and logits of a model on a dataset, batched, in eval mode, without gradients."""
 
 from __future__ import annotations
 
@@ -29,11 +29,3 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
         return 0.0
     logits = predict_logits(model, x, batch_size)
     return float((logits.argmax(1) == y).float().mean())
-
-
-def cross_entropy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Mean cross-entropy of ``model``'s logits against the labels of ``dataset`` (nats per sample)."""
-    x, y = as_tensors(dataset)
-    if len(y) == 0:
-        return 0.0
-    return float(nn.functional.cross_entropy(predict_logits(model, x, batch_size).float(), y))

@@ -6,7 +6,7 @@ screens each with :class:`~autocompress.search.screen.Screen` (an over-budget
 one costs no training), fine-tunes the feasible ones briefly (``low_epochs``)
 and hands the evaluated ones here as :class:`Candidate` records. The
 finalists rung (successive halving with two rungs) fine-tunes the best
-``finalists`` again at ``full_epochs``; the most accurate one (``rank_finalists``) is the result,
+``finalists`` again at ``full_epochs``; the most accurate one is the result,
 a :class:`SearchResult` that ``report.write_search_outputs`` writes out.
 """
 
@@ -130,7 +130,6 @@ class Finalist:
     origin: str
     accuracy_low: float  # selection accuracy after ``low_epochs``
     accuracy_full: float  # selection accuracy after ``full_epochs``
-    loss_full: float | None = None  # selection cross-entropy after ``full_epochs`` (None: a user's metric)
 
 
 @dataclass(frozen=True)
@@ -233,46 +232,35 @@ def pick_finalists(candidates: Sequence[Candidate], n: int) -> list[Candidate]:
     return distinct[: max(1, n)]
 
 
-def rank_finalists(done: Sequence[tuple[Candidate, Any]], resolution: float) -> list[tuple[Candidate, Any]]:
-    """Finalists (candidate, full-fidelity ``Scored``) best first: by selection metric, the faster first
-    among equals. Those within one selection sample (``resolution``) of the best are a tie that the
-    selection loss breaks where every one has it: a count of correct samples on a small split moves in
-    steps as large as the differences it is asked to rank, the loss does not."""
-    by_metric = sorted(done, key=lambda d: (-d[1].accuracy, d[0].latency_ms))
-    if not by_metric:
-        return []
-    top = by_metric[0][1].accuracy
-    tied = [d for d in by_metric if d[1].accuracy >= top - resolution - 1e-9]
-    if len(tied) < 2 or any(getattr(s, "loss", None) is None for _, s in tied):
-        return by_metric
-    tied.sort(key=lambda d: (d[1].loss, d[0].latency_ms))
-    return tied + [d for d in by_metric if all(d is not t for t in tied)]
-
-
 def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float], Any], screen: Screen,
              config: SearchConfig, *, study_name: str, counts: Callable[[], dict[str, int]],
              on_final: Callable[[Finalist], None] = lambda f: None,
              callback: Callable[[TrialEvent], None] = lambda e: None) -> SearchResult:
-    """The second rung: fine-tune the finalists at full fidelity and choose the most accurate (``rank_finalists``).
+    """The second rung: fine-tune the finalists at full fidelity and choose the most accurate (then fastest).
 
     ``on_final`` sees each finalist as soon as it is scored; ``counts`` is read once the rung is done."""
     if not candidates:
         raise TrialFailed("no candidate could be evaluated; see the failed trials' reasons in trials.csv")
     best_low = max(c.accuracy for c in candidates)
     finalists: list[Finalist] = []
-    done: list[tuple[Candidate, Any]] = []
+    best: tuple[tuple[float, float], Candidate, Any] | None = None
+    done: list[tuple[tuple[float, float], Candidate, Any]] = []
     for c in pick_finalists(candidates, config.finalists):
         scored = evaluator(c.policy, config.full_epochs)
-        finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy, getattr(scored, "loss", None)))
+        finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy))
         on_final(finalists[-1])
         callback(TrialEvent(c.number, "final", config.trials, config.trials, best_low, "finalists",
                             f"trial {c.number}: {metric_label(evaluator)} {scored.accuracy:.4f} after {config.full_epochs} "
                             "epochs"))
-        done.append((c, scored))
-    # The pick by selection first, then the others in the same order: what measurement falls back on.
-    ranked = rank_finalists(done, getattr(evaluator, "select_resolution", 0.0))
-    pick, measured = measured_choice(ranked, evaluator, config, callback)
-    chosen, scored = ranked[pick]
+        entry = ((scored.accuracy, -c.latency_ms), c, scored)
+        done.append(entry)
+        if best is None or entry[0] > best[0]:
+            best = entry
+    assert best is not None
+    # The pick by prediction first, then the others by the same order: what measurement falls back on.
+    ranked = [best] + sorted((d for d in done if d is not best), key=lambda d: d[0], reverse=True)
+    pick, measured = measured_choice([(c, s) for _, c, s in ranked], evaluator, config, callback)
+    _, chosen, scored = ranked[pick]
     best_costs = dict(screen.costs(chosen.policy))
     return SearchResult(config=config, study_name=study_name, space=screen.space, best_trial=chosen.number,
                         best_policy=chosen.policy, best_model=scored.model, best_scored=scored, best_costs=best_costs,

@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from autocompress.workspace import Workspace
 from autocompress.compress import ApplyContext, apply
-from autocompress.evaluators.accuracy import cross_entropy, evaluate, predict_logits
+from autocompress.evaluators.accuracy import evaluate, predict_logits
 from autocompress.evaluators.data import DataBundle, as_tensors
 from autocompress.evaluators.task import Task, run_metric
 from autocompress.space.inputs import as_tuple
@@ -33,7 +33,6 @@ class Scored:
     accuracy: float  # on the selection split
     boosted: list[str]
     notes: list[str]
-    loss: float | None = None  # cross-entropy on the selection split, where the metric is accuracy on labels
 
 
 class CandidateEvaluator:
@@ -76,17 +75,10 @@ class CandidateEvaluator:
         """The metric on the selection split: what trials are ranked by."""
         return evaluate(model, self.select)
 
-    @property
-    def select_resolution(self) -> float:
-        """One selection sample in accuracy: finalists closer than this are tied (the loss decides)."""
-        return 1.0 / len(self.select)
-
     def __call__(self, policy: Policy, epochs: float) -> Scored:
         model, ctx = self.build(policy)
         self.finetune_chunk(model, ctx, epochs, self.seed)
-        model.eval()
-        return Scored(model, self.score(model), sorted(ctx.boosted), list(ctx.notes),
-                      loss=cross_entropy(model, self.select))
+        return Scored(model.eval(), self.score(model), sorted(ctx.boosted), list(ctx.notes))
 
     def held_out(self, model: nn.Module) -> float:
         return evaluate(model, self.val)
@@ -106,7 +98,6 @@ class TaskEvaluator:
         self.lr = lr if lr is not None else task.lr
         self.teacher = ws.model.eval()
         self.metric = task.metric
-        self.select_resolution = 0.0  # a user's metric has no known resolution: finalists tie only when equal
         self.example = tuple(t[:1].clone() for t in as_tuple(task.example_input))
         self.calibration = calibration_inputs(task)
 

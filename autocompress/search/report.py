@@ -180,13 +180,11 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     lines += ["", f"## Pareto front (low-fidelity {metric} vs predicted latency)", "",
               f"| trial | latency (ms) | {metric} |", "|---:|---:|---:|"]
     lines += [f"| {n} | {lat:.3f} | {acc:.4f} |" for lat, acc, n in front]
-    lines += ["", "Finalists re-trained at full fidelity (within one selection sample of the best, the lower "
-              "selection loss wins):", ""]
+    lines += ["", "Finalists re-trained at full fidelity:", ""]
     timed = {row["trial"]: row for row in (result.get("measured") or {}).get("finalists", [])}
     for f in found.finalists:
         lines.append(f"- trial {f.number}: selection {metric} {f.accuracy_low:.4f} (short) -> "
-                     f"{f.accuracy_full:.4f} (full)"
-                     + (f", loss {f.loss_full:.4f}" if f.loss_full is not None else "") + _timed(timed.get(f.number)))
+                     f"{f.accuracy_full:.4f} (full)" + _timed(timed.get(f.number)))
     if extra_sections:
         lines += ["", *extra_sections]
     if result.get("notes"):
