@@ -183,7 +183,7 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     lines += ["", "Finalists re-trained at full fidelity:", ""]
     timed = {row["trial"]: row for row in (result.get("measured") or {}).get("finalists", [])}
     for f in found.finalists:
-        lines.append(f"- trial {f.number}: selection {metric} {f.accuracy_low:.4f} (short) -> "
+        lines.append(f"- trial {f.number} ({f.origin}): selection {metric} {f.accuracy_low:.4f} (short) -> "
                      f"{f.accuracy_full:.4f} (full)" + _timed(timed.get(f.number)))
     if extra_sections:
         lines += ["", *extra_sections]
