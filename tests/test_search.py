@@ -210,22 +210,6 @@ def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() 
     assert [c.number for c in pick_finalists([cand(0, 0.5, 0.8, 2.0)], 0)] == [0]  # always at least one
 
 
-def test_the_best_uniform_starting_point_is_always_a_finalist() -> None:
-    from autocompress.search.core import Candidate, pick_finalists
-    from autocompress.space.policy import Policy
-
-    def cand(number: int, acc: float, origin: str) -> Candidate:
-        return Candidate(number, (("n", number),), Policy("m", "f", {"prune:a": number / 10}), acc, 1.0, origin)
-
-    pool = [cand(0, 0.95, "sampler"), cand(1, 0.94, "sampler"), cand(2, 0.90, "uniform"), cand(3, 0.91, "uniform"),
-            cand(4, 0.93, "sampler")]
-    # The short fine-tune ranks both uniform points last; the better of them is re-trained all the same
-    assert [c.number for c in pick_finalists(pool, 2)] == [0, 1, 3]
-    # One already among the most accurate: nothing is added
-    assert [c.number for c in pick_finalists(pool[:1] + pool[2:4], 2)] == [0, 3]
-    assert [c.number for c in pick_finalists(pool[:2], 2)] == [0, 1]  # no uniform point in the study
-
-
 
 def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     from autocompress.search import sensitivity

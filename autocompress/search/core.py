@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 from autocompress.errors import TrialFailed, UserInputError
 from autocompress.search.screen import Screen
-from autocompress.search.space_params import UNIFORM
 from autocompress.space.policy import Policy
 
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_bytes": "minimize"}
@@ -224,20 +223,13 @@ def study_name_for(space_fp: str, config: SearchConfig) -> str:
 
 
 def pick_finalists(candidates: Sequence[Candidate], n: int) -> list[Candidate]:
-    """The ``n`` (at least one) most accurate distinct candidates, the faster first among equals, plus
-    the most accurate uniform starting point where none of them is one: the hand-made baseline is
-    always re-trained at full fidelity, so a short fine-tune's ranking alone never puts the result
-    below it (a pruned policy recovers more slowly than a short fine-tune shows)."""
+    """The ``n`` (at least one) most accurate distinct candidates, the faster first among equals."""
     ranked = sorted(candidates, key=lambda c: (-c.accuracy, c.latency_ms))
     distinct: list[Candidate] = []
     for c in ranked:  # the same policy twice would spend two full fine-tunes on one candidate
         if all(c.params != f.params and c.policy != f.policy for f in distinct):
             distinct.append(c)
-    chosen = distinct[: max(1, n)]
-    control = next((c for c in distinct if c.origin == UNIFORM), None)
-    if control is not None and all(c.origin != UNIFORM for c in chosen):
-        chosen.append(control)
-    return chosen
+    return distinct[: max(1, n)]
 
 
 def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float], Any], screen: Screen,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from autocompress.errors import InfeasibleBudgetError
-from autocompress.search.space_params import UNIFORM, ParamSpace, cost_fn, extreme_policies, repair, starting_points
+from autocompress.search.space_params import ParamSpace, cost_fn, extreme_policies, repair, starting_points
 from autocompress.space.policy import Policy
 from autocompress.space.space import SearchSpace
 
@@ -69,7 +69,7 @@ class Screen:
         that counts a screened trial against its total)."""
         starts = [(warm, "warm-start")] if warm else []
         if seeds:
-            starts += [(p, UNIFORM) for p in starting_points(self.space, self.feasible)]
+            starts += [(p, "uniform") for p in starting_points(self.space, self.feasible)]
         points: list[tuple[dict[str, Any], str]] = []
         for policy, origin in starts:
             if repaired and not self.feasible(policy):

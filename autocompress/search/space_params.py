@@ -21,7 +21,6 @@ _MORE = {
     "heads": lambda cs: sorted(cs),  # the share of attention heads removed
     "drop": lambda cs: sorted(cs),  # 0 keeps the block, 1 drops it
 }
-UNIFORM = "uniform"  # the origin of the hand-made starting points (uniform prune ratio, uniform bits)
 STRUCTURED = ("prune", "heads")  # kinds that remove channels or heads: uniform ratios and repair move them together
 
 

@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from autocompress.search.allocate import Slot, allocate, cached_costs, conflicting_options, slots
 from autocompress.search.sensitivity import SensitivityTable
-from autocompress.search.space_params import UNIFORM
 from autocompress.space.policy import Policy
 from autocompress.space.space import Decision, SearchSpace
 
@@ -100,7 +99,7 @@ class TradeoffSpace:
         points = [(self._neutral("warm-start"), "warm-start")] if warm is not None and "warm-start" in self.starts else []
         points.append((self._neutral(ALLOCATION), "allocation"))
         if seeds:
-            points += [(self._neutral(o), UNIFORM) for o in self.starts if o.startswith("uniform:")]
+            points += [(self._neutral(o), "uniform") for o in self.starts if o.startswith("uniform:")]
         return points
 
 
