@@ -35,8 +35,8 @@ class Plan:
     widths: int = 3  # passes of the pruned-width probe (``_widths``) that sets prune_round_to; 0: none
 
 
-# Low-rank factorisation's SVD takes seconds per layer on two cores, so the short plans' variants draw
-# every other kind; its factor convs are plain convs the designed configurations cover.
+# Low-rank decisions add up to ~1.5 s of factorisation per ResNet-18 variant on two cores, so the short
+# plans' variants draw every other kind; its factor convs are plain convs the designed configurations cover.
 _NO_RANK = ("prune", "wbits", "abits", "merge", "branch", "heads", "drop")
 
 PLANS = {
