@@ -16,11 +16,12 @@ so those few candidates run whole.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -171,20 +172,27 @@ class _Original:
 
     def replay(self, replaced: Mapping[str, nn.Module], batch_stats: bool) -> Any:
         if not self.replayable:
-            model = _swapped(self.teacher, replaced)
-            with torch.no_grad():
-                return model.eval()(*self.batch)
+            with torch.no_grad(), _swapped_in(self.teacher, replaced):
+                return self.teacher(*self.batch)
         with torch.no_grad():
             return _Replay(self.gm, self.cached, replaced, batch_stats).run(*self.batch)
 
 
-def _swapped(model: nn.Module, replaced: Mapping[str, nn.Module]) -> nn.Module:
-    """A copy of ``model`` with ``replaced`` swapped in at their paths."""
-    new = copy.deepcopy(model) if replaced else model
-    for path, module in replaced.items():
-        parent_path, _, name = path.rpartition(".")
-        setattr(new.get_submodule(parent_path) if parent_path else new, name, module)
-    return new
+@contextlib.contextmanager
+def _swapped_in(model: nn.Module, replaced: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """``model`` with ``replaced`` swapped in at their paths for the block, the originals put back after
+    (no copy of the whole model per choice)."""
+    originals: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for path, module in replaced.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            originals.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, module)
+        yield model
+    finally:
+        for parent, name, module in reversed(originals):
+            setattr(parent, name, module)
 
 
 def _changed_modules(original: nn.Module, changed: nn.Module, paths: Iterable[str]) -> dict[str, nn.Module] | None:
