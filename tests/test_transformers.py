@@ -338,7 +338,9 @@ def test_an_int8_policy_deploys_as_int8_matmuls_with_norms_and_softmax_in_float(
     space = request.getfixturevalue(f"{name}_space")
     model = copy.deepcopy(model)
     if name == "vit":
-        nn.init.normal_(model.heads.head.weight, std=0.05)  # torchvision starts the head at zero
+        # torchvision starts the head at zero; a seeded init keeps the test independent of the tests before it
+        # (over head seeds 0-7 the deployed error was 0.78-1.46x the simulation's)
+        nn.init.normal_(model.heads.head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     calib = mg.inputs.example(32, seed=1)
     test = (torch.randint(0, 1000, (16, 16), generator=gen),) if name == "bert" else \
