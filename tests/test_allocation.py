@@ -61,6 +61,22 @@ def test_a_layer_the_output_depends_on_outweighs_an_identity_near_choice(setup) 
     assert SensitivityTable.from_json(table.to_json()) == table
 
 
+def assert_scores_are_full_runs(table, model, space, batch, decisions) -> None:
+    """Each choice's score equals the divergence of the whole model compressed by that choice alone."""
+    from autocompress.search.sensitivity import divergence
+
+    with torch.no_grad():
+        reference = model(batch)
+    for d in decisions:
+        for c in d.choices:
+            if c == d.identity:
+                continue
+            small = apply(model, Policy(space.model, space.fingerprint, {d.id: c}), space, calibration=batch)
+            with torch.no_grad():
+                full = divergence(small(batch), reference)
+            assert table.of(d.id, c) == pytest.approx(full, rel=1e-3, abs=1e-7), (d.id, c)
+
+
 class ShapeBranch(Net):
     """A branch on a shape defeats torch.fx, so the space comes from torch.export and nothing is replayed."""
 
@@ -71,8 +87,6 @@ class ShapeBranch(Net):
 
 
 def test_an_export_captured_model_is_scored_whole_and_left_as_it_was(setup) -> None:
-    from autocompress.search.sensitivity import divergence
-
     _, _, batch = setup
     torch.manual_seed(1)
     model = ShapeBranch().eval()
@@ -86,36 +100,16 @@ def test_an_export_captured_model_is_scored_whole_and_left_as_it_was(setup) -> N
     # The quantised layer was swapped in for the run and the original put back: same modules, same weights
     assert {name: type(m) for name, m in model.named_modules()} == modules
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with torch.no_grad():
-        reference = model(batch)
-    for d in decisions:
-        for c in d.choices:
-            if c == d.identity:
-                continue
-            small = apply(model, Policy(space.model, space.fingerprint, {d.id: c}), space, calibration=batch)
-            with torch.no_grad():
-                full = divergence(small(batch), reference)
-            assert table.of(d.id, c) == pytest.approx(full, rel=1e-3, abs=1e-7), (d.id, c)
+    assert_scores_are_full_runs(table, model, space, batch, decisions)
     assert table.of("wbits:conv2", 4) > table.of("wbits:conv2", 16)
 
 
 def test_replaying_only_what_changed_equals_running_the_whole_compressed_model(setup) -> None:
     """Quantisation and factorisation scores come from a partial re-run; they match a full run."""
-    from autocompress.search.sensitivity import divergence
-
     model, space, batch = setup
     decisions = [space["wbits:conv2"], space["abits:fc1"], space["rank:conv2"]]
     table = measure_sensitivity(space, model, batch, decisions=decisions)
-    with torch.no_grad():
-        reference = model(batch)
-    for d in decisions:
-        for c in d.choices:
-            if c == d.identity:
-                continue
-            small = apply(model, Policy(space.model, space.fingerprint, {d.id: c}), space, calibration=batch)
-            with torch.no_grad():
-                full = divergence(small(batch), reference)
-            assert table.of(d.id, c) == pytest.approx(full, rel=1e-3, abs=1e-7), (d.id, c)
+    assert_scores_are_full_runs(table, model, space, batch, decisions)
 
 
 def _random_table(space, seed: int) -> SensitivityTable:
