@@ -137,7 +137,7 @@ class _Original:
     """The original model traced once, with every node's output on the calibration batch.
 
     A model only torch.export could capture (``space.graph.fx_traced`` False) has no fx graph to
-    replay: every candidate then runs whole, with the changed modules swapped into a copy.
+    replay: every candidate then runs whole, with the changed modules swapped in for the run and put back.
     """
 
     def __init__(self, teacher: nn.Module, space: SearchSpace, batch: Any) -> None:
