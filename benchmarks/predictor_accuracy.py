@@ -37,7 +37,7 @@ from autocompress.compress import apply, estimate
 from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
 from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target,
-                                             llc_choices, probe_widths, random_policy, LAYER_WEIGHT)
+                                             llc_choices, network_scales, probe_widths, random_policy, LAYER_WEIGHT)
 from autocompress.models import load_model
 from autocompress.space.graph import trace
 from autocompress.compress import build_space
@@ -175,9 +175,13 @@ def collect(args: argparse.Namespace) -> dict:
             "jobs": args.jobs, "timings": len(timings), "files": len(paths)}
 
 
-def score(raw: dict, models: list[str], channel_block: int = 0, layer_weight: float = LAYER_WEIGHT) -> dict:
+def score(raw: dict, models: list[str], channel_block: int = 0, layer_weight: float = LAYER_WEIGHT,
+          scale_networks: bool = True) -> dict:
     """Refit `local` on the calibration variants and score the others (nn-Meter's measures)."""
     records = raw["records"]
+    for r in records:  # runs recorded before tables named their network: the model spec stands for it
+        if not getattr(r["table"], "network", ""):
+            r["table"].network = r["model"]
     base = get_target("local")
     if channel_block:  # an experiment: pad to another block (the width probe in raw["widths"] shows the machine's)
         base = base.with_(channel_block=channel_block)
@@ -190,11 +194,15 @@ def score(raw: dict, models: list[str], channel_block: int = 0, layer_weight: fl
     # As `calibrate --model` fits: the designed layers weigh LAYER_WEIGHT beside the searched networks' variants.
     fitted = (fit_target(base, suite + calib, "local", llc_choices=llc, layer_weight=layer_weight)
               if len(calib) >= 4 else base)
+    unscaled = fitted
+    if scale_networks and len(calib) >= 4:  # as `calibrate --model` ends: each network's bias on its own variants
+        fitted = fitted.with_(network_scale=network_scales(fitted, calib))
     base = fit_target(base, suite, "local", llc_choices=llc) if len(suite) >= 4 else base  # what calibrate gives
     out = {k: v for k, v in raw.items() if k not in ("records", "suite")}
     out.update({"variants": len(records), "calibration_variants": len(calib), "scored_variants": len(scored),
                 "suite_samples": len(suite), "base_target_calibrated": base.calibrated})
-    for label, target in (("suite_only", base), ("suite_plus_calib_variants", fitted)):
+    for label, target in (("suite_only", base), ("suite_plus_calib_variants_unscaled", unscaled),
+                          ("suite_plus_calib_variants", fitted)):
         preds = [predict(r["table"], target).latency_ms for r in scored]
         meas = [r["measured_ms"] for r in scored]
         out[label] = error_stats(preds, meas)
@@ -213,6 +221,7 @@ def score(raw: dict, models: list[str], channel_block: int = 0, layer_weight: fl
                             "predicted_ms": p} for r, p in zip(scored, preds)]
     out["part_bias"] = part_bias([r for r in records if r.get("parts")], fitted)
     out["calibration_fit"] = {"suite_only": dict(base.fit), "suite_plus_calib_variants": dict(fitted.fit)}
+    out["network_scale"] = dict(fitted.network_scale)
     out["kinds_covered"] = sorted({k for r in records for k in r["kinds"]})
     out["int8_variants"] = sum(r["int8"] for r in records)
     out["channel_block"] = base.channel_block

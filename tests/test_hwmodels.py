@@ -10,6 +10,7 @@ from autocompress.cli.app import app
 from autocompress.errors import UnknownNameError, UserInputError
 from autocompress.hwmodels import TARGETS, Target, get_target, predict, target_names
 from autocompress.hwmodels.calibrate import (Sample, calibrate_from_csv, fit_target, layer_table, llc_choices,
+                                             network_scales,
                                              read_csv_samples)
 from autocompress.hwmodels.fusion import structure
 from autocompress.hwmodels.published import PUBLISHED, TOLERANCE
@@ -470,6 +471,34 @@ def test_the_fit_follows_the_heavier_samples_and_layer_weight_applies_to_single_
     assert all(single_layer(s.table) for s in heavy) and not any(single_layer(s.table) for s in nets)
 
 
+def test_a_network_scale_takes_out_the_bias_measured_on_that_network_only():
+    """Variants of one network measured 8 % slower than predicted give it a scale of 1.08; another network's
+    predictions, a network with too few variants and a hand-made table keep a factor of 1."""
+    local = get_target("local")
+    slow = [table_of(nn.Sequential(nn.Conv2d(16, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 16, 1)), (1, 16, 28, 28))
+            for c in (16, 24, 32, 40, 48)]
+    for t in slow:  # variants of one network (pruned widths) keep its uncompressed fingerprint
+        t.network = "net-a"
+    other = table_of(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), (1, 8, 14, 14))
+    few = [table_of(nn.Sequential(nn.Conv2d(8, 8, 1)), (1, 8, 14, 14)) for _ in range(3)]
+    samples = ([Sample(f"a{i}", t, 1.08 * predict(t, local).latency_ms) for i, t in enumerate(slow)]
+               + [Sample(f"f{i}", t, 2.0 * predict(t, local).latency_ms) for i, t in enumerate(few)])
+    scales = network_scales(local, samples)
+    assert scales == {"net-a": pytest.approx(1.08, abs=1e-3)}
+    scaled = local.with_(network_scale=scales)
+    for t in slow:
+        p, q = predict(t, local), predict(t, scaled)
+        assert q.latency_ms == pytest.approx(1.08 * p.latency_ms, rel=1e-3)
+        # the layers and parts carry the scale too: they still add up to the total
+        assert sum(l.latency_ms for l in q.layers) + scaled.call_overhead_us * 1.08e-3 == pytest.approx(q.latency_ms)
+        assert sum(q.parts.values()) == pytest.approx(1.08 * sum(p.parts.values()), rel=1e-3)
+    assert predict(other, scaled).latency_ms == predict(other, local).latency_ms
+    assert network_scales(local, [Sample("x", t, 3.0 * predict(t, local).latency_ms) for t in slow]) == {"net-a": 1.5}
+    assert Target.from_json(scaled.to_json()) == scaled
+    with pytest.raises(UserInputError, match="network_scale"):
+        local.with_(network_scale={"net-a": -1.0})
+
+
 def test_llc_choices_are_powers_of_two_above_the_cache():
     choices = llc_choices(get_target("local"))
     assert choices and all(c > get_target("local").cache_bytes for c in choices)
@@ -555,12 +584,17 @@ def test_targets_table_and_bad_calibrate_target():
 
 def test_calibrate_local_quick_end_to_end():
     """`autocompress calibrate --target local --quick` measures, profiles, fits and saves `local`."""
+    from autocompress.api import open_model
+
     result = CliRunner().invoke(app, ["calibrate", "--target", "local", "--quick", "--json",
-                                      "--model", "builtin:digits-net", "--variants", "3"])
+                                      "--model", "builtin:digits-net", "--variants", "4"])
     assert result.exit_code == 0, result.output
     fitted = Target.from_json(json.loads(result.output))
     assert fitted.calibrated is True and get_target("local") == fitted
-    assert fitted.fit["samples"] >= 20 + 3
+    assert fitted.fit["samples"] >= 20 + 4
+    # the searched network's own bias, keyed as a search on it looks it up
+    assert list(fitted.network_scale) == [open_model("builtin:digits-net").space.fingerprint]
+    assert 0.67 <= fitted.network_scale[open_model("builtin:digits-net").space.fingerprint] <= 1.5
     assert "builtin:digits-net" in fitted.description and "builtin:digits-net" in fitted.sources["fitted"]
     # every fitted coefficient is positive and finite, and the fit explains its own data
     for name in ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "int8_out_ns"):

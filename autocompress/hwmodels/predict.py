@@ -85,6 +85,11 @@ def part_indices(st: Structure, table: CostTable) -> tuple[np.ndarray, np.ndarra
             np.array([_PART_INDEX[op_part(op_kinds.get(o.name, ""))] for o in st.ops], dtype=int))
 
 
+def network_scale(t: Target, table: CostTable) -> float:
+    """The factor ``t`` measured for ``table``'s network (``Target.network_scale``), else 1."""
+    return float(t.network_scale.get(table.network, 1.0)) if t.network_scale else 1.0
+
+
 def predict(table: CostTable, target: str | Target, batch: int = 1) -> Prediction:
     """Predict one call of the model described by ``table`` at ``batch`` on ``target``."""
     t = get_target(target)
@@ -101,9 +106,13 @@ def predict(table: CostTable, target: str | Target, batch: int = 1) -> Predictio
     parts = np.bincount(kernel_parts, lat.kernel_core, len(PARTS)) + np.bincount(op_parts, lat.op_core, len(PARTS))
     parts[_PART_INDEX["convert"]] += lat.kernel_convert.sum() + lat.op_convert.sum()
     parts[_PART_INDEX["reorder"]] += lat.kernel_reorder.sum() + lat.op_reorder.sum()
+    scale = network_scale(t, table)
+    if scale != 1.0:
+        latency = {name: us * scale for name, us in latency.items()}
+        parts = parts * scale
 
     layers = []
-    total_us = c.call_overhead_us
+    total_us = c.call_overhead_us * scale
     total_pj = 0.0
     for r in table:
         row_us, row_pj = latency.get(r.name, 0.0), energy.get(r.name, 0.0)

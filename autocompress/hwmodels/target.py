@@ -127,10 +127,14 @@ class Target:
     # Pruned widths are rounded to a multiple of this, so that pruning turns into speed: a width between
     # multiples of the runtime's channel block runs padded or in a slower kernel (1: any width).
     prune_round_to: int = 1
+    # Per network (the uncompressed architecture's fingerprint, ``CostTable.network``): measured / predicted
+    # latency over that network's own calibration variants (``calibrate --model``), which multiplies its
+    # predictions: the whole-network bias that coefficients shared with other networks leave.
+    network_scale: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("peak_gmacs", "efficiency", "int8_class_efficiency", "plain_efficiency", "energy_pj", "sources",
-                     "fit"):
+                     "fit", "network_scale"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         missing = [d for d in DTYPES if d not in self.peak_gmacs]
         if missing:
@@ -138,6 +142,10 @@ class Target:
         if not isinstance(self.prune_round_to, int) or isinstance(self.prune_round_to, bool) or self.prune_round_to < 1:
             raise UserInputError(f"target {self.name!r}: prune_round_to must be a whole number >= 1, "
                                  f"got {self.prune_round_to!r}")
+        bad = {k: v for k, v in self.network_scale.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")}
+        if bad:
+            raise UserInputError(f"target {self.name!r}: network_scale values must be positive numbers, got {bad}")
         missing = [c for c in KERNEL_CLASSES if c not in self.efficiency]
         if missing:
             raise UserInputError(f"target {self.name!r}: efficiency lacks {', '.join(missing)}; give all of {KERNEL_CLASSES}")
@@ -215,4 +223,5 @@ class Target:
             "calibrated": self.calibrated, "sources": dict(self.sources),
             "fitted_at": self.fit.get("fitted_at"), "held_out": self.fit.get("held_out"),
             "measure_cmd": self.measure_cmd, "prune_round_to": self.prune_round_to,
+            "network_scale": dict(self.network_scale),
         }

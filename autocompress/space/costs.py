@@ -124,9 +124,12 @@ class LayerCost:
 class CostTable:
     """Ordered layers of one model variant; a policy's estimate edits a copy."""
 
-    def __init__(self, layers: Iterable[LayerCost], input_numel: int = 0) -> None:
+    def __init__(self, layers: Iterable[LayerCost], input_numel: int = 0, network: str = "") -> None:
         self._layers: dict[str, LayerCost] = {l.name: l for l in layers}
         self.input_numel = input_numel
+        # The uncompressed architecture's fingerprint (kept by every variant's copy): a calibrated
+        # target's per-network latency scale is looked up by it ("" for hand-made tables).
+        self.network = network
 
     @classmethod
     def from_graph(cls, mg: ModelGraph) -> "CostTable":
@@ -179,7 +182,7 @@ class CostTable:
         input_numel = 1
         for s in mg.input_shape[1:]:
             input_numel *= s
-        return cls(rows, input_numel)
+        return cls(rows, input_numel, mg.fingerprint)
 
     def copy(self) -> "CostTable":
         """An independent copy; one per candidate policy, so it is a flat per-row copy, not a deepcopy."""

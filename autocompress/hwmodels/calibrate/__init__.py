@@ -21,7 +21,7 @@ from autocompress.hwmodels.calibrate._csv import CSV_COLUMNS, layer_table, read_
 from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Config, build_configs, build_variants,
                                                        designed_set, export_deployed, random_policy, time_built)
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
-                                                  error_stats, fit_target, llc_choices, single_layer)
+                                                  error_stats, fit_target, llc_choices, network_scales, single_layer)
 from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
 from autocompress.hwmodels.calibrate._widths import WidthProbe, choose_round_to, probe_widths
 from autocompress.hwmodels.device import MeasureCommand
@@ -34,7 +34,8 @@ __all__ = [
     "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "VARIANT_NETS", "Built", "Config",
     "FitProblem", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device", "calibrate_from_csv",
     "calibrate_local", "check", "choose_round_to", "designed_set", "measure_plan", "probe_widths", "WidthProbe",
-    "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "random_policy",
+    "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "network_scales",
+    "random_policy",
     "read_csv_samples", "robust_ms", "single_layer", "time_built", "time_file",
 ]
 
@@ -65,7 +66,7 @@ def calibrate_local(threads: int = 1, quick: bool = False, models: Sequence[str]
                   if plan.widths else None)
     searched = f" with variants of {', '.join(dict.fromkeys(models))}" if models else ""
     fitted = _fit_and_check(base, fit, held, "local", plan, progress, llc=llc_tries(plan, llc_choices(base)),
-                            layer_weight=LAYER_WEIGHT if models else 1.0,
+                            layer_weight=LAYER_WEIGHT if models else 1.0, models=models,
                             note=f"fitted by autocompress calibrate on this machine (ONNX Runtime, {threads} "
                                  f"thread(s)){searched}", measured_by=f"ONNX Runtime, {threads} thread(s)")
     fitted = fitted.with_(description=f"this machine through ONNX Runtime, {threads} intra-op thread(s); calibrated"
@@ -91,7 +92,7 @@ def calibrate_device(name: str, command: MeasureCommand, base: str = "mobile", q
         fit, held = measure_plan(plan, Path(tmp), models=models, per_model=per_model, measure=command,
                                  progress=progress)
     fitted = _fit_and_check(start.with_(measure_cmd=command.template, measure_timeout_s=command.timeout_s), fit, held,
-                            name, plan, progress, llc=(), layer_weight=LAYER_WEIGHT if models else 1.0,
+                            name, plan, progress, llc=(), layer_weight=LAYER_WEIGHT if models else 1.0, models=models,
                             note=f"fitted by autocompress calibrate --measure-cmd {command.template!r}",
                             measured_by=f"--measure-cmd {command.template!r}")
     if name != start.name:
@@ -110,12 +111,19 @@ def _plan(plan: Plan | str | None, quick: bool) -> Plan:
 
 def _fit_and_check(base: Target, fit: Sequence[Sample], held: Sequence[Sample], name: str, plan: Plan,
                    progress: Progress | None, *, llc: Sequence[int], layer_weight: float, note: str,
-                   measured_by: str) -> Target:
-    """Fit ``base`` to ``fit`` (trying last-level cache sizes ``llc``) and record when, how, and how
-    well it predicts the held-out samples."""
+                   measured_by: str, models: Sequence[str] = ()) -> Target:
+    """Fit ``base`` to ``fit`` (trying last-level cache sizes ``llc``), scale each of ``models`` by
+    the bias left on its own variants (``network_scales``) and record when, how, and how well it
+    predicts the held-out samples."""
     if progress is not None:
         progress(f"fitting {len(fit)} measurements")
     fitted = fit_target(base, fit, name, llc_choices=llc, layer_weight=layer_weight, sources_note=note)
+    searched = tuple(f"{m} variant " for m in models)
+    scales = network_scales(fitted, [s for s in fit if searched and s.name.startswith(searched)])
+    if scales:
+        fitted = fitted.with_(network_scale=scales, sources={
+            **fitted.sources, "network_scale": "measured / predicted latency, median over each searched network's "
+                                               "own calibration variants"})
     held_out = check(fitted, held) if held else {"samples": 0}
     stats = dict(fitted.fit)
     stats.update(fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), plan=plan.name,

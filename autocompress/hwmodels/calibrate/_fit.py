@@ -13,7 +13,7 @@ from autocompress.errors import UserInputError
 from autocompress.hwmodels.formula import (Coefficients, KernelArrays, OpArrays, conversion_us, latency_us,
                                           reorder_us)
 from autocompress.hwmodels.fusion import structure
-from autocompress.hwmodels.predict import PARTS, part_indices
+from autocompress.hwmodels.predict import PARTS, part_indices, predict
 from autocompress.hwmodels.target import KERNEL_CLASSES, Target
 from autocompress.space.costs import CostTable
 
@@ -36,6 +36,11 @@ FITTED_PARTS = ("qconv", "linear", "pool")
 PART_WEIGHT = 0.3
 # A single layer's weight beside variants of the searched networks (docs/hwmodels.md, "Calibration").
 LAYER_WEIGHT = 0.25
+
+# A network's scale (``network_scales``) needs this many of its own variants, and stays within these bounds:
+# a larger bias than that means a term the model lacks, not a bias to paper over.
+NETWORK_SCALE_MIN_SAMPLES = 4
+NETWORK_SCALE_BOUNDS = (0.67, 1.5)
 
 _GLOBAL = ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "call_overhead_us",
            "gemm_k0", "gemm_s0", "out_ns")
@@ -228,8 +233,26 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
     if len(set(llc_choices)) > 1:
         sizes = ", ".join(f"{c / 2**20:g}" for c in sorted(set(llc_choices)))
         sources["llc_bytes"] = f"the best fit of {sizes} MiB (this machine's last-level cache and its fractions)"
-    return prob.target(res.x, name=name or base.name, calibrated=True, sources=sources,
+    return prob.target(res.x, name=name or base.name, calibrated=True, sources=sources, network_scale={},
                        fit={k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()})
+
+
+def network_scales(target: Target, samples: Sequence[Sample]) -> dict[str, float]:
+    """Per network (``CostTable.network``) with at least ``NETWORK_SCALE_MIN_SAMPLES`` samples: the median
+    of measured / predicted latency under ``target``, clipped to ``NETWORK_SCALE_BOUNDS``.
+
+    Coefficients shared by layers and many networks leave each network a bias of a few per cent of its
+    own (MobileNetV2 at 224x224 runs 4-5 % slower than its kernels predict on one machine state); its
+    calibration variants measure that bias, and ``Target.network_scale`` takes it out of its predictions.
+    """
+    ratios: dict[str, list[float]] = {}
+    for s in samples:
+        if s.table.network:
+            ratios.setdefault(s.table.network, []).append(
+                s.measured_ms / predict(s.table, target.with_(network_scale={}), s.batch).latency_ms)
+    lo, hi = NETWORK_SCALE_BOUNDS
+    return {net: round(min(hi, max(lo, float(np.median(r)))), 4) for net, r in ratios.items()
+            if len(r) >= NETWORK_SCALE_MIN_SAMPLES}
 
 
 def llc_choices(t: Target) -> list[int]:
