@@ -242,7 +242,7 @@ def network_scales(target: Target, samples: Sequence[Sample]) -> dict[str, float
     of measured / predicted latency under ``target``, clipped to ``NETWORK_SCALE_BOUNDS``.
 
     Coefficients shared by layers and many networks leave each network a bias of a few per cent of its
-    own (MobileNetV2 at 224x224 runs 4-5 % slower than its kernels predict on one machine state); its
+    own (MobileNetV2 at 224x224 ran 3-4 % slower than its kernels predict on two machine states); its
     calibration variants measure that bias, and ``Target.network_scale`` takes it out of its predictions.
     """
     ratios: dict[str, list[float]] = {}
