@@ -86,7 +86,8 @@ def _mobilenet_v2_three_quarters() -> Any:
 
 
 # Networks the designed set uses that are not in the model registry.
-_EXTRA_NETS: dict[str, Callable[[], Any]] = {"tv-mnv2-0.5": _mobilenet_v2_half, "tv-mnv2-0.75": _mobilenet_v2_three_quarters}
+_EXTRA_NETS: dict[str, Callable[[], Any]] = {"tv-mnv2-0.5": _mobilenet_v2_half,
+                                              "tv-mnv2-0.75": _mobilenet_v2_three_quarters}
 
 
 def _net_factory(spec: str) -> Callable[[], Any]:
