@@ -595,6 +595,7 @@ def test_calibrate_local_quick_end_to_end():
     # the searched network's own bias, keyed as a search on it looks it up
     assert list(fitted.network_scale) == [open_model("builtin:digits-net").space.fingerprint]
     assert 0.67 <= fitted.network_scale[open_model("builtin:digits-net").space.fingerprint] <= 1.5
+    assert fitted.fit["network_scale_by_model"] == {"builtin:digits-net": next(iter(fitted.network_scale.values()))}
     assert "builtin:digits-net" in fitted.description and "builtin:digits-net" in fitted.sources["fitted"]
     # every fitted coefficient is positive and finite, and the fit explains its own data
     for name in ("dram_gbs", "cache_gbs", "kernel_overhead_us", "elementwise_overhead_us", "int8_out_ns"):

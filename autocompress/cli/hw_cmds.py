@@ -109,4 +109,6 @@ def calibrate(
                   f"within ±10 %: {100 * fit.get('within_10', 0):.0f} %"
                   + (f"; last-level cache {fitted.llc_bytes / 2**20:g} MiB" if fitted.llc_bytes else "")
                   + (f"; {held_out_line(fitted)}" if "held_out" in fit else "")
+                  + "".join(f"; {spec} predictions x {scale:.3f} (its own variants)"
+                            for spec, scale in fit.get("network_scale_by_model", {}).items())
                   + f"; saved {path}")

@@ -119,13 +119,17 @@ def _fit_and_check(base: Target, fit: Sequence[Sample], held: Sequence[Sample], 
         progress(f"fitting {len(fit)} measurements")
     fitted = fit_target(base, fit, name, llc_choices=llc, layer_weight=layer_weight, sources_note=note)
     searched = tuple(f"{m} variant " for m in models)
-    scales = network_scales(fitted, [s for s in fit if searched and s.name.startswith(searched)])
+    mine = [s for s in fit if searched and s.name.startswith(searched)]
+    scales = network_scales(fitted, mine)
     if scales:
         fitted = fitted.with_(network_scale=scales, sources={
             **fitted.sources, "network_scale": "measured / predicted latency, median over each searched network's "
                                                "own calibration variants"})
     held_out = check(fitted, held) if held else {"samples": 0}
     stats = dict(fitted.fit)
+    by_model = {s.name.split(" variant ")[0]: scales[s.table.network] for s in mine if s.table.network in scales}
+    if by_model:  # the same scales by model spec, for people (the target keys them by fingerprint)
+        stats["network_scale_by_model"] = by_model
     stats.update(fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), plan=plan.name,
                  measured_by=measured_by,
                  held_out={k: (round(v, 4) if isinstance(v, float) else v) for k, v in held_out.items()})
