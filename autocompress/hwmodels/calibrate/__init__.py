@@ -19,7 +19,8 @@ from typing import Sequence
 from autocompress.errors import UserInputError
 from autocompress.hwmodels.calibrate._csv import CSV_COLUMNS, layer_table, read_csv_samples
 from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Config, build_configs, build_variants,
-                                                       designed_set, export_deployed, random_policy, time_built)
+                                                       designed_set, export_deployed, random_policy, spec_of_variant,
+                                                       time_built)
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
                                                   error_stats, fit_target, llc_choices, network_scales, single_layer)
 from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
@@ -118,8 +119,8 @@ def _fit_and_check(base: Target, fit: Sequence[Sample], held: Sequence[Sample], 
     if progress is not None:
         progress(f"fitting {len(fit)} measurements")
     fitted = fit_target(base, fit, name, llc_choices=llc, layer_weight=layer_weight, sources_note=note)
-    searched = tuple(f"{m} variant " for m in models)
-    mine = [s for s in fit if searched and s.name.startswith(searched)]
+    searched = set(models)
+    mine = [s for s in fit if spec_of_variant(s.name) in searched]
     scales = network_scales(fitted, mine)
     if scales:
         fitted = fitted.with_(network_scale=scales, sources={
@@ -127,7 +128,7 @@ def _fit_and_check(base: Target, fit: Sequence[Sample], held: Sequence[Sample], 
                                                "own calibration variants"})
     held_out = check(fitted, held) if held else {"samples": 0}
     stats = dict(fitted.fit)
-    by_model = {s.name.split(" variant ")[0]: scales[s.table.network] for s in mine if s.table.network in scales}
+    by_model = {spec_of_variant(s.name): scales[s.table.network] for s in mine if s.table.network in scales}
     if by_model:  # the same scales by model spec, for people (the target keys them by fingerprint)
         stats["network_scale_by_model"] = by_model
     stats.update(fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), plan=plan.name,

@@ -188,10 +188,24 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
             policy = random_policy(space, rng, kinds)
             sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
             path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), sub)
-            built.append(Built(f"{spec} variant {v}", estimate(space, policy), path))
+            built.append(Built(variant_name(spec, v), estimate(space, policy), path))
             if on_built is not None:
                 on_built()
     return built
+
+
+_VARIANT = " variant "
+
+
+def variant_name(spec: str, index: int) -> str:
+    """The name of ``spec``'s ``index``-th random variant (``spec_of_variant`` reads it back)."""
+    return f"{spec}{_VARIANT}{index}"
+
+
+def spec_of_variant(name: str) -> str:
+    """The model spec of a variant named by ``variant_name`` ("" for any other configuration)."""
+    spec, sep, _ = name.rpartition(_VARIANT)
+    return spec if sep else ""
 
 
 def random_policy(space: Any, rng: random.Random, kinds: Sequence[str] = ()) -> Any:

@@ -245,11 +245,11 @@ def network_scales(target: Target, samples: Sequence[Sample]) -> dict[str, float
     own (MobileNetV2 at 224x224 ran 3-4 % slower than its kernels predict on two machine states); its
     calibration variants measure that bias, and ``Target.network_scale`` takes it out of its predictions.
     """
+    unscaled = target.with_(network_scale={})  # one target, so predict's coefficient cache serves every sample
     ratios: dict[str, list[float]] = {}
     for s in samples:
         if s.table.network:
-            ratios.setdefault(s.table.network, []).append(
-                s.measured_ms / predict(s.table, target.with_(network_scale={}), s.batch).latency_ms)
+            ratios.setdefault(s.table.network, []).append(s.measured_ms / predict(s.table, unscaled, s.batch).latency_ms)
     lo, hi = NETWORK_SCALE_BOUNDS
     return {net: round(min(hi, max(lo, float(np.median(r)))), 4) for net, r in ratios.items()
             if len(r) >= NETWORK_SCALE_MIN_SAMPLES}
