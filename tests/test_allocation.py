@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -208,3 +210,19 @@ def test_a_damaged_stored_table_is_measured_again(setup) -> None:
         assert table.fingerprint == space.fingerprint and table.of("rank:fc2", 0.125) > 0
     kept = sensitivity_for(space, decisions, model, batch, table.to_json())
     assert kept == table  # an intact table for this architecture is read back, not measured again
+
+
+def test_the_solver_prints_nothing_on_the_process_stdout(capfd) -> None:
+    """HiGHS printf()s a debug line whatever its verbosity; the solve must keep it off the CLI's output,
+    including what C buffers for a pipe, and leave stdout working afterwards."""
+    import ctypes
+
+    from autocompress.search.allocate import _native_stdout_silenced, solve
+
+    libc = ctypes.CDLL(None)
+    with _native_stdout_silenced():
+        libc.printf(b"native line\n")
+    assert solve([[0.0, 1.0], [0.0, 2.0]], [np.array([[3.0, 1.0]]), np.array([[3.0, 1.0]])], np.array([4.0])) == [1, 0]
+    print("after", flush=True)
+    out = capfd.readouterr().out
+    assert out == "after\n"

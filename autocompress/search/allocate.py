@@ -15,7 +15,10 @@ again, and a feasible one becomes the next reference, so the linearisation follo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -96,6 +99,36 @@ def _costs(costs: Callable[[Policy], Mapping[str, Any]], policy: Policy, limits:
     return np.array([float(c[k]) for k in limits])
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """Process-level stdout to /dev/null: HiGHS (scipy's MILP solver) printf()s a debug line,
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();", whatever its verbosity
+    (ERGO-Code/HiGHS#2783); it would land among the CLI's progress lines."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        _flush_c_stdio()  # a pipe's C buffer would otherwise reach the restored stdout later
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library handle on this platform: nothing buffered to drop
+        pass
+
+
 def solve(sens: Sequence[Sequence[float]], deltas: Sequence[np.ndarray], room: np.ndarray,
           conflicts: Iterable[tuple[tuple[int, int], tuple[int, int]]] = ()) -> list[int] | None:
     """The option index per slot that minimises summed ``sens`` with ``sum(deltas) <= room`` (one row per
@@ -116,8 +149,9 @@ def solve(sens: Sequence[Sequence[float]], deltas: Sequence[np.ndarray], room: n
         for r, ((s1, o1), (s2, o2)) in enumerate(pairs):
             rows[r, offsets[s1] + o1] = rows[r, offsets[s2] + o2] = 1.0
         constraints.append(LinearConstraint(rows, -np.inf, 1.0))
-    res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
-               options={"time_limit": 10.0})
+    with _native_stdout_silenced():
+        res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+                   options={"time_limit": 10.0, "disp": False})
     if res.x is None:
         return None
     x = np.round(res.x).astype(int)
