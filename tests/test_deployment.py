@@ -345,7 +345,7 @@ def test_a_local_search_never_returns_a_model_over_the_budget_by_measurement(tmp
     """A device with slow float and fast int8 kernels (0.01 and 0.001 ms per kB of file): every fp32
     finalist that the prediction puts within 48.5 us (0.85x of the original on the seeded `local`)
     is over it by measurement. The returned model is the first finalist (most accurate first) within
-    the budget plus its spread, or the pick by prediction, marked as over."""
+    the budget plus its spread, else a repair of the pick that is, else the pick marked as over."""
     seed_fitted_local()
     monkeypatch.setenv("FAKE_SCALE", "0.01")
     monkeypatch.setenv("FAKE_INT8_SCALE", "0.001")
@@ -360,10 +360,13 @@ def test_a_local_search_never_returns_a_model_over_the_budget_by_measurement(tmp
     assert len(rows) >= 2 and all(r["latency_ms"] is not None for r in rows)
     assert len({r["trial"] for r in rows}) == len(rows)
     assert any(r["within"] is False for r in rows)  # the check rejected something
-    chosen = next(r for r in rows if r["trial"] == result["best_trial"])
-    if result["measured_feasible"]:
+    repaired = [r for r in m.get("repairs", []) if r["within"]]  # where every finalist was over
+    chosen = repaired[-1] if repaired else next(r for r in rows if r["trial"] == result["best_trial"])
+    if result["measured_feasible"] and not repaired:
         assert chosen["latency_ms"] <= m["limit_ms"] + chosen["spread_ms"]
         assert all(not r["within"] for r in rows[:rows.index(chosen)])  # better ones were over
+    elif repaired:
+        assert chosen["latency_ms"] <= m["limit_ms"] + chosen["spread_ms"] and not any(r["within"] for r in rows)
     else:
         assert chosen is rows[0] and not any(r["within"] for r in rows)
     report = (out / "report.md").read_text()
@@ -392,3 +395,71 @@ def test_measure_cmd_and_no_measure_contradict(tmp_path):
     res = run_cli("search", "--model", f"{tiny}:model", "--data", f"{tiny}:data", "--target", "mobile",
                   "--max-drop", "1", "--measure-cmd", "time {onnx}", "--out", str(tmp_path / "o"))
     assert_one_line_error(res, "--measure-cmd", "--max-drop")
+
+
+class _RepairScreen:
+    """Predicted latency 0.02 ms per hidden unit of ``_ranked``'s models; a 3 ms predicted limit."""
+
+    def __init__(self, lowest_width: int) -> None:
+        from autocompress.hwmodels import parse_budget
+
+        self.budget = parse_budget("3ms")
+        self.lowest = {"latency_ms": 0.02 * lowest_width}
+
+    def costs(self, policy) -> dict:
+        return {"latency_ms": 0.02 * policy.decisions["w"]}
+
+
+def _repair_case(tmp_path: Path, lowest_width: int):
+    """Finalists of widths 128, 64 and 16 (about 35, 17 and 4.5 kB: as many ms on the fake device) against
+    a 3 ms budget: every one is over by measurement, and the pick (width 128) is repaired."""
+    from autocompress.search.core import Candidate, measured_choice, measured_repair
+    from autocompress.space.policy import Policy
+
+    fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
+    config = _config(fake, "3ms")
+    ranked = [(Candidate(i, (("w", w),), Policy("m", "fp", {"w": w}), 0.9 - 0.1 * i, 0.02 * w), s)
+              for i, ((_, s), w) in enumerate(zip(_ranked(), (128, 64, 16)))]
+    pick, check = measured_choice(ranked, _Evaluator(), config)
+    assert (pick, check.feasible) == (0, False)
+
+    def evaluator(policy, epochs):
+        w = policy.decisions["w"]
+        return _Scored(nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, 4)).eval(), 0.5 + w / 1000)
+
+    for attr in ("example", "calibration", "teacher"):
+        setattr(evaluator, attr, getattr(_Evaluator, attr))
+    asked = []
+
+    def tighten(candidate, scale):  # the widest model the scaled predicted limit allows
+        asked.append(scale)
+        return Policy("m", "fp", {"w": max(lowest_width, int(scale * 3.0 / 0.02))})
+
+    events = []
+    chosen, timing = ranked[0][0], check.finalists[0][2]
+    return measured_repair(chosen, chosen.policy, ranked[0][1], timing, check, evaluator, _RepairScreen(lowest_width),
+                           config, tighten, events.append), asked, events
+
+
+def test_when_every_finalist_is_over_by_measurement_the_pick_is_repaired_until_one_fits(tmp_path):
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1)
+    # round 1 shrinks the predicted limit by measured / limit (35 ms against 3) and a 5 % margin
+    first = check.repairs[0]
+    assert first.latency_scale == pytest.approx(2.56 / 3.0 * 3.0 / check.finalists[0][2].latency_ms * 0.95, rel=1e-6)
+    assert asked == [r.latency_scale for r in check.repairs] and asked == sorted(asked, reverse=True)
+    assert check.feasible is True and check.within(check.repairs[-1].timing) is True
+    assert all(check.within(r.timing) is False for r in check.repairs[:-1])
+    assert policy.decisions["w"] < 16 and scored.accuracy == pytest.approx(0.5 + policy.decisions["w"] / 1000)
+    assert check.repairs[-1].predicted_ms == pytest.approx(0.02 * policy.decisions["w"])
+    assert "repaired to" in events[-1].message and "within the budget" in events[-1].message
+    rows = check.to_json()["repairs"]
+    assert [r["within"] for r in rows][-1] is True and all(r["trial"] == 0 for r in rows)
+
+
+def test_a_repair_the_space_cannot_reach_leaves_the_pick_marked_over(tmp_path):
+    """The most compressed policy predicts 2.4 ms (width 120): one round at the space's floor, still over
+    by measurement, then no further tightening is possible."""
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=120)
+    assert check.feasible is False and policy.decisions["w"] == 128 and scored.accuracy == pytest.approx(0.9)
+    assert len(check.repairs) == 1 and check.repairs[0].latency_scale == pytest.approx(2.4 / 3.0 * 1.02)
+    assert check.within(check.repairs[0].timing) is False

@@ -170,6 +170,7 @@ class MeasuredCheck:
     finalists: tuple[tuple[int, str, Any], ...] = ()  # (trial, file timed, hwmodels.device.Timing)
     baseline: Any = None  # the original model's Timing, for a relative budget
     reason: str = ""  # why nothing was measured
+    repairs: tuple["MeasuredRepair", ...] = ()  # the pick re-allocated under tighter limits, when no finalist fit
 
     def within(self, timing: Any) -> bool | None:
         if timing.latency_ms is None or self.limit_ms is None:
@@ -181,11 +182,28 @@ class MeasuredCheck:
                                "rule": "median of the timings <= limit + spread (half their range)",
                                "finalists": [{"trial": n, "file": f, **t.to_json(), "within": self.within(t)}
                                              for n, f, t in self.finalists]}
+        if self.repairs:
+            out["repairs"] = [r.to_json(self.within(r.timing)) for r in self.repairs]
         if self.baseline is not None:
             out["baseline"] = self.baseline.to_json()
         if self.reason:
             out["reason"] = self.reason
         return out
+
+
+@dataclass(frozen=True)
+class MeasuredRepair:
+    """The pick by prediction re-allocated under a tighter predicted latency limit, fine-tuned and timed."""
+
+    trial: int  # the finalist repaired
+    latency_scale: float  # the predicted latency limit it was allocated under, as a share of the budget's
+    predicted_ms: float
+    file: str
+    timing: Any  # hwmodels.device.Timing
+
+    def to_json(self, within: bool | None) -> dict[str, Any]:
+        return {"trial": self.trial, "latency_scale": round(self.latency_scale, 4), "predicted_ms": self.predicted_ms,
+                "file": self.file, **self.timing.to_json(), "within": within}
 
 
 def check_target_and_budget(config: SearchConfig, progress: Callable[[str], None] | None = None) -> None:
@@ -235,10 +253,13 @@ def pick_finalists(candidates: Sequence[Candidate], n: int) -> list[Candidate]:
 def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float], Any], screen: Screen,
              config: SearchConfig, *, study_name: str, counts: Callable[[], dict[str, int]],
              on_final: Callable[[Finalist], None] = lambda f: None,
-             callback: Callable[[TrialEvent], None] = lambda e: None) -> SearchResult:
+             callback: Callable[[TrialEvent], None] = lambda e: None,
+             tighten: Callable[[Candidate, float], Policy | None] | None = None) -> SearchResult:
     """The second rung: fine-tune the finalists at full fidelity and choose the most accurate (then fastest).
 
-    ``on_final`` sees each finalist as soon as it is scored; ``counts`` is read once the rung is done."""
+    ``on_final`` sees each finalist as soon as it is scored; ``counts`` is read once the rung is done.
+    When every finalist is over the budget by measurement, ``tighten`` (a candidate and a share of the
+    predicted latency limit -> a policy within that share) repairs the pick (``measured_repair``)."""
     if not candidates:
         raise TrialFailed("no candidate could be evaluated; see the failed trials' reasons in trials.csv")
     best_low = max(c.accuracy for c in candidates)
@@ -261,9 +282,14 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
     ranked = [best] + sorted((d for d in done if d is not best), key=lambda d: d[0], reverse=True)
     pick, measured = measured_choice([(c, s) for _, c, s in ranked], evaluator, config, callback)
     _, chosen, scored = ranked[pick]
-    best_costs = dict(screen.costs(chosen.policy))
+    policy = chosen.policy
+    if measured is not None and measured.feasible is False and tighten is not None:
+        timing = measured.finalists[pick][2]
+        policy, scored, measured = measured_repair(chosen, policy, scored, timing, measured, evaluator, screen,
+                                                   config, tighten, callback)
+    best_costs = dict(screen.costs(policy))
     return SearchResult(config=config, study_name=study_name, space=screen.space, best_trial=chosen.number,
-                        best_policy=chosen.policy, best_model=scored.model, best_scored=scored, best_costs=best_costs,
+                        best_policy=policy, best_model=scored.model, best_scored=scored, best_costs=best_costs,
                         feasible=not screen.violations(best_costs), finalists=tuple(finalists), budget=screen.budget,
                         lowest_reachable=dict(screen.lowest), baseline_costs=dict(screen.baseline_costs),
                         counts=counts(), measured=measured)
@@ -308,3 +334,61 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
                             f"trial {n}: {said}"))
     pick = next((i for i, ok in enumerate(verdicts) if ok), 0)
     return pick, replace(check, feasible=verdicts[pick] if verdicts else None)
+
+
+MEASURED_REPAIRS = 2  # rounds of re-allocation when no finalist is within the budget by measurement
+REPAIR_MARGIN = 0.95  # aim under the measured limit: the correction is read off one policy and applied to another
+
+
+def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any, check: MeasuredCheck, evaluator: Any,
+                    screen: Screen, config: SearchConfig, tighten: Callable[[Candidate, float], Policy | None],
+                    callback: Callable[[TrialEvent], None] = lambda e: None,
+                    rounds: int = MEASURED_REPAIRS) -> tuple[Policy, Any, MeasuredCheck]:
+    """The pick re-allocated under a predicted latency limit shrunk by what measurement showed (measured /
+    predicted of the last policy timed), fine-tuned at full fidelity and timed, for up to ``rounds``
+    rounds: the first within the budget by measurement is returned with the check's verdict true. When
+    none is, the pick by prediction comes back unchanged, marked over, and the attempts are on record."""
+    from autocompress.deploy import time_deployed
+    from autocompress.hwmodels import get_target
+    from autocompress.hwmodels.device import timer_for
+
+    target = get_target(config.target)
+    device = timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+    limit_pred = screen.budget.latency_ms
+    if device is None or not limit_pred or check.limit_ms is None:
+        return policy, scored, check
+    repairs: list[MeasuredRepair] = []
+    tried = [policy]
+    last_policy, last_timing, scale = policy, timing, 1.0
+    for _ in range(rounds):
+        if last_timing.latency_ms is None or last_timing.latency_ms <= 0:
+            break
+        predicted = float(screen.costs(last_policy)["latency_ms"])
+        wanted = min(scale, predicted / limit_pred) * min(1.0, check.limit_ms / last_timing.latency_ms) * REPAIR_MARGIN
+        floor = screen.lowest["latency_ms"] / limit_pred * 1.02  # as far as the space reaches, if not as far as asked
+        if floor >= min(scale, predicted / limit_pred):
+            break
+        scale = max(wanted, floor)
+        candidate = tighten(chosen, scale)
+        if candidate is None or candidate in tried:
+            callback(TrialEvent(chosen.number, "final", config.trials, config.trials, chosen.accuracy, "finalists",
+                                f"trial {chosen.number}: no other policy meets {scale:.2f}x of the predicted latency "
+                                "limit; not repaired"))
+            break
+        tried.append(candidate)
+        new_scored = evaluator(candidate, config.full_epochs)
+        ((name, t),), _ = time_deployed([new_scored.model], evaluator.example, device.timer,
+                                        calibration=getattr(evaluator, "calibration", None), int8=target.fast_int8,
+                                        fp16=target.fast_fp16)
+        repairs.append(MeasuredRepair(chosen.number, scale, float(screen.costs(candidate)["latency_ms"]), name, t))
+        ok = check.within(t)
+        said = (f"{name} not measured: {t.error}" if t.latency_ms is None else
+                f"{name} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms: "
+                + ("within the budget" if ok else "over the budget"))
+        callback(TrialEvent(chosen.number, "final", config.trials, config.trials, chosen.accuracy, "finalists",
+                            f"trial {chosen.number} repaired to {scale:.2f}x of the predicted latency limit "
+                            f"({metric_label(evaluator)} {new_scored.accuracy:.4f}): {said}"))
+        if ok:
+            return candidate, new_scored, replace(check, feasible=True, repairs=tuple(repairs))
+        last_policy, last_timing = candidate, t
+    return policy, scored, replace(check, repairs=tuple(repairs))

@@ -34,7 +34,7 @@ from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, Searc
                                       metric_label, study_name_for)
 from autocompress.search.screen import Screen
 from autocompress.search.space_params import ParamSpace
-from autocompress.search.tradeoff import make_params
+from autocompress.search.tradeoff import TradeoffSpace, make_params
 from autocompress.space.policy import Policy
 
 SENSITIVITY_ATTR = "sensitivity"
@@ -106,7 +106,16 @@ def conclude(study: optuna.Study, params: ParamSpace, screen: Screen, evaluator:
     """The finalists rung over the study's completed trials; each finalist's full-fidelity score goes on the study."""
     return finalise(candidates(study, params), evaluator, screen, config, study_name=study.study_name,
                     counts=lambda: counts(study), callback=callback,
-                    on_final=lambda f: study.set_user_attr(f"full:{f.number}", f.accuracy_full))
+                    on_final=lambda f: study.set_user_attr(f"full:{f.number}", f.accuracy_full),
+                    tighten=tightener(params, screen))
+
+
+def tightener(params: Any, screen: Screen) -> Callable[[Candidate, float], Policy | None]:
+    """How a measured repair tightens a candidate: the allocation again under the smaller latency limit
+    (trade-off space), or the greedy repair of its policy against it (per-decision space)."""
+    if isinstance(params, TradeoffSpace):  # the greedy repair where no allocation meets the limit
+        return lambda c, scale: params.tightened(dict(c.params), scale) or screen.repair(c.policy, latency_scale=scale)
+    return lambda c, scale: screen.repair(c.policy, latency_scale=scale)
 
 
 class OptunaDriver:

@@ -7,6 +7,7 @@ space reaches is checked up front, so an impossible budget fails at once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from autocompress.errors import InfeasibleBudgetError
@@ -30,8 +31,12 @@ class Screen:
         self.lowest = self.lowest_reachable()
         self.check_reachable()
 
-    def violations(self, c: dict[str, Any]) -> dict[str, float]:
-        return self.budget.violations(latency_ms=c["latency_ms"], energy_mj=c["energy_mj"], size_bytes=c["size_bytes"])
+    def violations(self, c: dict[str, Any], latency_scale: float = 1.0) -> dict[str, float]:
+        """Limits ``c`` breaks; ``latency_scale`` below 1 tightens the latency limit (a measured repair)."""
+        budget = self.budget
+        if latency_scale != 1.0 and budget.latency_ms is not None:
+            budget = replace(budget, latency_ms=budget.latency_ms * latency_scale)
+        return budget.violations(latency_ms=c["latency_ms"], energy_mj=c["energy_mj"], size_bytes=c["size_bytes"])
 
     def margins(self, c: dict[str, Any]) -> dict[str, float]:
         """Relative slack per budget limit: <= 0 where the limit is met (Optuna's constraint convention)."""
@@ -39,12 +44,13 @@ class Screen:
                   "size_bytes": self.budget.size_bytes}
         return {k: c[k] / v - 1.0 for k, v in limits.items() if v}
 
-    def feasible(self, policy: Policy) -> bool:
-        return not self.violations(self.costs(policy))
+    def feasible(self, policy: Policy, latency_scale: float = 1.0) -> bool:
+        return not self.violations(self.costs(policy), latency_scale)
 
-    def repair(self, policy: Policy) -> Policy | None:
-        """The policy pushed into the budget (see ``space_params.repair``); None where that cannot be done."""
-        return repair(self.space, policy, self.feasible)
+    def repair(self, policy: Policy, latency_scale: float = 1.0) -> Policy | None:
+        """The policy pushed into the budget, its latency limit scaled by ``latency_scale`` (see
+        ``space_params.repair``); None where that cannot be done."""
+        return repair(self.space, policy, lambda p: self.feasible(p, latency_scale))
 
     def lowest_reachable(self) -> dict[str, float]:
         costs = [self.costs(p) for p in extreme_policies(self.space)] + [self.baseline_costs]

@@ -48,10 +48,14 @@ class Planner:
     def kinds(self) -> list[str]:
         return sorted({s.kind for s in self.slot_list})
 
-    def allocation(self, weights: Mapping[str, float], fill: float = 1.0) -> Policy | None:
-        key = (tuple(sorted(weights.items())), fill)
+    def allocation(self, weights: Mapping[str, float], fill: float = 1.0, latency_scale: float = 1.0) -> Policy | None:
+        """``latency_scale`` below 1 allocates under a tighter latency limit (a measured repair)."""
+        key = (tuple(sorted(weights.items())), fill, latency_scale)
         if key not in self._memo:
-            found = allocate(self.space, self.table, self.costs, self.limits, self.slot_list, weights=weights,
+            limits = dict(self.limits)
+            if latency_scale != 1.0 and limits.get("latency_ms"):
+                limits["latency_ms"] *= latency_scale
+            found = allocate(self.space, self.table, self.costs, limits, self.slot_list, weights=weights,
                              fill=fill, conflicts=self.conflicts)
             self._memo[key] = found.policy if found is not None else None
         return self._memo[key]
@@ -83,6 +87,13 @@ class TradeoffSpace:
         if policy is None:  # no allocation meets the budget at these weights: the most compressed uniform point
             policy = next(iter(self.starts.values()), Policy.identity(self.planner.space))
         return self.repair(policy) or policy
+
+    def tightened(self, params: Mapping[str, Any], latency_scale: float) -> Policy | None:
+        """The allocation at ``params``' weights (neutral ones for a uniform or warm-start origin) under
+        the latency limit times ``latency_scale``; None where none meets it."""
+        neutral = params.get("origin", ALLOCATION) in self.starts
+        weights = {k: 1.0 if neutral else float(params.get(f"weight:{k}", 1.0)) for k in self.planner.kinds()}
+        return self.planner.allocation(weights, 1.0 if neutral else float(params.get("fill", 1.0)), latency_scale)
 
     def to_params(self, policy: Policy) -> dict[str, Any]:
         """The parameters of a start point (the allocation at neutral weights, or one of ``starts``)."""
