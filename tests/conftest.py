@@ -32,6 +32,17 @@ def small_shape(spec: str) -> tuple[int, ...] | None:
     return SMALL_SHAPE if spec.startswith("torchvision:") else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
+def pytest_collection_modifyitems(items: list) -> None:
+    """The `heavy` tests first and in one lane (one xdist worker, one after another): each runs several
+    processes of its own, so two at once only contend for the cores, while the other worker runs the
+    light tests beside them."""
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def autocompress_cache(tmp_path_factory) -> Path:
     """A session-private ``AUTOCOMPRESS_CACHE`` pre-seeded with digits-net weights.

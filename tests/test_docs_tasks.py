@@ -31,7 +31,8 @@ def doc_commands() -> list[list[str]]:
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     head = {"python": [sys.executable], "autocompress": [sys.executable, "-m", "autocompress.cli.main"]}[argv[0]]
     # A cache of its own, as on a fresh clone: `local` is calibrated on first use there, not in the session's
-    env = {**os.environ, "AUTOCOMPRESS_CACHE": str(cwd / ".cache")}
+    # One torch thread: the suite's other worker holds the second core
+    env = {**os.environ, "AUTOCOMPRESS_CACHE": str(cwd / ".cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*head, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -42,6 +43,7 @@ def test_the_docs_list_both_examples():
         "examples/text_task.py:make_task", "examples/segmentation_task.py:make_task"}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("example", ["text", "seg"])
 def test_a_docs_example_runs_as_written(example: str, tmp_path: Path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")

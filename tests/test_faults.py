@@ -71,6 +71,7 @@ def test_diverging_candidates_fail_with_their_reason(tmp_path, monkeypatch):
     assert conv2_width(chosen["decisions"]) > 8
 
 
+@pytest.mark.heavy
 def test_ray_backend_screens_and_records_failures(tmp_path, short_tmp):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"
@@ -98,6 +99,7 @@ def test_ray_backend_screens_and_records_failures(tmp_path, short_tmp):
     assert (out / "model.onnx").exists() and result["feasible"] is True
 
 
+@pytest.mark.heavy
 def test_killed_ray_driver_resumes_the_sweep(tmp_path, short_tmp):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"

@@ -582,6 +582,7 @@ def test_targets_table_and_bad_calibrate_target():
         assert bad.exit_code == 2 and says in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
 
 
+@pytest.mark.heavy
 def test_calibrate_local_quick_end_to_end():
     """`autocompress calibrate --target local --quick` measures, profiles, fits and saves `local`."""
     from autocompress.api import open_model

@@ -39,6 +39,7 @@ def study_trials(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=STUDY, storage=_pg_driver(url)).get_trials(deepcopy=False)
 
 
+@pytest.mark.heavy
 def test_two_workers_share_one_study(tmp_path, postgres):
     url = fresh_db(postgres, "two_workers")
     model, data = write_factories(tmp_path)
@@ -75,6 +76,7 @@ def test_two_workers_share_one_study(tmp_path, postgres):
         assert result["study"] == STUDY
 
 
+@pytest.mark.heavy
 def test_killed_worker_resumes_without_losing_trials(tmp_path, postgres):
     url = fresh_db(postgres, "resume")
     model, data = write_factories(tmp_path)
@@ -120,6 +122,7 @@ def test_killed_worker_resumes_without_losing_trials(tmp_path, postgres):
     assert read_result(tmp_path / "out")["trials"]["complete"] + read_result(tmp_path / "out")["trials"]["failed"] == trials
 
 
+@pytest.mark.heavy
 def test_a_worker_killed_before_claiming_leaves_no_extra_trial(tmp_path, postgres):
     """A worker killed between asking for a trial and claiming a slot leaves a RUNNING trial with no
     owner and no heartbeat: once stale it is pruned as never fine-tuned, not failed into the count."""
@@ -144,6 +147,7 @@ def test_a_worker_killed_before_claiming_leaves_no_extra_trial(tmp_path, postgre
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]
 
 
+@pytest.mark.heavy
 def test_two_workers_search_one_user_task_on_postgresql(tmp_path, postgres):
     """A Task file is imported by every worker; the study counts both workers' trials together."""
     from tests.test_tasks import TOKENS

@@ -36,6 +36,7 @@ def cluster(tmp_path):
         c.stop()
 
 
+@pytest.mark.heavy
 def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"
@@ -90,6 +91,7 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     assert result["feasible"] is True
 
 
+@pytest.mark.heavy
 def test_ray_stays_out_of_the_import_path_and_resume_needs_a_sweep(tmp_path):
     code = ("import sys, autocompress, autocompress.cli.main, autocompress.search.run; "
             "print('ray' in sys.modules)")
@@ -107,6 +109,7 @@ def test_ray_stays_out_of_the_import_path_and_resume_needs_a_sweep(tmp_path):
     assert not (out / "result.json").exists()
 
 
+@pytest.mark.heavy
 def test_the_ray_backend_locks_out_and_refuses_a_folder_holding_another_search(tmp_path):
     """The same rules as the Optuna backend: one search per --out, and a folder that holds another search
     is refused (nothing touched) before Ray starts."""

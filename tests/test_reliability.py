@@ -188,6 +188,7 @@ def test_a_missing_database_driver_is_named(monkeypatch) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.heavy
 def test_a_redirected_search_logs_each_trial_as_it_finishes(tmp_path: Path) -> None:
     """stdout to a file (CI logs, nohup): plain lines per phase and trial, flushed as they happen."""
     import subprocess

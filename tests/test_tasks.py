@@ -183,6 +183,7 @@ def test_task_and_data_together_are_refused(tokens: Path, tmp_path: Path):
     assert_one_line_error(run_cli(*_args(tokens, tmp_path / "o"), "--data", "sklearn:digits"), "--task and --data")
 
 
+@pytest.mark.heavy
 def test_a_killed_task_search_resumes_to_the_same_count_of_trials(tokens: Path, tmp_path: Path):
     from cluster_utils import kill_after_completed
 
@@ -245,6 +246,7 @@ def test_an_onnx_file_scores_like_the_model_it_was_exported_from(tokens: Path, t
     assert not deployed_gaps(scored["model.onnx"] + 0.005, scored)
 
 
+@pytest.mark.heavy
 def test_max_drop_returns_the_cheapest_model_within_the_drop(tokens: Path, tmp_path: Path):
     out = tmp_path / "bounded"
     args = ["search", "--model", f"{tokens}:model", "--task", f"{tokens}:task", "--target", "mobile",
