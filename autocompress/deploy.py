@@ -95,27 +95,37 @@ def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], f
                   int8: bool = True, fp16: bool = False, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:
     """Each model's deployed file (``deployed_file``) and, with ``baseline``, the original model's fp32
     file, timed by ``timer`` in ``rounds`` interleaved passes: [(file name, Timing)] and the baseline's
-    Timing. A model that cannot be exported or timed gets a Timing with the reason, not an exception."""
+    Timing. Where the deployed file is the int8 or fp16 one, the model's fp32 file is timed too and the
+    faster of the two is the one returned: small int8 layers can lose more to conversions than their
+    kernels save, and both files ship. A model that cannot be exported or timed gets a Timing with the
+    reason, not an exception."""
     import tempfile
 
     from autocompress.hwmodels.device import time_rounds
 
     with tempfile.TemporaryDirectory(prefix="autocompress-finalists-") as tmp:
-        files: list[Path | None] = []
+        files: list[list[Path]] = []  # per model: the deployed file, then its fp32 file where they differ
         errors: list[str] = []
         for i, model in enumerate([*models, *([baseline] if baseline is not None else [])]):
             folder = Path(tmp) / str(i)
             folder.mkdir()
             try:
                 finalist = i < len(models)  # the baseline is timed as its fp32 file
-                files.append(deployed_file(model, example, folder, calibration, int8=int8 and finalist,
-                                           fp16=fp16 and finalist))
+                path = deployed_file(model, example, folder, calibration, int8=int8 and finalist,
+                                     fp16=fp16 and finalist)
+                files.append([path] + ([folder / "model.onnx"] if path.name != "model.onnx" else []))
                 errors.append("")
             except Exception as exc:  # one finalist that does not export is reported, the others still timed
-                files.append(None)
+                files.append([])
                 errors.append(f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        timed = iter(time_rounds([f for f in files if f is not None], timer, rounds))
-        timings = [next(timed) if f is not None else Timing(None, error=e) for f, e in zip(files, errors)]
-    names = [f.name if f is not None else "model.onnx" for f in files]
-    out = list(zip(names[:len(models)], timings[:len(models)]))
-    return out, (timings[-1] if baseline is not None else None)
+        timed = iter(time_rounds([f for group in files for f in group], timer, rounds))
+        chosen: list[tuple[str, Timing]] = []
+        for group, error in zip(files, errors):
+            if not group:
+                chosen.append(("model.onnx", Timing(None, error=error)))
+                continue
+            options = [(f.name, next(timed)) for f in group]
+            measured = [o for o in options if o[1].latency_ms is not None]
+            chosen.append(min(measured, key=lambda o: o[1].latency_ms) if measured else options[0])
+    out = chosen[:len(models)]
+    return out, (chosen[-1][1] if baseline is not None else None)

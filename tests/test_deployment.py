@@ -463,3 +463,27 @@ def test_a_repair_the_space_cannot_reach_leaves_the_pick_marked_over(tmp_path):
     assert check.feasible is False and policy.decisions["w"] == 128 and scored.accuracy == pytest.approx(0.9)
     assert len(check.repairs) == 1 and check.repairs[0].latency_scale == pytest.approx(2.4 / 3.0 * 1.02)
     assert check.within(check.repairs[0].timing) is False
+
+
+@pytest.mark.parametrize("int8_scale, expected", [("0.001", "model.int8.onnx"), ("0.1", "model.onnx")])
+def test_a_finalist_is_timed_as_the_faster_of_its_int8_and_fp32_files(tmp_path, monkeypatch, int8_scale, expected):
+    """Both files ship; where int8 kernels lose to float ones (conversions on small layers), the fp32 file
+    is what meets a budget, and the timing says which file it is."""
+    from autocompress.compress import ApplyContext, apply
+    from autocompress.deploy import time_deployed
+    from autocompress.hwmodels.device import timer_for
+    from autocompress.models import BUILTIN_MODELS
+    from autocompress.space.policy import Policy
+    from tests.conftest import workspace
+
+    ws = workspace("builtin:digits-net")
+    policy = Policy(ws.space.model, ws.space.fingerprint, {"wbits:fc1": 8, "abits:fc1": 8}, ws.space.options)
+    example = torch.randn(1, 1, 32, 32)
+    torch.manual_seed(0)
+    model = apply(BUILTIN_MODELS.get("digits-net").factory().eval(), policy, ws.space, ctx=ApplyContext(ws.space, example))
+    fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
+    monkeypatch.setenv("FAKE_SCALE", "0.01")
+    monkeypatch.setenv("FAKE_INT8_SCALE", int8_scale)
+    device = timer_for(get_target("mobile"), f"{PY} {fake} {{onnx}}")
+    ((name, timing),), base = time_deployed([model], example, device.timer, rounds=1)
+    assert name == expected and base is None and timing.latency_ms > 0
