@@ -142,10 +142,12 @@ def time_rounds(paths: Sequence[Path], timer: Timer, rounds: int = 3, seed: int 
 
 
 def local_timer(threads: int = 1) -> Timer:
-    """ONNX Runtime on this machine: one fresh session's quiet latency, as ``calibrate`` measures it."""
-    from autocompress.hwmodels.measure import time_file
+    """ONNX Runtime on this machine: the file's quiet latency as ``calibrate`` measures it (the lowest
+    over 4 fresh sessions). One session alone is bimodal here: about 3 in 10 run 1.7x slower, which
+    moved a median of 3 sessions, and a relative budget's limit with it, by up to 50 %."""
+    from autocompress.hwmodels.measure import measure_files
 
-    return lambda path: time_file(Path(path), threads=threads)
+    return lambda path: measure_files([Path(path)], threads=threads)[0]
 
 
 @dataclass(frozen=True)
