@@ -300,23 +300,18 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
     """The index in ``ranked`` (finalists, best first) of the first one within the latency budget by
     measurement, or 0 (the pick by prediction) when none is; and the check. Nothing is timed where the
     target cannot be measured, the budget has no latency limit, or ``measure_finalists`` is off."""
-    from autocompress.deploy import time_deployed
-    from autocompress.hwmodels import get_target, parse_budget
-    from autocompress.hwmodels.device import timer_for
+    from autocompress.hwmodels import parse_budget
 
     if not config.measure_finalists:
         return 0, None
-    target = get_target(config.target)
-    device = timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+    target, device = _device(config)
     if device is None:
         return 0, MeasuredCheck(None, reason=f"{target.name} is not measured here: give --measure-cmd to time on it")
     budget = parse_budget(config.budget)
     if budget.latency_ms is None and budget.relative is None:
         return 0, MeasuredCheck(None, device.label, reason="the budget has no latency limit")
-    timings, base = time_deployed([s.model for _, s in ranked], evaluator.example, device.timer,
-                                  calibration=getattr(evaluator, "calibration", None), int8=target.fast_int8,
-                                  fp16=target.fast_fp16,
-                                  baseline=evaluator.teacher if budget.relative is not None else None)
+    timings, base = _time([s.model for _, s in ranked], evaluator, target, device,
+                          baseline=evaluator.teacher if budget.relative is not None else None)
     limits = [budget.latency_ms] if budget.latency_ms is not None else []
     if base is not None and base.latency_ms is not None:
         limits.append(budget.relative * base.latency_ms)
@@ -326,10 +321,7 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
                                             f"{base.error if base is not None else ''}")
     verdicts = [check.within(t) for _, _, t in check.finalists]
     for (n, f, t), ok in zip(check.finalists, verdicts):
-        said = (f"{f} not measured: {t.error}" if t.latency_ms is None else
-                f"{f} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms"
-                + (f" against {check.limit_ms:.4g} ms: " + ("within the budget" if ok else "over the budget")
-                   if ok is not None else ""))
+        said = _timing_words(f, t, ok, check.limit_ms)
         callback(TrialEvent(n, "final", config.trials, config.trials, ranked[0][1].accuracy, "finalists",
                             f"trial {n}: {said}"))
     pick = next((i for i, ok in enumerate(verdicts) if ok), 0)
@@ -348,12 +340,7 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
     predicted of the last policy timed), fine-tuned at full fidelity and timed, for up to ``rounds``
     rounds: the first within the budget by measurement is returned with the check's verdict true. When
     none is, the pick by prediction comes back unchanged, marked over, and the attempts are on record."""
-    from autocompress.deploy import time_deployed
-    from autocompress.hwmodels import get_target
-    from autocompress.hwmodels.device import timer_for
-
-    target = get_target(config.target)
-    device = timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+    target, device = _device(config)
     limit_pred = screen.budget.latency_ms
     if device is None or not limit_pred or check.limit_ms is None:
         return policy, scored, check
@@ -377,14 +364,10 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
             break
         tried.append(candidate)
         new_scored = evaluator(candidate, config.full_epochs)
-        ((name, t),), _ = time_deployed([new_scored.model], evaluator.example, device.timer,
-                                        calibration=getattr(evaluator, "calibration", None), int8=target.fast_int8,
-                                        fp16=target.fast_fp16)
+        ((name, t),), _ = _time([new_scored.model], evaluator, target, device)
         repairs.append(MeasuredRepair(chosen.number, scale, float(screen.costs(candidate)["latency_ms"]), name, t))
         ok = check.within(t)
-        said = (f"{name} not measured: {t.error}" if t.latency_ms is None else
-                f"{name} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms: "
-                + ("within the budget" if ok else "over the budget"))
+        said = _timing_words(name, t, ok, check.limit_ms)
         callback(TrialEvent(chosen.number, "final", config.trials, config.trials, chosen.accuracy, "finalists",
                             f"trial {chosen.number} repaired to {scale:.2f}x of the predicted latency limit "
                             f"({metric_label(evaluator)} {new_scored.accuracy:.4f}): {said}"))
@@ -392,3 +375,27 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
             return candidate, new_scored, replace(check, feasible=True, repairs=tuple(repairs))
         last_policy, last_timing = candidate, t
     return policy, scored, replace(check, repairs=tuple(repairs))
+
+
+def _device(config: SearchConfig) -> tuple[Any, Any]:
+    """The target and how it is timed (``hwmodels.device.timer_for``; None where nothing here can)."""
+    from autocompress.hwmodels import get_target
+    from autocompress.hwmodels.device import timer_for
+
+    target = get_target(config.target)
+    return target, timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+
+
+def _time(models: Sequence[Any], evaluator: Any, target: Any, device: Any, baseline: Any = None) -> tuple[list, Any]:
+    """``deploy.time_deployed`` with the files the target would run."""
+    from autocompress.deploy import time_deployed
+
+    return time_deployed(models, evaluator.example, device.timer, calibration=getattr(evaluator, "calibration", None),
+                         int8=target.fast_int8, fp16=target.fast_fp16, baseline=baseline)
+
+
+def _timing_words(name: str, t: Any, ok: bool | None, limit_ms: float | None) -> str:
+    if t.latency_ms is None:
+        return f"{name} not measured: {t.error}"
+    verdict = f" against {limit_ms:.4g} ms: " + ("within the budget" if ok else "over the budget") if ok is not None else ""
+    return f"{name} measured {t.latency_ms:.4g} ± {t.spread_ms:.2g} ms{verdict}"
