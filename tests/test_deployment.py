@@ -499,3 +499,13 @@ def test_the_local_timer_takes_the_quiet_latency_not_one_session(monkeypatch, tm
     monkeypatch.setattr(measure, "time_file", lambda path, threads=1, warmup=10, runs=20: next(sessions))
     timer = local_timer(1)
     assert [timer(tmp_path / "m.onnx") for _ in range(2)] == [0.42, 0.41]
+
+
+def test_the_summary_says_both_verdicts_and_a_repair():
+    from autocompress.cli.search_cmds import feasibility_words
+
+    assert feasibility_words({"feasible": True}) == "feasible: True"
+    assert feasibility_words({"feasible": True, "measured_feasible": False}) == \
+        "feasible: True by prediction, False by measurement"
+    repaired = {"feasible": True, "measured_feasible": True, "measured": {"repairs": [{"within": False}, {"within": True}]}}
+    assert feasibility_words(repaired) == "feasible: True by prediction, True by measurement (the pick repaired to fit)"

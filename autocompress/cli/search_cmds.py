@@ -175,7 +175,17 @@ def _summary(result: dict, out: Path) -> None:
     t = result["trials"]
     repeats = t.get("duplicates", 0)
     early = t.get("early_stopped", 0)
-    console.print(f"feasible: {result['feasible']}; trials: {t['complete']} evaluated, {t['pruned'] - repeats - early} "
+    console.print(f"{feasibility_words(result)}; trials: {t['complete']} evaluated, {t['pruned'] - repeats - early} "
                   f"screened out, {t['failed']} failed" + (f", {early} stopped early" if early else "")
                   + (f", {repeats} repeats of an evaluated policy skipped" if repeats else "")
                   + f"; results in {out}/ (report.md, policy.json, model.onnx)")
+
+
+def feasibility_words(result: dict) -> str:
+    """The summary's verdict: by prediction, and by measurement where the finalists were timed."""
+    measured = result.get("measured_feasible")
+    if measured is None:
+        return f"feasible: {result['feasible']}"
+    repaired = any(r.get("within") for r in (result.get("measured") or {}).get("repairs", []))
+    return (f"feasible: {result['feasible']} by prediction, {measured} by measurement"
+            + (" (the pick repaired to fit)" if repaired else ""))
