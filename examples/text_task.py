@@ -8,7 +8,7 @@ negative, neutral), so the example runs offline and the metric means something.
 
     python examples/text_task.py text_model.pt          # train the model (about a minute on 2 cores)
     autocompress search --model examples/text_task.py:make_model --weights text_model.pt \\
-        --task examples/text_task.py:make_task --target local --budget 0.5x --out text-out
+        --task examples/text_task.py:make_task --target mobile --budget 0.5x --out text-out
 """
 
 from __future__ import annotations
