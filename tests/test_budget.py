@@ -63,3 +63,14 @@ def test_relative_budget_must_be_resolved_before_judging():
 def test_to_json_lists_only_set_limits():
     assert parse_budget("2mJ").to_json() == {"energy_mj": 2.0}
     assert parse_budget("0.5x").resolved(8.0).to_json() == {"latency_ms": 4.0}
+
+
+def test_a_latency_scale_tightens_only_the_latency_limit():
+    b = Budget(latency_ms=4.0, energy_mj=2.0, size_bytes=1000)
+    tight = b.with_latency_scale(0.5)
+    assert tight == Budget(latency_ms=2.0, energy_mj=2.0, size_bytes=1000)
+    assert tight.violations(latency_ms=3.0) == pytest.approx({"latency_ms": 0.5})
+    assert b.with_latency_scale(1.0) is b
+    assert Budget(energy_mj=2.0).with_latency_scale(0.5) == Budget(energy_mj=2.0)  # no latency limit to scale
+    with pytest.raises(BudgetError):
+        parse_budget("0.5x").with_latency_scale(0.5)

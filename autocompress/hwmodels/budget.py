@@ -39,6 +39,14 @@ class Budget:
         lat = rel if self.latency_ms is None else min(self.latency_ms, rel)
         return replace(self, latency_ms=lat, relative=None)
 
+    def with_latency_scale(self, scale: float) -> "Budget":
+        """The budget with its latency limit times ``scale`` (below 1: tighter, as a measured repair asks)."""
+        if self.relative is not None:
+            raise BudgetError(f"budget {self} is relative; call resolved(baseline_latency_ms) first")
+        if scale == 1.0 or self.latency_ms is None:
+            return self
+        return replace(self, latency_ms=self.latency_ms * scale)
+
     def violations(self, latency_ms: float | None = None, energy_mj: float | None = None,
                    size_bytes: float | None = None) -> dict[str, float]:
         """Relative excess per violated limit (0.2 = 20 % over); empty when every limit is met."""

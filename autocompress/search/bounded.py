@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autocompress.errors import InfeasibleBudgetError, TrialFailed
+from autocompress.hwmodels.budget import Budget
 from autocompress.search.core import Finalist, SearchConfig, SearchResult, TrialEvent, metric_label
 from autocompress.search.screen import Screen
 from autocompress.search.tradeoff import ALLOCATION, make_params
@@ -68,7 +69,8 @@ class BoundedSearch:
         neutral = {k: 1.0 for k in self.planner.kinds()}
         out: list[Rung] = []
         for f in LADDER:
-            planner = dataclasses.replace(self.planner, limits={self.key: f * self.base_cost}, _memo={})
+            planner = dataclasses.replace(self.planner, budget=Budget(**{self.key: f * self.base_cost}),
+                                          _memo={})
             policy = planner.allocation(neutral)
             if policy is not None and all(policy != r.policy for r in out):
                 out.append(Rung(f, policy))

@@ -7,7 +7,6 @@ space reaches is checked up front, so an impossible budget fails at once.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from autocompress.errors import InfeasibleBudgetError
@@ -33,10 +32,7 @@ class Screen:
 
     def violations(self, c: dict[str, Any], latency_scale: float = 1.0) -> dict[str, float]:
         """Limits ``c`` breaks; ``latency_scale`` below 1 tightens the latency limit (a measured repair)."""
-        budget = self.budget
-        if latency_scale != 1.0 and budget.latency_ms is not None:
-            budget = replace(budget, latency_ms=budget.latency_ms * latency_scale)
-        return budget.violations(latency_ms=c["latency_ms"], energy_mj=c["energy_mj"], size_bytes=c["size_bytes"])
+        return self.budget.with_latency_scale(latency_scale).violations(latency_ms=c["latency_ms"], energy_mj=c["energy_mj"], size_bytes=c["size_bytes"])
 
     def margins(self, c: dict[str, Any]) -> dict[str, float]:
         """Relative slack per budget limit: <= 0 where the limit is met (Optuna's constraint convention)."""

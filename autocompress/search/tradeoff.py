@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from autocompress.hwmodels.budget import Budget
 from autocompress.search.allocate import Slot, allocate, cached_costs, conflicting_options, slots
 from autocompress.search.sensitivity import SensitivityTable
 from autocompress.space.policy import Policy
@@ -33,17 +34,17 @@ class Planner:
     slot_list: Sequence[Slot]
     conflicts: Sequence[tuple[tuple[int, int], tuple[int, int]]]
     costs: Callable[[Policy], Mapping[str, Any]]
-    limits: Mapping[str, float]
+    budget: Budget  # resolved: absolute limits only
     _memo: dict[tuple, Policy | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, space: SearchSpace, decisions: Sequence[Decision], table: SensitivityTable,
-              costs: Callable[[Policy], Mapping[str, Any]], limits: Mapping[str, float],
+              costs: Callable[[Policy], Mapping[str, Any]], budget: Budget,
               removed: Callable[[Mapping[str, Any]], set[str]]) -> "Planner":
         """``removed`` names the conv/linear paths a merge or branch assignment replaces (for conflicts)."""
-        slot_list = slots(space, decisions, weight_only=bool(limits.get("size_bytes")))
+        slot_list = slots(space, decisions, weight_only=budget.size_bytes is not None)
         return cls(space, table, slot_list, conflicting_options(space, slot_list, removed), cached_costs(costs),
-                   dict(limits))
+                   budget)
 
     def kinds(self) -> list[str]:
         return sorted({s.kind for s in self.slot_list})
@@ -52,9 +53,7 @@ class Planner:
         """``latency_scale`` below 1 allocates under a tighter latency limit (a measured repair)."""
         key = (tuple(sorted(weights.items())), fill, latency_scale)
         if key not in self._memo:
-            limits = dict(self.limits)
-            if latency_scale != 1.0 and limits.get("latency_ms"):
-                limits["latency_ms"] *= latency_scale
+            limits = self.budget.with_latency_scale(latency_scale).to_json()
             found = allocate(self.space, self.table, self.costs, limits, self.slot_list, weights=weights,
                              fill=fill, conflicts=self.conflicts)
             self._memo[key] = found.policy if found is not None else None
@@ -170,8 +169,7 @@ def make_params(kind: str, screen: Any, teacher: Any, calibration: Any, *, tie: 
     table = sensitivity_for(space, decisions, teacher, calibration, stored)
     if table.to_json() != stored:
         store(table.to_json())
-    limits = {k: v for k, v in screen.budget.to_json().items() if k in ("latency_ms", "energy_mj", "size_bytes")}
-    planner = Planner.build(space, decisions, table, screen.costs, limits, removed_layers(teacher, space))
+    planner = Planner.build(space, decisions, table, screen.costs, screen.budget, removed_layers(teacher, space))
     starts = {f"uniform:{i}": p for i, p in enumerate(starting_points(space, screen.feasible))}
     if warm is not None:
         starts["warm-start"] = warm
