@@ -58,3 +58,12 @@ def test_pytorch_artifact_takes_any_batch(tmp_path: Path) -> None:
     loaded = torch.export.load(str(tmp_path / "model.pt2")).module()
     x = torch.randn(3, 1, 32, 32)
     assert torch.allclose(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["-1", "101", "nan"])
+def test_a_repair_drop_outside_0_to_100_points_is_refused(tmp_path: Path, value: str) -> None:
+    res = _run("search", "--target", "mobile", "--budget", "5ms", "--repair-max-drop", value,
+               "--out", str(tmp_path / "o"))
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "--repair-max-drop" in lines[0], res.stderr
+    assert not (tmp_path / "o").exists()

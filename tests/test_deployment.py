@@ -269,7 +269,7 @@ def _config(fake: Path, budget: str):
 def test_a_finalist_over_the_budget_by_measurement_is_not_returned(tmp_path):
     """Files of about 34, 17 and 4.5 kB measure that many ms: with 20 ms the second is returned, with
     1 ms none fits and the first (the pick by prediction) comes back as measured over."""
-    from autocompress.search.core import measured_choice
+    from autocompress.search.measured import measured_choice
 
     fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
     events = []
@@ -284,7 +284,8 @@ def test_a_finalist_over_the_budget_by_measurement_is_not_returned(tmp_path):
 
 
 def test_on_local_the_finalists_are_timed_in_onnx_runtime_here():
-    from autocompress.search.core import SearchConfig, measured_choice
+    from autocompress.search.core import SearchConfig
+    from autocompress.search.measured import measured_choice
 
     seed_fitted_local()
     loose = SearchConfig(target="local", budget="1000ms", finalists=3)
@@ -300,7 +301,7 @@ def test_on_local_the_finalists_are_timed_in_onnx_runtime_here():
 
 
 def test_a_relative_budget_is_measured_against_the_timed_original(tmp_path):
-    from autocompress.search.core import measured_choice
+    from autocompress.search.measured import measured_choice
 
     fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
     pick, check = measured_choice(_ranked(), _Evaluator(), _config(fake, "0.4x"))
@@ -310,7 +311,7 @@ def test_a_relative_budget_is_measured_against_the_timed_original(tmp_path):
 
 
 def test_an_unmeasured_finalist_is_recorded_with_its_reason_and_the_next_one_timed(tmp_path, monkeypatch):
-    from autocompress.search.core import measured_choice
+    from autocompress.search.measured import measured_choice
 
     fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
     monkeypatch.setenv("FAKE_DEVICE", "bigfail")
@@ -325,7 +326,7 @@ def test_an_unmeasured_finalist_is_recorded_with_its_reason_and_the_next_one_tim
 
 
 def test_measurement_within_the_spread_counts_as_within_the_budget():
-    from autocompress.search.core import MeasuredCheck
+    from autocompress.search.measured import MeasuredCheck
 
     check = MeasuredCheck(None, limit_ms=5.0)
     assert check.within(Timing(5.2, 0.25)) is True
@@ -410,22 +411,28 @@ class _RepairScreen:
         return {"latency_ms": 0.02 * policy.decisions["w"]}
 
 
-def _repair_case(tmp_path: Path, lowest_width: int):
+def _repair_case(tmp_path: Path, lowest_width: int, *, budget: str = "3ms", repair_max_drop: float = 5.0,
+                 accuracy=lambda w: 0.88, between=lambda: None):
     """Finalists of widths 128, 64 and 16 (about 35, 17 and 4.5 kB: as many ms on the fake device) against
-    a 3 ms budget: every one is over by measurement, and the pick (width 128) is repaired."""
-    from autocompress.search.core import Candidate, measured_choice, measured_repair
+    a 3 ms budget: every one is over by measurement, and the pick (width 128, selection 0.9) is repaired.
+    ``accuracy`` scores a repair of width w; ``between`` runs after the finalists are timed."""
+    from dataclasses import replace
+
+    from autocompress.search.core import Candidate
+    from autocompress.search.measured import measured_choice, measured_repair
     from autocompress.space.policy import Policy
 
     fake = _script(tmp_path, "fake.py", FAKE_DEVICE)
-    config = _config(fake, "3ms")
+    config = replace(_config(fake, budget), repair_max_drop=repair_max_drop)
     ranked = [(Candidate(i, (("w", w),), Policy("m", "fp", {"w": w}), 0.9 - 0.1 * i, 0.02 * w), s)
               for i, ((_, s), w) in enumerate(zip(_ranked(), (128, 64, 16)))]
     pick, check = measured_choice(ranked, _Evaluator(), config)
     assert (pick, check.feasible) == (0, False)
+    between()
 
     def evaluator(policy, epochs):
         w = policy.decisions["w"]
-        return _Scored(nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, 4)).eval(), 0.5 + w / 1000)
+        return _Scored(nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, 4)).eval(), accuracy(w))
 
     for attr in ("example", "calibration", "teacher"):
         setattr(evaluator, attr, getattr(_Evaluator, attr))
@@ -442,18 +449,51 @@ def _repair_case(tmp_path: Path, lowest_width: int):
 
 
 def test_when_every_finalist_is_over_by_measurement_the_pick_is_repaired_until_one_fits(tmp_path):
-    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1)
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1, accuracy=lambda w: 0.5 + w / 1000,
+                                                          repair_max_drop=100.0)
     # round 1 shrinks the predicted limit by measured / limit (35 ms against 3) and a 5 % margin
     first = check.repairs[0]
     assert first.latency_scale == pytest.approx(2.56 / 3.0 * 3.0 / check.finalists[0][2].latency_ms * 0.95, rel=1e-6)
     assert asked == [r.latency_scale for r in check.repairs] and asked == sorted(asked, reverse=True)
-    assert check.feasible is True and check.within(check.repairs[-1].timing) is True
-    assert all(check.within(r.timing) is False for r in check.repairs[:-1])
+    assert check.feasible is True and check.repairs[-1].within is True and check.repair_stopped == ""
+    assert all(r.within is False and r.limit_ms == check.limit_ms for r in check.repairs[:-1])
     assert policy.decisions["w"] < 16 and scored.accuracy == pytest.approx(0.5 + policy.decisions["w"] / 1000)
     assert check.repairs[-1].predicted_ms == pytest.approx(0.02 * policy.decisions["w"])
+    assert check.repairs[-1].accuracy == pytest.approx(scored.accuracy)
     assert "repaired to" in events[-1].message and "within the budget" in events[-1].message
     rows = check.to_json()["repairs"]
-    assert [r["within"] for r in rows][-1] is True and all(r["trial"] == 0 for r in rows)
+    assert [r["within"] for r in rows][-1] is True and all(r["trial"] == 0 and r["limit_ms"] == 3.0 for r in rows)
+
+
+def test_a_repair_that_costs_more_than_the_allowed_drop_is_not_taken(tmp_path):
+    """The first repair scores 0.51 against the pick's 0.9: 39 points more than the default 5 allow. The
+    rounds end there and the pick is returned, marked over, with the reason on record."""
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1, accuracy=lambda w: 0.5 + w / 1000)
+    assert len(check.repairs) == 1 and check.repairs[0].accuracy < 0.52
+    assert check.feasible is False and policy.decisions["w"] == 128 and scored.accuracy == pytest.approx(0.9)
+    assert "--repair-max-drop 5" in check.repair_stopped and "points of acc below the pick" in check.repair_stopped
+    assert check.to_json()["repair_stopped"] == check.repair_stopped
+    assert "not taken" in events[-1].message
+
+
+def test_a_repair_within_the_allowed_drop_is_taken(tmp_path):
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1, accuracy=lambda w: 0.86)
+    assert check.feasible is True and policy.decisions["w"] < 16 and scored.accuracy == pytest.approx(0.86)
+
+
+def test_a_relative_budget_s_repair_is_judged_beside_the_original_timed_again(tmp_path, monkeypatch):
+    """The device runs twice as slow once the finalists are timed (a busier machine): the repair's limit
+    comes from the original model timed in the repair's own rounds, not from the earlier timing."""
+    def slower():
+        monkeypatch.setenv("FAKE_SCALE", "2")
+        monkeypatch.setenv("FAKE_INT8_SCALE", "2")
+
+    (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1, budget="0.05x", between=slower)
+    assert all(r.baseline.latency_ms == pytest.approx(2 * check.baseline.latency_ms, rel=1e-3) for r in check.repairs)
+    assert all(r.limit_ms == pytest.approx(2 * check.limit_ms, rel=1e-3) for r in check.repairs)
+    last = check.repairs[-1]
+    assert check.limit_ms < last.timing.latency_ms <= last.limit_ms  # over the stale limit, within the fresh one
+    assert check.feasible is True and check.to_json()["repairs"][0]["baseline"]["latency_ms"] > 0
 
 
 def test_a_repair_the_space_cannot_reach_leaves_the_pick_marked_over(tmp_path):
@@ -462,7 +502,7 @@ def test_a_repair_the_space_cannot_reach_leaves_the_pick_marked_over(tmp_path):
     (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=120)
     assert check.feasible is False and policy.decisions["w"] == 128 and scored.accuracy == pytest.approx(0.9)
     assert len(check.repairs) == 1 and check.repairs[0].latency_scale == pytest.approx(2.4 / 3.0 * 1.02)
-    assert check.within(check.repairs[0].timing) is False
+    assert check.repairs[0].within is False and "space reaches no lower" in check.repair_stopped
 
 
 @pytest.mark.parametrize("int8_scale, expected", [("0.001", "model.int8.onnx"), ("0.1", "model.onnx")])
@@ -509,3 +549,22 @@ def test_the_summary_says_both_verdicts_and_a_repair():
         "feasible: True by prediction, False by measurement"
     repaired = {"feasible": True, "measured_feasible": True, "measured": {"repairs": [{"within": False}, {"within": True}]}}
     assert feasibility_words(repaired) == "feasible: True by prediction, True by measurement (the pick repaired to fit)"
+
+
+def test_the_report_says_why_no_repair_was_taken_and_judges_a_repair_by_its_own_limit():
+    from autocompress.search.report import measured_lines
+
+    finalist = {"trial": 3, "file": "model.onnx", "latency_ms": 0.40, "spread_ms": 0.01, "within": False}
+    stopped = {"measured_feasible": False, "best_trial": 3, "measured": {
+        "by": "onnxruntime", "limit_ms": 0.22, "finalists": [finalist],
+        "repairs": [{"trial": 3, "latency_scale": 0.6, "latency_ms": 0.2, "spread_ms": 0.0, "limit_ms": 0.3,
+                     "file": "model.onnx", "within": True, "accuracy_select": 0.3}],
+        "repair_stopped": "the repair to 0.60x scored 64.0 points of macro_f1 below the pick, more than "
+                          "--repair-max-drop 5"}}
+    stopped["measured"]["repairs"][0]["within"] = False  # a repair not taken is never the chosen file
+    text = measured_lines(stopped)[0]
+    assert "0.4 ± 0.01 ms against 0.22 ms" in text and "not taken: the repair to 0.60x scored 64.0" in text
+    fixed = {"measured_feasible": True, "best_trial": 3, "measured": {**stopped["measured"], "repair_stopped": ""}}
+    fixed["measured"]["repairs"] = [{**stopped["measured"]["repairs"][0], "within": True}]
+    text = measured_lines(fixed)[0]
+    assert "measured 0.2 ± 0 ms against 0.3 ms" in text and "allocated again under 0.60x" in text

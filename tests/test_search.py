@@ -198,7 +198,8 @@ def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period()
 
 
 def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() -> None:
-    from autocompress.search.core import Candidate, pick_finalists
+    from autocompress.search.core import Candidate
+    from autocompress.search.finalists import pick_finalists
     from autocompress.space.policy import Policy
 
     def cand(number: int, prune: float, acc: float, ms: float) -> Candidate:

@@ -56,6 +56,9 @@ def search(
                                          "in ms of the ONNX file put at {onnx}; one over the budget is not returned"),
     measure_timeout: float = typer.Option(120.0, "--measure-timeout", metavar="SECONDS",
                                           help="with --measure-cmd: a command that runs longer counts as failed"),
+    repair_max_drop: float = typer.Option(5.0, "--repair-max-drop", metavar="POINTS",
+                                          help="when every finalist is over the budget by measurement, a repair "
+                                               "that scores more than this many points below the pick is not taken"),
     prune_round_to: Optional[int] = typer.Option(None, "--prune-round-to", metavar="N",
                                                  help="round pruned widths to a multiple of N (default: the "
                                                       "target's, measured by calibration for local; 1: any width)"),
@@ -85,6 +88,7 @@ def search(
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,
                           measure_finalists=not no_measure, prune_round_to=prune_round_to,
+                          repair_max_drop=repair_max_drop,
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray" and max_drop is not None:

@@ -21,23 +21,13 @@ from optuna.trial import TrialState
 
 from autocompress.errors import InfeasibleBudgetError, TrialFailed
 from autocompress.hwmodels.budget import Budget
-from autocompress.search.core import Finalist, SearchConfig, SearchResult, TrialEvent, metric_label
+from autocompress.search.core import Finalist, SearchConfig, SearchResult, TrialEvent, floor, metric_label, points
 from autocompress.search.screen import Screen
 from autocompress.search.tradeoff import ALLOCATION, make_params
 from autocompress.space.policy import Policy
 
 LADDER = (0.8, 0.65, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.065, 0.05)
 SENSITIVITY_ATTR = "sensitivity"
-
-
-def points(drop: float) -> float:
-    """A metric difference in points (hundredths of the metric: 0.01 accuracy is one point)."""
-    return 100.0 * drop
-
-
-def floor(metric: float, drop_points: float) -> float:
-    """The lowest metric within ``drop_points`` points of ``metric``."""
-    return metric - drop_points / 100.0
 
 
 @dataclasses.dataclass(frozen=True)

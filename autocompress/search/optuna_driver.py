@@ -30,8 +30,9 @@ from optuna.trial import TrialState
 
 from autocompress.errors import TrialFailed, UserInputError
 from autocompress.search import _optuna_storage, workers
-from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, SearchResult, TrialEvent, finalise,
-                                      metric_label, study_name_for)
+from autocompress.search.core import (OBJECTIVES, Candidate, SearchConfig, SearchResult, TrialEvent, metric_label,
+                                      study_name_for)
+from autocompress.search.finalists import finalise
 from autocompress.search.screen import Screen
 from autocompress.search.space_params import ParamSpace
 from autocompress.search.tradeoff import TradeoffSpace, make_params

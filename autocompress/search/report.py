@@ -120,15 +120,17 @@ def measured_lines(result: dict) -> list[str]:
     repairs = m.get("repairs") or []
     fixed = next((r for r in repairs if r.get("within")), None)
     chosen = fixed or next((r for r in m.get("finalists", []) if r["trial"] == result.get("best_trial")), {})
+    limit = (fixed or {}).get("limit_ms") or m.get("limit_ms") or 0.0
     text = (f"Feasible by measurement: **{verdict}**: each finalist's deployed file timed by {m.get('by')}; the "
             f"chosen {chosen.get('file', 'file')} measured {chosen.get('latency_ms', 0.0):.4g} ± "
-            f"{chosen.get('spread_ms', 0.0):.2g} ms against {m.get('limit_ms', 0.0):.4g} ms")
+            f"{chosen.get('spread_ms', 0.0):.2g} ms against {limit:.4g} ms")
     if fixed:
         text += (f" (every finalist was over by measurement: trial {fixed['trial']} was allocated again under "
                  f"{fixed['latency_scale']:.2f}x of the predicted latency limit and fine-tuned)")
     elif not verdict:
         text += " (no finalist was within the budget by measurement: this is the pick by prediction"
-        text += f"; {len(repairs)} repair(s) under tighter limits were over too)" if repairs else ")"
+        why = m.get("repair_stopped") or "they were over too"
+        text += f"; {len(repairs)} repair(s) under tighter limits were not taken: {why})" if repairs else ")"
     return [text + ".", ""]
 
 
