@@ -456,6 +456,7 @@ def test_when_every_finalist_is_over_by_measurement_the_pick_is_repaired_until_o
     assert first.latency_scale == pytest.approx(2.56 / 3.0 * 3.0 / check.finalists[0][2].latency_ms * 0.95, rel=1e-6)
     assert asked == [r.latency_scale for r in check.repairs] and asked == sorted(asked, reverse=True)
     assert check.feasible is True and check.repairs[-1].within is True and check.repair_stopped == ""
+    assert [r.taken for r in check.repairs] == [False] * (len(check.repairs) - 1) + [True]
     assert all(r.within is False and r.limit_ms == check.limit_ms for r in check.repairs[:-1])
     assert policy.decisions["w"] < 16 and scored.accuracy == pytest.approx(0.5 + policy.decisions["w"] / 1000)
     assert check.repairs[-1].predicted_ms == pytest.approx(0.02 * policy.decisions["w"])
@@ -469,7 +470,7 @@ def test_a_repair_that_costs_more_than_the_allowed_drop_is_not_taken(tmp_path):
     """The first repair scores 0.51 against the pick's 0.9: 39 points more than the default 5 allow. The
     rounds end there and the pick is returned, marked over, with the reason on record."""
     (policy, scored, check), asked, events = _repair_case(tmp_path, lowest_width=1, accuracy=lambda w: 0.5 + w / 1000)
-    assert len(check.repairs) == 1 and check.repairs[0].accuracy < 0.52
+    assert len(check.repairs) == 1 and check.repairs[0].accuracy < 0.52 and not check.repairs[0].taken
     assert check.feasible is False and policy.decisions["w"] == 128 and scored.accuracy == pytest.approx(0.9)
     assert "--repair-max-drop 5" in check.repair_stopped and "points of acc below the pick" in check.repair_stopped
     assert check.to_json()["repair_stopped"] == check.repair_stopped
@@ -549,6 +550,10 @@ def test_the_summary_says_both_verdicts_and_a_repair():
         "feasible: True by prediction, False by measurement"
     repaired = {"feasible": True, "measured_feasible": True, "measured": {"repairs": [{"within": False}, {"within": True}]}}
     assert feasibility_words(repaired) == "feasible: True by prediction, True by measurement (the pick repaired to fit)"
+    costly = {"feasible": True, "measured_feasible": False, "measured": {
+        "repairs": [{"within": True, "taken": False}], "repair_stopped": "the repair to 0.60x scored 64.0 points"}}
+    assert feasibility_words(costly) == ("feasible: True by prediction, False by measurement "
+                                         "(not repaired: the repair to 0.60x scored 64.0 points)")
 
 
 def test_the_report_says_why_no_repair_was_taken_and_judges_a_repair_by_its_own_limit():
@@ -558,13 +563,13 @@ def test_the_report_says_why_no_repair_was_taken_and_judges_a_repair_by_its_own_
     stopped = {"measured_feasible": False, "best_trial": 3, "measured": {
         "by": "onnxruntime", "limit_ms": 0.22, "finalists": [finalist],
         "repairs": [{"trial": 3, "latency_scale": 0.6, "latency_ms": 0.2, "spread_ms": 0.0, "limit_ms": 0.3,
-                     "file": "model.onnx", "within": True, "accuracy_select": 0.3}],
+                     "file": "model.onnx", "within": True, "taken": False, "accuracy_select": 0.3}],
         "repair_stopped": "the repair to 0.60x scored 64.0 points of macro_f1 below the pick, more than "
                           "--repair-max-drop 5"}}
-    stopped["measured"]["repairs"][0]["within"] = False  # a repair not taken is never the chosen file
+    # within the budget, yet not taken (it cost too much): the report speaks of the pick
     text = measured_lines(stopped)[0]
     assert "0.4 ± 0.01 ms against 0.22 ms" in text and "not taken: the repair to 0.60x scored 64.0" in text
     fixed = {"measured_feasible": True, "best_trial": 3, "measured": {**stopped["measured"], "repair_stopped": ""}}
-    fixed["measured"]["repairs"] = [{**stopped["measured"]["repairs"][0], "within": True}]
+    fixed["measured"]["repairs"] = [{**stopped["measured"]["repairs"][0], "taken": True}]
     text = measured_lines(fixed)[0]
     assert "measured 0.2 ± 0 ms against 0.3 ms" in text and "allocated again under 0.60x" in text

@@ -190,6 +190,8 @@ def feasibility_words(result: dict) -> str:
     measured = result.get("measured_feasible")
     if measured is None:
         return f"feasible: {result['feasible']}"
-    repaired = any(r.get("within") for r in (result.get("measured") or {}).get("repairs", []))
+    check = result.get("measured") or {}
+    repaired = any(r.get("taken", r.get("within")) for r in check.get("repairs", []))
+    stopped = check.get("repair_stopped") if not measured else ""
     return (f"feasible: {result['feasible']} by prediction, {measured} by measurement"
-            + (" (the pick repaired to fit)" if repaired else ""))
+            + (" (the pick repaired to fit)" if repaired else "") + (f" (not repaired: {stopped})" if stopped else ""))

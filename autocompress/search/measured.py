@@ -51,6 +51,7 @@ class MeasuredRepair:
     limit_ms: float | None  # the measured limit it was judged against (re-timed baseline for a relative budget)
     accuracy: float  # selection metric after the full fine-tune
     baseline: Any = None  # the original model's Timing in the same rounds, for a relative budget
+    taken: bool = False  # the one returned (within the budget and within --repair-max-drop)
 
     @property
     def within(self) -> bool | None:
@@ -59,7 +60,7 @@ class MeasuredRepair:
     def to_json(self) -> dict[str, Any]:
         out = {"trial": self.trial, "latency_scale": round(self.latency_scale, 4), "predicted_ms": self.predicted_ms,
                "accuracy_select": self.accuracy, "file": self.file, **self.timing.to_json(),
-               "limit_ms": self.limit_ms, "within": self.within}
+               "limit_ms": self.limit_ms, "within": self.within, "taken": self.taken}
         if self.baseline is not None:
             out["baseline"] = self.baseline.to_json()
         return out
@@ -189,6 +190,7 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
                                 f"{stopped}: not taken; the pick is returned, over the budget by measurement"))
             break
         if repair.within:
+            repairs[-1] = replace(repair, taken=True)
             return candidate, new_scored, replace(check, feasible=True, repairs=tuple(repairs))
         last_policy, last_timing, last_limit = candidate, t, limit if limit is not None else last_limit
     if repairs and not stopped:

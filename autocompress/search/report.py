@@ -118,7 +118,7 @@ def measured_lines(result: dict) -> list[str]:
         why = m.get("reason") or ("no finalist could be measured" if m.get("finalists") else "not measured")
         return [f"Feasible by measurement: **not measured** ({why}).", ""]
     repairs = m.get("repairs") or []
-    fixed = next((r for r in repairs if r.get("within")), None)
+    fixed = next((r for r in repairs if r.get("taken", r.get("within"))), None)  # files before "taken": within
     chosen = fixed or next((r for r in m.get("finalists", []) if r["trial"] == result.get("best_trial")), {})
     limit = (fixed or {}).get("limit_ms") or m.get("limit_ms") or 0.0
     text = (f"Feasible by measurement: **{verdict}**: each finalist's deployed file timed by {m.get('by')}; the "
