@@ -38,9 +38,8 @@ from autocompress.hwmodels import get_target, predict
 from autocompress.hwmodels.measure import profile_onnx
 from autocompress.hwmodels.calibrate import (Sample, error_stats, export_deployed, fit_target,
                                              llc_choices, network_scales, probe_widths, random_policy, LAYER_WEIGHT)
-from autocompress.models import load_model
 from autocompress.space.graph import trace
-from autocompress.compress import build_space
+from autocompress.workspace import open_model
 
 MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
           "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
@@ -70,8 +69,8 @@ def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict]
     for spec in specs:
         if spec.startswith("seq:"):
             continue
-        lm = load_model(spec)
-        spaces[spec] = (lm, build_space(trace(lm.model, lm.input_shape), spec), random.Random(f"{args.seed}-{spec}"))
+        ws = open_model(spec)  # as a search opens it: its own example inputs, attention split into heads
+        spaces[spec] = (ws.model.eval(), ws.space, random.Random(f"{args.seed}-{spec}"))
         print(f"space {spec}: {len(spaces[spec][1])} decisions", file=sys.stderr, flush=True)
     records: list[dict] = []
     failures: list[dict] = []
@@ -79,7 +78,7 @@ def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict]
         for spec in specs:
             if time.time() - start > args.time_cap:
                 return records, failures
-            folder = Path(args.workdir) / f"{spec.replace(':', '_')}-{v}"
+            folder = Path(args.workdir) / f"{spec.replace(':', '_').replace('/', '_')}-{v}"
             folder.mkdir()
             if spec.startswith("seq:"):
                 try:
@@ -87,12 +86,12 @@ def build_models(specs: list[str], args: argparse.Namespace) -> tuple[list[dict]
                 except Exception as exc:  # reported, not scored
                     failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                 continue
-            lm, space, rng = spaces[spec]
+            net, space, rng = spaces[spec]
             policy = random_policy(space, rng)
             try:
                 table = estimate(space, policy)
-                model = apply(lm.model, policy, space)
-                path, int8 = export_deployed(model, torch.randn(*lm.input_shape), folder)
+                model = apply(net, policy, space)
+                path, int8 = export_deployed(model, space.graph.example(1, seed=0), folder)
             except Exception as exc:  # a variant that cannot be built or exported is reported, not scored
                 failures.append({"model": spec, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                 continue

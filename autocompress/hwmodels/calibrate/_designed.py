@@ -25,6 +25,9 @@ def designed_set(quick: bool) -> list[Config]:
         return lambda: nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False),
                                      nn.BatchNorm2d(cout), nn.ReLU())
 
+    def linear(cin: int, cout: int) -> Callable[[], nn.Module]:
+        return lambda: nn.Sequential(nn.Linear(cin, cout))
+
     out: list[Config] = []
     grid = [(112, 16), (112, 32), (56, 24), (56, 64), (28, 96), (28, 128), (14, 160), (14, 256), (7, 320), (7, 512)]
     if quick:
@@ -41,8 +44,13 @@ def designed_set(quick: bool) -> list[Config]:
     out += [("stem7x7s2 3->64@224", cbr(3, 64, 7, 2), (1, 3, 224, 224)),
             ("stem3x3s2 3->32@224", cbr(3, 32, 3, 2), (1, 3, 224, 224)),
             ("grouped3x3 g4 128@28", cbr(128, 128, 3, g=4), (1, 128, 28, 28))]
-    for cin, cout in ([(512, 1000), (1280, 1000), (256, 128)] if not quick else [(512, 1000)]):
-        out.append((f"linear {cin}->{cout}", lambda cin=cin, cout=cout: nn.Sequential(nn.Linear(cin, cout)), (1, cin)))
+    # Linears as a classifier reads them (one row) and as a transformer does (a row per token), fp32 and int8:
+    # without int8 rows per token the fit sets the int8 linear rate from classifiers alone, 100x off for BERT.
+    linears = [(512, 1000, 1), (1280, 1000, 1), (256, 128, 1), (256, 1024, 128), (512, 128, 64)]
+    for cin, cout, rows in (linears if not quick else linears[::3]):
+        shape = (1, cin) if rows == 1 else (1, rows, cin)
+        tag = f"linear {cin}->{cout}" + (f" T{rows}" if rows > 1 else "")
+        out += [(tag, linear(cin, cout), shape), (f"int8 {tag}", linear(cin, cout), shape)]
     int8 = [(f"int8 conv3x3 {c}@{hw}", cbr(c, c, 3), (1, c, hw, hw)) for hw, c in ((56, 64), (28, 128), (14, 256))]
     int8 += [(f"int8 conv1x1 {c}->{2 * c}@{hw}", cbr(c, 2 * c, 1), (1, c, hw, hw)) for hw, c in ((56, 32), (28, 96), (7, 320))]
     int8 += [(f"int8 dw3x3 {c}@{hw}", cbr(c, c, 3, g=c), (1, c, hw, hw)) for hw, c in ((56, 144), (14, 576))]
@@ -152,7 +160,8 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
         stem = sub / str(len(built))
         if name.startswith("int8 "):
             bits = {p: (8, 8) for p in layer_bits(model)}
-            path = export_int8(model, x, [torch.randn(2, *shape[1:])], stem.with_suffix(".int8.onnx"), bits).path
+            calib = shape.example(2, seed=1) if isinstance(shape, Inputs) else torch.randn(2, *shape[1:])
+            path = export_int8(model, x, [calib], stem.with_suffix(".int8.onnx"), bits).path
             for r in table:
                 if r.op in ("conv", "linear"):
                     r.wbits = r.abits = 8
@@ -167,27 +176,27 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
 def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: int, folder: Path,
                    seed: int = 0, kinds: Sequence[str] = (), on_built: Callable[[], None] | None = None) -> list[Built]:
     """Random compressed variants (every decision kind, or only ``kinds``) of each (model spec, input
-    shape or None for the model's own), exported as deployed into ``folder``."""
-    import torch
-
+    shape or None for the model's own), exported as deployed into ``folder``. A spec opens as a search
+    opens it (``workspace.open_model``): its own example inputs (token ids and several inputs included),
+    attention split into heads."""
     from autocompress.compress import apply, build_space, estimate
-    from autocompress.models import load_model
     from autocompress.space.graph import trace
+    from autocompress.workspace import open_model
 
     built = []
     for spec, shape in nets:
         if spec in _EXTRA_NETS:
-            model, shape = _EXTRA_NETS[spec](), shape or _default_shape(spec)
+            model = _EXTRA_NETS[spec]().eval()
+            space = build_space(trace(model, shape or _default_shape(spec)), spec)
         else:
-            loaded = load_model(spec)
-            model, shape = loaded.model, shape or loaded.input_shape
-        model.eval()
-        space = build_space(trace(model, shape), spec)
+            ws = open_model(spec, input_shape=shape)
+            model, space = ws.model.eval(), ws.space
+        example = space.graph.example(1, seed=0)
         rng = random.Random(f"{seed}-{spec}")
         for v in range(per_net):
             policy = random_policy(space, rng, kinds)
             sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
-            path, _ = export_deployed(apply(model, policy, space), torch.randn(*shape), sub)
+            path, _ = export_deployed(apply(model, policy, space), example, sub)
             built.append(Built(variant_name(spec, v), estimate(space, policy), path))
             if on_built is not None:
                 on_built()
@@ -225,17 +234,18 @@ def random_policy(space: Any, rng: random.Random, kinds: Sequence[str] = ()) -> 
 
 
 def export_deployed(model: Any, example: Any, folder: Path) -> tuple[Path, bool]:
-    """The file a compressed model deploys as: int8 QDQ where a layer ``runs_int8``, else fp32."""
-    import torch
-
+    """The file a compressed model deploys as: int8 QDQ where a layer ``runs_int8``, else fp32.
+    ``example`` is a tensor or a tuple of tensors (one per model input)."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
-    from autocompress.export.int8 import export_int8
+    from autocompress.export.artifacts import write_int8_file
     from autocompress.export.onnx import export_onnx
+    from autocompress.space.inputs import Inputs
 
     float_model = strip_fake_quant(model)
     bits = layer_bits(model)
+    fp32 = export_onnx(float_model, example, folder / "model.onnx")
     if any(runs_int8(w, a) for w, a in bits.values()):
-        calib = torch.randn(2, *example.shape[1:])
-        export_int8(float_model, example, [calib], folder / "model.int8.onnx", bits)
-        return folder / "model.int8.onnx", True
-    return export_onnx(float_model, example, folder / "model.onnx"), False
+        calibration = Inputs.from_example(example).example(2, seed=0)  # ranges only: the file is timed, not scored
+        return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32,
+                                    calibration).path), True
+    return fp32, False

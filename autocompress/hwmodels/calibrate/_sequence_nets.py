@@ -87,6 +87,7 @@ def sequence_configs(quick: bool) -> list[tuple[str, Callable[[], nn.Module], In
     ]
     if not quick:
         nets += [("encoder d128 T64", encoder(128, 4, 512, 64)), ("encoder d256 T128", encoder(256, 8, 1024, 128)),
+                 ("int8 encoder d128 T64", encoder(128, 4, 512, 64)),  # int8 linears, attention in float
                  ("lstm 2x bi h64 T32", recurrent("lstm", 32, 64, 2, True, 32)),
                  ("gru h256 T16", recurrent("gru", 128, 256, 1, False, 16)),
                  ("conv1d 64@256", conv1d(64, 256))]
