@@ -654,13 +654,29 @@ def test_the_fit_computes_what_predict_computes_for_sequence_models():
     assert {"attention", "rnn", "norm", "conv"} <= {r.op for s in samples for r in s.table}
     for target in (get_target("local"), get_target("gpu")):
         prob = FitProblem(target, samples)
-        assert "step_overhead_us" in prob.names
+        assert "step_overhead_us" in prob.names and "math_ns" in prob.names
         x = prob.x0()
         total_us, parts = prob.predicted_parts(x)
         for s, us, row in zip(samples, total_us, parts):
             p = predict(s.table, prob.target(x))
             assert us / 1e3 == pytest.approx(p.latency_ms, rel=1e-6), (target.name, s.name)
             assert list(row / 1e3) == pytest.approx([p.parts[k] for k in PARTS], rel=1e-6, abs=1e-9)
+
+
+def test_transcendental_work_costs_math_ns_per_element_and_a_relu_net_none():
+    """An encoder layer's GELU, two layer norms and attention's softmax scores each pay ``math_ns`` per
+    element on top of their traffic (a CPU spends a tenth of a transformer's time there); ReLU and add do not."""
+    from autocompress.hwmodels.calibrate._sequence_nets import encoder
+
+    d, heads, ffn, tokens = 64, 4, 256, 32
+    make, inputs = encoder(d, heads, ffn, tokens)
+    table = CostTable.from_graph(trace(make(), inputs=inputs))
+    base = get_target("local").with_(math_ns=0.0)
+    extra_ms = predict(table, base.with_(math_ns=2.0)).latency_ms - predict(table, base).latency_ms
+    elements = ffn * tokens + 2 * d * tokens + heads * tokens * tokens
+    assert extra_ms == pytest.approx(2.0 * elements / 1e6, rel=1e-9)
+    cnn = CostTable.from_graph(trace(load_model("builtin:digits-net").model, (1, 1, 32, 32)))
+    assert predict(cnn, base.with_(math_ns=2.0)).latency_ms == pytest.approx(predict(cnn, base).latency_ms, rel=1e-12)
 
 
 class _Relu6(nn.Module):

@@ -41,6 +41,7 @@ class Coefficients:
     out_ns: np.ndarray  # [dtype]: per output element of a kernel (epilogue, output layout)
     slow_pool_ns: float  # per output element of a uint8 NCHW pool
     plain_pool_ns: float  # per output element of a float pool in the plain layout
+    math_ns: float  # per output element of an op heavy in arithmetic (GELU, softmax, layer norm)
     convert_us_per_byte: float  # per conversion byte, beyond the conversion's memory traffic
     reorder_us_per_element: float
     mac_pj: np.ndarray  # [dtype]
@@ -71,7 +72,7 @@ class Coefficients:
             elementwise_overhead_us=t.elementwise_overhead_us,
             view_overhead_us=t.view_overhead_us or t.elementwise_overhead_us, call_overhead_us=t.call_overhead_us,
             out_ns=np.array([t.int8_out_ns if d == "int8" else t.out_ns for d in DTYPES]),
-            slow_pool_ns=t.int8_pool_ns, plain_pool_ns=t.plain_pool_ns,
+            slow_pool_ns=t.int8_pool_ns, plain_pool_ns=t.plain_pool_ns, math_ns=t.math_ns,
             convert_us_per_byte=t.convert_ns / (CONVERSION_BYTES_PER_ELEMENT * 1e3),
             reorder_us_per_element=t.reorder_ns / 1e3,
             mac_pj=np.array([e[f"mac_{d}"] for d in DTYPES]), rf_pj_per_byte=e["rf_byte"],
@@ -96,7 +97,7 @@ def coefficients(t: Target) -> Coefficients:
 _NO_PENALTY = 1e12
 _KERNEL_FIELDS = ("padded_macs", "macs", "bytes_moved", "weight_bytes", "memory_level", "weight_level",
                   "rf_bits_per_mac", "conversion_bytes", "conversions", "reordered_elements", "reorders",
-                  "output_elements", "plain", "launches", "steps")
+                  "output_elements", "plain", "launches", "steps", "math_elements")
 
 
 def _columns(records: Sequence[object], names: Sequence[str]) -> np.ndarray:
@@ -127,11 +128,12 @@ class KernelArrays:
     plain: np.ndarray  # bool
     launches: np.ndarray  # dispatches: dependent kernels it stands for
     steps: np.ndarray  # synchronised dependent steps inside it
+    math_elements: np.ndarray
 
     @classmethod
     def of(cls, kernels: Sequence[Kernel]) -> "KernelArrays":
         (padded_macs, macs, bytes_moved, weight_bytes, level, weight_level, rf_bits, conversion_bytes, conversions,
-         reordered, reorders, output_elements, plain, launches, steps) = _columns(kernels, _KERNEL_FIELDS)
+         reordered, reorders, output_elements, plain, launches, steps, math_elements) = _columns(kernels, _KERNEL_FIELDS)
         return cls(
             kernel_class=np.array([KERNEL_CLASSES.index(k.kernel_class) for k in kernels], dtype=int),
             dtype=np.array([DTYPES.index(k.dtype) for k in kernels], dtype=int),
@@ -144,11 +146,12 @@ class KernelArrays:
                                        for k in kernels], dtype=float),
             conversion_bytes=conversion_bytes, conversions=conversions, reordered_elements=reordered,
             reorders=reorders, output_elements=output_elements, plain=plain.astype(bool), launches=launches,
-            steps=steps)
+            steps=steps, math_elements=math_elements)
 
 
 _OP_FIELDS = ("bytes_moved", "traffic_bytes", "memory_level", "output_elements", "view", "conversions",
-              "slow_pool_elements", "reordered_elements", "reorders", "conversion_bytes", "plain_pool_elements")
+              "slow_pool_elements", "reordered_elements", "reorders", "conversion_bytes", "plain_pool_elements",
+              "math_elements")
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class OpArrays:
     reorders: np.ndarray
     conversion_bytes: np.ndarray
     plain_pool_elements: np.ndarray
+    math_elements: np.ndarray
 
     @classmethod
     def of(cls, ops: Sequence[StandaloneOp]) -> "OpArrays":
@@ -208,10 +212,11 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
                / c.mac_divisor[k.dtype, k.kernel_class, k.plain.astype(int)])
     memory = k.activation_bytes * c.us_per_byte[k.memory_level] + k.weight_bytes * c.us_per_byte[k.weight_level]
     kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
-                   + k.output_elements * c.out_ns[k.dtype] / 1e3)
+                   + k.output_elements * c.out_ns[k.dtype] / 1e3 + k.math_elements * c.math_ns / 1e3)
     op_core = (o.traffic_bytes * c.us_per_byte[o.memory_level]
                + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us)
-               + o.slow_pool_elements * c.slow_pool_ns / 1e3 + o.plain_pool_elements * c.plain_pool_ns / 1e3)
+               + o.slow_pool_elements * c.slow_pool_ns / 1e3 + o.plain_pool_elements * c.plain_pool_ns / 1e3
+               + o.math_elements * c.math_ns / 1e3)
     kernel_traffic = k.conversion_bytes * (c.us_per_byte[k.memory_level] + c.convert_us_per_byte)
     op_traffic = o.conversion_bytes * (c.us_per_byte[o.memory_level] + c.convert_us_per_byte)
     return Latency(

@@ -48,6 +48,7 @@ class KernelDraft:
     reread_bytes: float = 0.0  # weights read again from cache, once per call whatever the batch (RNN steps)
     working_set: float = 0.0  # bytes whose level its traffic comes from (0: its whole traffic)
     bias_pass_bytes: float = 0.0  # per sample: a bias added in a pass of its own (in input_bytes, one launch)
+    math_elements: int = 0  # per sample: attention's softmax, as ``Target.math_ns`` costs it
 
 
 @dataclass
@@ -70,6 +71,7 @@ class OpDraft:
     view: bool = False
     slow_pool_elements: int = 0
     plain_pool_elements: int = 0
+    math_elements: int = 0
     working_set: float = 0.0  # bytes whose level its traffic comes from (0: its traffic): an embedding's table
 
 
@@ -184,7 +186,7 @@ class Fuser:
             nbytes = d.bytes_moved + p.conversion_bytes
             ops.append(StandaloneOp(d.name, nbytes, self.level(max(nbytes, d.working_set)), d.output_elements, d.view,
                                     int(p.conversions), d.slow_pool_elements, p.reordered_elements,
-                                    int(p.reorders), p.conversion_bytes, d.plain_pool_elements))
+                                    int(p.reorders), p.conversion_bytes, d.plain_pool_elements, d.math_elements))
         model_weight_level = (self.level(sum(k.weight_bytes for k in self.kernels.values()))
                               if self.target.model_weights_level else CACHE)
         kernels = []
@@ -198,6 +200,6 @@ class Fuser:
                                   k.rf_bits_per_mac, k.weight_bytes, k.reduction_length, k.output_positions * batch,
                                   p.conversion_bytes, int(p.conversions), p.reordered_elements, int(p.reorders),
                                   k.output_elements * batch, k.plain, max(lvl, model_weight_level), k.launches,
-                                  k.steps))
+                                  k.steps, k.math_elements * batch))
         return Structure(tuple(kernels), tuple(ops), MappingProxyType(self.kernel_of))
 

@@ -25,6 +25,11 @@ from autocompress.space.costs import CostTable, LayerCost
 FREE_OPS = ("input", "dropout", "getitem", "output", "const")
 CLIP_FNS = ("ReLU6", "relu6")  # activations (graph op "act") that export as Clip
 GELU_FNS = ("GELU", "gelu")  # activations that only some runtimes fuse into a GEMM (Target.fuses_gelu)
+# Standalone ops whose arithmetic outweighs their traffic (Target.math_ns): transcendental activations,
+# softmax and normalisation over a feature axis (batch norm folds into convs; on its own it is a scale).
+MATH_FNS = (*GELU_FNS, "Sigmoid", "sigmoid", "SiLU", "silu", "Tanh", "tanh", "Mish", "mish", "Softplus", "softplus",
+            "ELU", "elu")
+MATH_OPS = ("norm", "softmax")
 VIEW_TARGETS = ("view", "reshape", "flatten")  # reshapes that are views: dispatch cost only
 SHAPE_TARGETS = ("size", "dim")  # ops that read a tensor's shape only
 
@@ -237,8 +242,9 @@ def _standalone(f: Fuser, r: LayerCost, float_clip: bool = False) -> None:
             nbytes += src_row.out_numel * f.stored_bytes(src)
     slow_elements = r.out_numel * f.batch if slow_pool else 0
     plain_pool = f.layouts and not all_int8 and windowed and r.name not in f.blocked and not slow_elements
+    math = r.op in MATH_OPS or (r.op == "act" and r.fn in MATH_FNS)
     f.ops.append(OpDraft(r.name, nbytes * f.batch, r.out_numel * f.batch, False, slow_elements,
-                          r.out_numel * f.batch if plain_pool else 0))
+                          r.out_numel * f.batch if plain_pool else 0, r.out_numel * f.batch if math else 0))
 
 
 def _choose_layout(f: Fuser, r: LayerCost, windowed: bool) -> None:

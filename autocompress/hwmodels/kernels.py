@@ -37,6 +37,7 @@ class Kernel:
     # and .V for unfused attention; one runtime op per layer of an RNN.
     launches: int = 1
     steps: int = 0  # dependent steps inside the op (an RNN's time steps x layers x directions), each synchronised
+    math_elements: int = 0  # elements of arithmetic-heavy work inside it (attention's softmax: ``Target.math_ns``)
 
     @property
     def activation_bytes(self) -> float:
@@ -58,6 +59,7 @@ class StandaloneOp:
     reorders: int
     conversion_bytes: float
     plain_pool_elements: int  # output elements of a windowed float pool in the plain layout
+    math_elements: int = 0  # output elements of an op heavy in arithmetic (``Target.math_ns``)
 
     @property
     def traffic_bytes(self) -> float:

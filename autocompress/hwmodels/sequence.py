@@ -75,7 +75,8 @@ def _attention(f: Fuser, r: LayerCost) -> None:
     scores, score_bytes, launches = _scores(f, r)
     _open(f, r, KernelDraft("linear", dtype, float(r.macs), r.macs, 0.0, _read_plain(f, r) + score_bytes,
                             r.out_numel * f.stored_bytes(r.name) + score_bytes, False, 4 * bits, r.head_dim,
-                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=launches))
+                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=launches,
+                            math_elements=scores))
 
 
 def _multihead_attention(f: Fuser, r: LayerCost) -> None:
@@ -90,7 +91,8 @@ def _multihead_attention(f: Fuser, r: LayerCost) -> None:
     _open(f, r, KernelDraft("linear", dtype, float(r.macs), r.macs, weight_bytes,
                             _read_plain(f, r) + score_bytes + between / 2,
                             r.out_numel * f.stored_bytes(r.name) + score_bytes + between / 2, False, 4 * bits, r.in_ch,
-                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=2 + launches))
+                            r.seq_q, r.out_numel + scores, False, epilogue=False, launches=2 + launches,
+                            math_elements=scores))
 
 
 def _rnn(f: Fuser, r: LayerCost) -> None:

@@ -87,6 +87,10 @@ class Target:
     channel_align: int = 1
     plain_efficiency: Mapping[str, float] = field(default_factory=dict)
     plain_pool_ns: float = 0.0
+    # Per element of a standalone op whose arithmetic outweighs its memory traffic: GELU (erf), sigmoid,
+    # SiLU, tanh, softmax (exp), layer norm (two reductions and a rsqrt). Transformers spend a tenth of
+    # their time there on a CPU; a CNN's ReLU and add do not.
+    math_ns: float = 0.0
     view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
     # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,
     # activation, requantisation) and output layout handling, which dominate small-K and depthwise
@@ -210,7 +214,7 @@ class Target:
             "int8_pool_ns": self.int8_pool_ns, "block_fallback": self.block_fallback,
             "channel_block": self.channel_block,
             "channel_align": self.channel_align, "plain_efficiency": dict(self.plain_efficiency),
-            "plain_pool_ns": self.plain_pool_ns,
+            "plain_pool_ns": self.plain_pool_ns, "math_ns": self.math_ns,
             "reorder_ns": self.reorder_ns, "view_overhead_us": self.view_overhead_us,
             "convert_ns": self.convert_ns, "dq_per_reader": self.dq_per_reader, "int8_fuses_add": self.int8_fuses_add,
             "fused_attention": self.fused_attention, "fuses_gelu": self.fuses_gelu,

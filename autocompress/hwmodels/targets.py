@@ -148,7 +148,7 @@ TARGETS.register("local", Target(
     efficiency={"conv": 0.5, "pointwise": 0.55, "depthwise": 0.15, "grouped": 0.25, "linear": 0.3},
     dram_gbs=12.0, cache_gbs=60.0, cache_bytes=1 << 20, llc_bytes=4 << 20, llc_gbs=30.0,
     kernel_overhead_us=3.0, elementwise_overhead_us=2.0, call_overhead_us=20.0, gemm_k0=8.0, gemm_s0=4.0,
-    int8_pool_ns=15.0, block_fallback=True, channel_align=4, plain_pool_ns=1.0,
+    int8_pool_ns=15.0, block_fallback=True, channel_align=4, plain_pool_ns=1.0, math_ns=1.0,
     plain_efficiency={"conv": 0.7, "pointwise": 0.7, "depthwise": 0.25}, reorder_ns=0.5, view_overhead_us=4.0, convert_ns=0.5,
     int8_fuses_add=False, gemv_from_cache=False, dq_per_reader=True, out_ns=0.1, int8_out_ns=0.5,
     model_weights_level=True, step_overhead_us=0.4, sequence_linear_epilogue=False,

@@ -88,7 +88,7 @@ class FitProblem:
         self.fitted_parts = np.array([PARTS.index(p) for p in FITTED_PARTS], dtype=int)
         used, int8, plain = set(), set(), set()
         present = {"slow_pool": False, "plain_pool": False, "reorder": False, "convert": False, "view": False,
-                   "steps": False}
+                   "steps": False, "math": False}
         for i, s in enumerate(samples):
             if s.parts and len(self.fitted_parts):
                 measured = np.array([s.parts.get(p, 0.0) * 1e3 for p in PARTS])[self.fitted_parts]
@@ -110,6 +110,7 @@ class FitProblem:
             present["convert"] |= any(k.conversion_bytes for k in st.kernels) or any(
                 o.conversion_bytes for o in st.ops)
             present["view"] |= any(o.view for o in st.ops)
+            present["math"] |= any(o.math_elements for o in st.ops) or any(k.math_elements for k in st.kernels)
             present["steps"] |= any(k.steps for k in st.kernels)
         self.classes = [c for c in KERNEL_CLASSES if c in used]
         self.int8_classes = [c for c in KERNEL_CLASSES if c in int8]
@@ -124,7 +125,8 @@ class FitProblem:
                       + (["int8_pool_ns"] if present["slow_pool"] else [])
                       + (["reorder_ns"] if present["reorder"] else []) + (["convert_ns"] if present["convert"] else [])
                       + (["view_overhead_us"] if present["view"] else [])
-                      + (["step_overhead_us"] if present["steps"] else []))
+                      + (["step_overhead_us"] if present["steps"] else [])
+                      + (["math_ns"] if present["math"] else []))
 
     def x0(self) -> list[float]:
         return [math.log(self._value(self.base, n)) for n in self.names]
