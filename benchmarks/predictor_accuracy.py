@@ -15,6 +15,8 @@ architectures instead (widths, heads, layers, directions and sequence lengths dr
 BERT), since the compression decisions for them are not all in place yet.
 
     .venv/bin/python benchmarks/predictor_accuracy.py --variants 40 --time-cap 900
+    .venv/bin/python benchmarks/predictor_accuracy.py --models benchmarks/models_transformers.py:bert_mini \
+        torchvision:resnet18 torchvision:mobilenet_v2 --variants 18 --calib-every 3 --jobs 2   # runs V, W
     .venv/bin/python benchmarks/predictor_accuracy.py --models seq:encoder seq:lstm --variants 10 --rounds 2
 """
 
@@ -42,7 +44,8 @@ from autocompress.space.graph import trace
 from autocompress.workspace import open_model
 
 MODELS = ("torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:squeezenet1_0",
-          "torchvision:shufflenet_v2_x1_0", "builtin:digits-net")
+          "torchvision:shufflenet_v2_x1_0", "builtin:digits-net",
+          "benchmarks/models_transformers.py:bert_mini")  # opened as a search opens it: its own token ids
 SEQUENCE_MODELS = ("seq:encoder", "seq:bert", "seq:lstm", "seq:gru")  # random small architectures of each kind
 
 
