@@ -190,8 +190,10 @@ def feasibility_words(result: dict) -> str:
     measured = result.get("measured_feasible")
     if measured is None:
         return f"feasible: {result['feasible']}"
+    from autocompress.search.report import taken_repair
+
     check = result.get("measured") or {}
-    repaired = any(r.get("taken", r.get("within")) for r in check.get("repairs", []))
+    repaired = taken_repair(check) is not None
     stopped = check.get("repair_stopped") if not measured else ""
     return (f"feasible: {result['feasible']} by prediction, {measured} by measurement"
             + (" (the pick repaired to fit)" if repaired else "") + (f" (not repaired: {stopped})" if stopped else ""))

@@ -87,9 +87,9 @@ class Target:
     channel_align: int = 1
     plain_efficiency: Mapping[str, float] = field(default_factory=dict)
     plain_pool_ns: float = 0.0
-    # Per element of a standalone op whose arithmetic outweighs its memory traffic: GELU (erf), sigmoid,
-    # SiLU, tanh, softmax (exp), layer norm (two reductions and a rsqrt). Transformers spend a tenth of
-    # their time there on a CPU; a CNN's ReLU and add do not.
+    # Per element of work whose arithmetic outweighs its memory traffic: GELU (erf), sigmoid, SiLU, tanh,
+    # softmax (exp; inside unfused attention too), layer norm (two reductions and a rsqrt). Transformers
+    # spend a tenth of their time there on a CPU; a CNN's ReLU and add do not.
     math_ns: float = 0.0
     view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
     # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,

@@ -110,6 +110,11 @@ def per_layer_table(space: Any, decisions: dict) -> list[str]:
     return out
 
 
+def taken_repair(measured: dict) -> dict | None:
+    """The repair a result.json's ``measured`` returned, if any (files written before ``taken``: the one within)."""
+    return next((r for r in measured.get("repairs") or [] if r.get("taken", r.get("within"))), None)
+
+
 def measured_lines(result: dict) -> list[str]:
     """report.md's sentence on the budget by measurement (``measured_feasible``), then a blank line."""
     m = result.get("measured") or {}
@@ -118,7 +123,7 @@ def measured_lines(result: dict) -> list[str]:
         why = m.get("reason") or ("no finalist could be measured" if m.get("finalists") else "not measured")
         return [f"Feasible by measurement: **not measured** ({why}).", ""]
     repairs = m.get("repairs") or []
-    fixed = next((r for r in repairs if r.get("taken", r.get("within"))), None)  # files before "taken": within
+    fixed = taken_repair(m)
     chosen = fixed or next((r for r in m.get("finalists", []) if r["trial"] == result.get("best_trial")), {})
     limit = (fixed or {}).get("limit_ms") or m.get("limit_ms") or 0.0
     text = (f"Feasible by measurement: **{verdict}**: each finalist's deployed file timed by {m.get('by')}; the "
