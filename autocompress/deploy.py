@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from autocompress.export.fp16 import export_fp16, half_layers
+from autocompress.export.artifacts import deployed_file
 from autocompress.export.onnx import export_onnx
 from autocompress.hwmodels.device import Timing
 from autocompress.hwmodels.measure import measure_files
@@ -70,26 +70,6 @@ def deployed_gaps(simulated: float, deployed: dict[str, float | None]) -> list[s
 
 
 # ---- the finalists timed where the target runs ------------------------------------------------------
-
-def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True,
-                  fp16: bool = False) -> Path:
-    """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
-    int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.fp16.onnx where a
-    layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx."""
-    from autocompress.compress.quant import layer_bits, strip_fake_quant
-    from autocompress.export.artifacts import write_int8_file
-    from autocompress.space.costs import runs_int8
-
-    float_model = strip_fake_quant(model)
-    fp32 = export_onnx(float_model, example, folder / "model.onnx")
-    bits = layer_bits(model)
-    if not (int8 and any(runs_int8(w, a) for w, a in bits.values())):
-        half = half_layers(bits)
-        if fp16 and half:
-            return export_fp16(float_model, example, fp32, folder / "model.fp16.onnx", set(bits) - half)
-        return fp32
-    return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32, calibration).path)
-
 
 def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], float], *, calibration: Any = None,
                   int8: bool = True, fp16: bool = False, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:

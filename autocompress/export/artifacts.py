@@ -98,6 +98,24 @@ def write_int8_file(float_model: nn.Module, example_input: Any, path: Path, bits
         root.setLevel(level)
 
 
+def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True,
+                  fp16: bool = False) -> Path:
+    """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
+    int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.fp16.onnx where a
+    layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx."""
+    from autocompress.compress.quant import layer_bits, strip_fake_quant
+
+    float_model = strip_fake_quant(model)
+    fp32 = export_onnx(float_model, example, folder / "model.onnx")
+    bits = layer_bits(model)
+    if not (int8 and any(runs_int8(w, a) for w, a in bits.values())):
+        half = half_layers(bits)
+        if fp16 and half:
+            return export_fp16(float_model, example, fp32, folder / "model.fp16.onnx", set(bits) - half)
+        return fp32
+    return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32, calibration).path)
+
+
 def write_model_files(model: nn.Module, example_input: Any, folder: Path,
                       calibration: Any = None) -> dict[str, Any]:
     """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.fp16.onnx where a

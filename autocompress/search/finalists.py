@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from autocompress.errors import TrialFailed
 from autocompress.search.core import Candidate, Finalist, SearchConfig, SearchResult, TrialEvent, metric_label
-from autocompress.search.measured import measured_choice, measured_repair
+from autocompress.search.measured import measured_choice, measured_repair, measuring
 from autocompress.search.screen import Screen
 from autocompress.space.policy import Policy
 
@@ -52,13 +52,14 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
     assert best is not None
     # The pick by prediction first, then the others by the same order: what measurement falls back on.
     ranked = [best] + sorted((d for d in done if d is not best), key=lambda d: d[0], reverse=True)
-    pick, measured = measured_choice([(c, s) for _, c, s in ranked], evaluator, config, callback)
+    where = measuring(config) if config.measure_finalists else None  # one target lookup for choice and repair
+    pick, measured = measured_choice([(c, s) for _, c, s in ranked], evaluator, config, callback, where)
     _, chosen, scored = ranked[pick]
     policy = chosen.policy
     if measured is not None and measured.feasible is False and tighten is not None:
         timing = measured.finalists[pick][2]
         policy, scored, measured = measured_repair(chosen, policy, scored, timing, measured, evaluator, screen,
-                                                   config, tighten, callback)
+                                                   config, tighten, callback, where=where)
     best_costs = dict(screen.costs(policy))
     return SearchResult(config=config, study_name=study_name, space=screen.space, best_trial=chosen.number,
                         best_policy=policy, best_model=scored.model, best_scored=scored, best_costs=best_costs,

@@ -101,16 +101,27 @@ class MeasuredCheck:
         return out
 
 
+@dataclass(frozen=True)
+class Measuring:
+    """A target and how it is timed here (``hwmodels.device.timer_for``; None where nothing here can)."""
+
+    target: Any
+    device: Any
+
+
 def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, config: SearchConfig,
-                    callback: Callable[[TrialEvent], None] = lambda e: None) -> tuple[int, MeasuredCheck | None]:
+                    callback: Callable[[TrialEvent], None] = lambda e: None,
+                    where: Measuring | None = None) -> tuple[int, MeasuredCheck | None]:
     """The index in ``ranked`` (finalists, best first) of the first one within the latency budget by
     measurement, or 0 (the pick by prediction) when none is; and the check. Nothing is timed where the
-    target cannot be measured, the budget has no latency limit, or ``measure_finalists`` is off."""
+    target cannot be measured, the budget has no latency limit, or ``measure_finalists`` is off.
+    ``where`` (default: ``measuring(config)``) is how the target is timed."""
     from autocompress.hwmodels import parse_budget
 
     if not config.measure_finalists:
         return 0, None
-    target, device = _device(config)
+    where = where or measuring(config)
+    target, device = where.target, where.device
     if device is None:
         return 0, MeasuredCheck(None, reason=f"{target.name} is not measured here: give --measure-cmd to time on it")
     budget = parse_budget(config.budget)
@@ -135,7 +146,7 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
 def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any, check: MeasuredCheck, evaluator: Any,
                     screen: Screen, config: SearchConfig, tighten: Callable[[Candidate, float], Policy | None],
                     callback: Callable[[TrialEvent], None] = lambda e: None,
-                    rounds: int = MEASURED_REPAIRS) -> tuple[Policy, Any, MeasuredCheck]:
+                    rounds: int = MEASURED_REPAIRS, where: Measuring | None = None) -> tuple[Policy, Any, MeasuredCheck]:
     """The pick re-allocated under a predicted latency limit shrunk by what measurement showed (measured
     limit / measured of the last policy timed), fine-tuned at full fidelity and timed, for up to
     ``rounds`` rounds: the first within the budget by measurement is returned with the check's verdict
@@ -144,7 +155,8 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
     attempts and why they stopped are on record."""
     from autocompress.hwmodels import parse_budget
 
-    target, device = _device(config)
+    where = where or measuring(config)
+    target, device = where.target, where.device
     limit_pred = screen.budget.latency_ms
     if device is None or not limit_pred or check.limit_ms is None:
         return policy, scored, check
@@ -198,13 +210,14 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
     return policy, scored, replace(check, repairs=tuple(repairs), repair_stopped=stopped)
 
 
-def _device(config: SearchConfig) -> tuple[Any, Any]:
-    """The target and how it is timed (``hwmodels.device.timer_for``; None where nothing here can)."""
+def measuring(config: SearchConfig) -> Measuring:
+    """The search's target and how it is timed here."""
     from autocompress.hwmodels import get_target
     from autocompress.hwmodels.device import timer_for
 
     target = get_target(config.target)
-    return target, timer_for(target, config.measure_cmd, config.measure_timeout_s if config.measure_cmd else None)
+    return Measuring(target, timer_for(target, config.measure_cmd,
+                                       config.measure_timeout_s if config.measure_cmd else None))
 
 
 def _time(models: Sequence[Any], evaluator: Any, target: Any, device: Any, baseline: Any = None) -> tuple[list, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from autocompress.hwmodels.calibrate._fit import Sample
 from autocompress.hwmodels.measure import measure_files, profile_onnx
-from autocompress.space.costs import CostTable, runs_int8
+from autocompress.space.costs import CostTable
 
 # (name, module factory, input shape or, for token ids and other non-float inputs, an ``Inputs``)
 Config = tuple[str, Callable[[], Any], Any]
@@ -236,16 +236,9 @@ def random_policy(space: Any, rng: random.Random, kinds: Sequence[str] = ()) -> 
 def export_deployed(model: Any, example: Any, folder: Path) -> tuple[Path, bool]:
     """The file a compressed model deploys as: int8 QDQ where a layer ``runs_int8``, else fp32.
     ``example`` is a tensor or a tuple of tensors (one per model input)."""
-    from autocompress.compress.quant import layer_bits, strip_fake_quant
-    from autocompress.export.artifacts import write_int8_file
-    from autocompress.export.onnx import export_onnx
+    from autocompress.export.artifacts import deployed_file
     from autocompress.space.inputs import Inputs
 
-    float_model = strip_fake_quant(model)
-    bits = layer_bits(model)
-    fp32 = export_onnx(float_model, example, folder / "model.onnx")
-    if any(runs_int8(w, a) for w, a in bits.values()):
-        calibration = Inputs.from_example(example).example(2, seed=0)  # ranges only: the file is timed, not scored
-        return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32,
-                                    calibration).path), True
-    return fp32, False
+    calibration = Inputs.from_example(example).example(2, seed=0)  # ranges only: the file is timed, not scored
+    path = deployed_file(model, example, folder, calibration)
+    return path, path.name == "model.int8.onnx"
