@@ -16,7 +16,7 @@ from autocompress.models import LoadedModel, load_model
 from autocompress.models.sources import load_weights
 from autocompress.space.inputs import Inputs
 from autocompress.space.graph import ModelGraph, trace
-from autocompress.space.space import SearchSpace
+from autocompress.space.space import KINDS, SearchSpace
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Workspace:
 
 def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
                leaf: Iterable[str] = (), options: dict[str, Any] | None = None, pretrained: bool = False,
-               example_input: Any = None, module: nn.Module | None = None) -> Workspace:
-    """Load ``spec`` (or take ``module``, an in-memory model named ``spec``), trace it and build its search space.
+               example_input: Any = None, module: nn.Module | None = None, kinds: Iterable[str] = ()) -> Workspace:
+    """Load ``spec`` (or take ``module``, an in-memory model named ``spec``), trace it and build its search space
+    (of the decision ``kinds`` only, where given).
 
     ``pretrained`` asks for a built-in model's trained weights (trained and
     cached on first use) when no weights file is given. ``example_input`` (a
@@ -68,4 +69,4 @@ def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_sha
         graph = trace(loaded.model, leaf_paths=leaf, inputs=inputs)
     else:
         graph = trace(loaded.model, loaded.input_shape, leaf_paths=leaf)
-    return Workspace(loaded, build_space(graph, spec, options=options))
+    return Workspace(loaded, build_space(graph, spec, kinds=tuple(kinds) or KINDS, options=options))

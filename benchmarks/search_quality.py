@@ -202,6 +202,14 @@ class Bench:
             print(f"weights {weights} ({time.time() - t:.0f}s)", flush=True)
         self.weights = weights
         self.ws = open_model(args.model, weights=weights, pretrained=True)
+        if args.kinds:  # an ablation: the search space restricted to some decision kinds
+            from dataclasses import replace
+
+            from autocompress.compress.primitives import build_space
+
+            space = self.ws.space
+            self.ws = replace(self.ws, space=build_space(space.graph, space.model, kinds=args.kinds.split(","),
+                                                         options=space.options))
         self.shape = tuple(self.ws.space.input_shape)
         self.bundle = load_data("sklearn:digits", self.shape)
         self.ev = CandidateEvaluator(self.ws, self.bundle, seed=args.seed)
@@ -492,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--measure-runs", type=int, default=50, help="ONNX Runtime timed runs per model (0: skip)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--kinds", default="", help="restrict the space to these decision kinds (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 trials, tiny epochs, one budget")
     ap.add_argument("--report", nargs="+", type=Path, help="print the markdown table of result files and exit")
     ap.add_argument("--summary", nargs="+", type=Path, help="mean ± sd over seeds of result files, and exit")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autocompress.cli.app import app, console, guard
+from autocompress.errors import UserInputError
 
 
 @app.command()
@@ -43,6 +44,8 @@ def search(
     space: str = typer.Option("tradeoff", "--space",
                               help="tradeoff: the sensitivity-guided allocation's trade-offs (default); "
                                    "layers: one parameter per decision"),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="search only these decision kinds, comma-separated "
+                                        "(prune, wbits, abits, rank, merge, branch, heads, drop); default: all"),
     tie: list[str] = typer.Option([], "--tie", help="layers space: a decision kind to share one value across "
                                                     "layers (repeatable)"),
     objectives: str = typer.Option("accuracy", "--objectives",
@@ -75,7 +78,6 @@ def search(
 ) -> None:
     """Find the most accurate compressed model that meets the budget on the target."""
     from autocompress.models.sources import parse_input_shape
-    from autocompress.errors import UserInputError
     from autocompress.search.core import SearchConfig
 
     if (budget is None) == (max_drop is None):
@@ -88,7 +90,7 @@ def search(
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,
                           measure_finalists=not no_measure, prune_round_to=prune_round_to,
-                          repair_max_drop=repair_max_drop,
+                          repair_max_drop=repair_max_drop, kinds=_kinds(kinds),
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None
     if backend == "ray" and max_drop is not None:
@@ -134,6 +136,16 @@ def search(
                             measure=not no_measure, callback=on_trial, on_phase=on_phase, task=task, force=force)
         progress.update(bar, description="done", completed=trials)
     _summary(result, out)
+
+
+def _kinds(text: str | None) -> tuple[str, ...]:
+    """--kinds as a tuple (checked by SearchConfig); absent: every kind."""
+    if text is None:
+        return ()
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise UserInputError("--kinds is empty; give decision kinds, e.g. --kinds prune,wbits,abits")
+    return kinds
 
 
 def _log(text: str) -> None:

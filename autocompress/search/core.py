@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from autocompress.errors import UserInputError
 from autocompress.space.policy import Policy
+from autocompress.space.space import KINDS
 
 OBJECTIVES = {"accuracy": "maximize", "latency_ms": "minimize", "energy_mj": "minimize", "size_bytes": "minimize"}
 SPACES = ("tradeoff", "layers")
@@ -60,8 +61,17 @@ class SearchConfig:
     repair_max_drop: float = 5.0
     # Pruned widths rounded to a multiple of this; None: the target's ``prune_round_to``.
     prune_round_to: int | None = None
+    # The decision kinds searched (``space.KINDS``); empty: every kind the model has.
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.kinds, str):  # the Python API's kinds="prune,wbits"
+            object.__setattr__(self, "kinds", tuple(k.strip() for k in self.kinds.split(",") if k.strip()))
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise UserInputError(f"unknown decision kind(s) {', '.join(map(repr, unknown))} in --kinds; "
+                                 f"valid: {', '.join(KINDS)}")
+        object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in self.kinds))  # one spelling per set
         if self.sampler not in ("tpe", "nsga2", "random"):
             raise UserInputError(f"unknown sampler {self.sampler!r}; valid: nsga2, random, tpe")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
@@ -203,4 +213,6 @@ def study_name_for(space_fp: str, config: SearchConfig) -> str:
         key += f"|{config.space}"
     if config.max_drop is not None:  # the accuracy-bounded ladder is a study of its own
         key += f"|max-drop {config.max_drop}|{config.minimise}"
+    if config.kinds:  # a space of fewer kinds is another study
+        key += f"|kinds {','.join(config.kinds)}"
     return f"autocompress-{space_fp}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"

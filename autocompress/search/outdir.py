@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,16 @@ class FolderClaim:
     budget: str
     objectives: tuple[str, ...]
     space: str
+    kinds: tuple[str, ...] = ()  # the decision kinds searched (empty: all)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": "autocompress.search-folder/1", **asdict(self), "objectives": list(self.objectives)}
+        return {"format": "autocompress.search-folder/1", **asdict(self), "objectives": list(self.objectives),
+                "kinds": list(self.kinds)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FolderClaim":
         return cls(str(data["model"]), str(data["data"]), str(data["target"]), str(data["budget"]),
-                   tuple(data["objectives"]), str(data["space"]))
+                   tuple(data["objectives"]), str(data["space"]), tuple(data.get("kinds", ())))
 
     def differences(self, other: "FolderClaim") -> list[str]:
         mine, theirs = asdict(self), asdict(other)
@@ -100,7 +102,7 @@ def _held(out: Path) -> tuple[FolderClaim | None, tuple[str, ...]]:
         if result.is_file():
             r = json.loads(result.read_text())
             held = FolderClaim(str(r.get("model", "")), str(r.get("data", "")), str(r.get("target", "")), "", (), "")
-            return held, ("budget", "objectives", "space")
+            return held, ("budget", "objectives", "space", "kinds")
     except (ValueError, KeyError, TypeError):
         raise UserInputError(f"--out {str(out)!r} holds a damaged {MANIFEST}; add --force to move it aside and "
                              "start over") from None
@@ -124,9 +126,8 @@ def claim(out: Path, wanted: FolderClaim, *, force: bool = False) -> Path | None
     saying what differs) unless ``force``.
     """
     held, unknown = _held(out) if out.is_dir() else (None, ())
-    differs = held is not None and any(getattr(held, k) != getattr(wanted, k)
-                                       for k in ("model", "data", "target", "budget", "objectives", "space")
-                                       if k not in unknown)
+    differs = held is not None and any(getattr(held, f.name) != getattr(wanted, f.name)
+                                       for f in fields(FolderClaim) if f.name not in unknown)
     aside = None
     if differs:
         if not force:
@@ -155,7 +156,8 @@ def folder_claim(config: Any, model: str | None, data: str | None, task: Any, mo
         model, data = model_and_data(model, data)
     else:
         model, data = str(model), task_label(task)
-    return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space)
+    return FolderClaim(str(model), str(data), config.target, config.budget, tuple(config.objectives), config.space,
+                       tuple(config.kinds))
 
 
 def entries(out: Path) -> set[str] | None:

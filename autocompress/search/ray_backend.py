@@ -101,7 +101,7 @@ def build_context(job: JobSpec) -> _Context:
         return _CONTEXTS[key]
     torch.manual_seed(job.config.seed)  # a model file without --weights starts from the same random init everywhere
     prepared = setup.prepare(job.model, data=job.data, task=job.task, weights=job.weights, input_shape=job.input_shape,
-                       options=job.options or None, seed=job.config.seed)
+                       options=job.options or None, seed=job.config.seed, kinds=job.config.kinds)
     ws, evaluator = prepared.ws, prepared.evaluator
     screen = Screen(ws.space, job.config.target, job.config.budget)
     measured: dict[str, Any] = dict(job.sensitivity)

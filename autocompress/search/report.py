@@ -177,7 +177,9 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
         lines.append(f"| {metric} of {name} through ONNX Runtime | | {shown} | |")
     if "measured_latency_ms_local_int8" in s:
         lines.append(f"| measured latency, local ONNX Runtime int8 (ms) | | {_fmt(s['measured_latency_ms_local_int8'])} | |")
+    kinds = result.get("decision_kinds")
     lines += ["", "## Chosen decisions per layer", "",
+              *([f"Decision kinds searched: {', '.join(kinds)}.", ""] if kinds else []),
               "Prune ratios apply to a layer's coupled channel group (all layers that must keep the same "
               "width); blank cells keep the identity.", ""]
     lines += per_layer_table(found.space, decisions)
@@ -236,7 +238,7 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
                   "data": data, "fingerprint": found.space.fingerprint, "study": found.study_name,
                   "metric": metric, "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
-                  "search_space": config.space,
+                  "search_space": config.space, "decision_kinds": sorted({d.kind for d in found.space.decisions}),
                   "boosted": found.best_scored.boosted, "notes": [*gaps, *found.best_scored.notes],
                   "deployed_gap": bool(gaps), **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)

@@ -56,7 +56,7 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
                 phase(f"--force: the folder's previous results are in {aside}")
             phase("preparing the model (a built-in model is trained once and cached)")
             prepared = prepare(module if module is not None else model, data=data, task=task, weights=weights,
-                               input_shape=input_shape, leaf=leaf, seed=config.seed,
+                               input_shape=input_shape, leaf=leaf, seed=config.seed, kinds=config.kinds,
                                options=space_options(config, warm.options if warm else None))
             ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
             if warm is not None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from autocompress.compress import build_space
 from autocompress.errors import UserInputError
 from autocompress.evaluators.data import check_data_spec, load_data
 from autocompress.evaluators.task import Task, check_task, load_task
@@ -45,6 +46,15 @@ def space_options(config: SearchConfig, warm_options: Mapping[str, Any] | None =
     return options
 
 
+def _with_kinds(ws: Workspace, kinds: tuple[str, ...]) -> Workspace:
+    """``ws``, refused with the kinds the model has where ``kinds`` leaves it no decision."""
+    if kinds and not ws.space.decisions:
+        has = sorted({d.kind for d in build_space(ws.graph, ws.space.model, options=ws.space.options).decisions})
+        raise UserInputError(f"--kinds {','.join(kinds)} leaves no decision to search on {ws.space.model}; its "
+                             f"decision kinds are: {', '.join(has) or 'none'}")
+    return ws
+
+
 def task_label(task: str | Task) -> str:
     return f"task:{task}" if isinstance(task, str) else f"task:{task.metric}"
 
@@ -68,8 +78,10 @@ def check_task_args(model: str | nn.Module | None, data: str | None, task: Any,
 
 def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str | Task | None = None,
             weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
-            leaf: tuple[str, ...] = (), options: dict[str, Any] | None = None, seed: int = 0) -> Prepared:
-    """Open the model for a search on built-in data (``data``) or on a user ``task`` (a Task or its file spec)."""
+            leaf: tuple[str, ...] = (), options: dict[str, Any] | None = None, seed: int = 0,
+            kinds: tuple[str, ...] = ()) -> Prepared:
+    """Open the model for a search on built-in data (``data``) or on a user ``task`` (a Task or its file spec),
+    its space restricted to the decision ``kinds`` where given."""
     module = model if isinstance(model, nn.Module) else None
     spec = f"python:{type(model).__name__}" if module is not None else model
     if task is None:
@@ -81,7 +93,8 @@ def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str
             # A built-in model trains on first use (minutes): its data is read, and refused if bad, before that.
             early_shape = tuple(load_model(spec, input_shape=input_shape).input_shape)
             early = load_data(data, early_shape)
-        ws = open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=options, pretrained=True)
+        ws = _with_kinds(open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=options,
+                                    pretrained=True, kinds=kinds), kinds)
         shape = tuple(ws.space.input_shape)
         bundle = early if early is not None and early_shape == shape else load_data(data, shape)
         torch.manual_seed(seed)
@@ -91,8 +104,8 @@ def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str
     if not isinstance(loaded_task, Task):
         raise UserInputError(f"task must be an autocompress.Task or a path/file.py:factory spec, "
                              f"got {type(task).__name__}")
-    ws = open_model(spec, weights=weights, leaf=leaf, options=options, pretrained=True,
-                    example_input=loaded_task.example_input, module=module)
+    ws = _with_kinds(open_model(spec, weights=weights, leaf=leaf, options=options, pretrained=True,
+                                example_input=loaded_task.example_input, module=module, kinds=kinds), kinds)
     check_task(loaded_task, ws.model)  # a broken metric or input is said before any search starts
     torch.manual_seed(seed)
     return Prepared(ws, TaskEvaluator(ws, loaded_task, seed=seed), spec, task_label(task))
