@@ -37,12 +37,13 @@ class Workspace:
 
 def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_shape: tuple[int, ...] | None = None,
                leaf: Iterable[str] = (), options: dict[str, Any] | None = None, pretrained: bool = False,
-               example_input: Any = None, module: nn.Module | None = None, kinds: Iterable[str] = ()) -> Workspace:
+               example_input: Any = None, module: nn.Module | None = None, kinds: Iterable[str] = (),
+               pretrained_on: str | None = None) -> Workspace:
     """Load ``spec`` (or take ``module``, an in-memory model named ``spec``), trace it and build its search space
     (of the decision ``kinds`` only, where given).
 
     ``pretrained`` asks for a built-in model's trained weights (trained and
-    cached on first use) when no weights file is given. ``example_input`` (a
+    cached on first use, on its own data or on the bundled set ``pretrained_on``) when no weights file is given. ``example_input`` (a
     tensor or tuple of tensors of any dtype) replaces ``input_shape``.
     """
     if module is not None:
@@ -54,7 +55,7 @@ def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_sha
     if pretrained and weights is None and spec.startswith("builtin:"):
         from autocompress.evaluators.train import pretrained_builtin
 
-        loaded.model = pretrained_builtin(spec.partition(":")[2]).eval()
+        loaded.model = pretrained_builtin(spec.partition(":")[2], data=pretrained_on).eval()
     if example_input is None:
         example_input = loaded.example_input
     if any(isinstance(m, nn.MultiheadAttention) for m in loaded.model.modules()):

@@ -36,20 +36,22 @@ FACTORIES = {"resnet18_digits": resnet18_digits, "mobilenet_v2_digits": mobilene
 
 
 def trained_weights(name: str, cache: str | os.PathLike | None = None, epochs: int = TRAIN_EPOCHS,
-                    lr: float = TRAIN_LR, seed: int = 0) -> Path:
-    """Path of ``name``'s state dict trained on the sklearn digits train split; trained once, then cached."""
+                    lr: float = TRAIN_LR, seed: int = 0, data: str = "sklearn:digits") -> Path:
+    """Path of ``name``'s state dict trained on the train split of ``data`` (a bundled set); trained once,
+    then cached."""
     import torch
 
     from autocompress.evaluators.data import load_data
     from autocompress.evaluators.train import _save_atomic, cache_dir, train
 
     folder = Path(cache) if cache else cache_dir()
-    path = folder / f"bench-{name}-e{epochs}-s{seed}.pt"
+    tag = "" if data == "sklearn:digits" else "-" + data.replace(":", "-")
+    path = folder / f"bench-{name}{tag}-e{epochs}-s{seed}.pt"
     if path.is_file():
         return path
     torch.manual_seed(seed)
     model = FACTORIES[name]()
-    train(model, load_data("sklearn:digits", INPUT_SHAPE), epochs=epochs, lr=lr, seed=seed)
+    train(model, load_data(data, INPUT_SHAPE), epochs=epochs, lr=lr, seed=seed)
     _save_atomic(model.state_dict(), path)
     return path
 

