@@ -134,15 +134,20 @@ def test_evaluate_and_predict_logits():
     assert predict_logits(model, ds, batch_size=4).shape == (10, 2)
 
 
+def _as_trained(model: nn.Module) -> nn.Module:
+    """As after real training: every BatchNorm has seen batches."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(1)
+    return model.eval()
+
+
 def test_an_untrained_cache_file_is_not_trusted(tmp_path, monkeypatch):
     calls = []
 
     def fake_train(model, bundle, epochs, lr, seed):
         calls.append(epochs)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.num_batches_tracked.fill_(1)
-        return model.eval()
+        return _as_trained(model)
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     monkeypatch.setattr(train_module, "train", fake_train)
@@ -165,10 +170,7 @@ def test_pretrained_cache_round_trip(tmp_path, monkeypatch):
         calls.append(epochs)
         with torch.no_grad():
             model.fc2.bias.fill_(0.5 + seed)
-        for m in model.modules():  # as after real training: BatchNorm has seen batches
-            if isinstance(m, nn.BatchNorm2d):
-                m.num_batches_tracked.fill_(1)
-        return model.eval()
+        return _as_trained(model)
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     monkeypatch.setattr(train_module, "train", fake_train)
@@ -260,10 +262,7 @@ def test_a_builtin_model_searched_on_another_bundled_set_is_trained_on_it(tmp_pa
 
     def fake_train(model, bundle, epochs, lr, seed):  # stands in for minutes of training
         seen.append((bundle.name, len(bundle.train)))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.num_batches_tracked.fill_(1)
-        return model.eval()
+        return _as_trained(model)
 
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     monkeypatch.setattr(train_module, "train", fake_train)
