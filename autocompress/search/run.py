@@ -127,7 +127,7 @@ def search(model: str | nn.Module, task: str | Task | None = None, *, target: st
     ``model`` is an ``nn.Module`` or a model spec; ``task`` a :class:`~autocompress.Task` (or its
     ``file.py:factory`` spec; None with a spec searches its built-in data, or ``data=``). ``options``
     are SearchConfig fields (trials, sampler, seed, low_epochs, full_epochs, finalists, objectives,
-    space, ...) and run options (weights, storage, study_name, warm_start, leaf, measure, data).
+    space, kinds, ...) and run options (weights, storage, study_name, warm_start, leaf, measure, data).
     """
     unknown = sorted(set(options) - set(_CONFIG_FIELDS) - set(_RUN_OPTIONS))
     if unknown:
