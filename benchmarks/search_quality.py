@@ -464,12 +464,14 @@ def summary(paths: list[Path]) -> str:
     base: dict[str, float] = {}
     for p in paths:
         d = json.loads(Path(p).read_text())
-        base[d["model"]] = d["baseline"]["accuracy"]
+        data = d.get("data", "sklearn:digits")
+        model = d["model"] if data == "sklearn:digits" else f"{d['model']} on {data}"  # another set, another row
+        base[model] = d["baseline"]["accuracy"]
         for frac, entry in d["budgets"].items():
-            budget_ms[(d["model"], frac)] = entry["budget_ms"]
+            budget_ms[(model, frac)] = entry["budget_ms"]
             for name, r in entry["methods"].items():
                 if "accuracy" in r:
-                    rows.setdefault((d["model"], frac), {}).setdefault(name, {})[d["config"]["seed"]] = r["accuracy"]
+                    rows.setdefault((model, frac), {}).setdefault(name, {})[d["config"]["seed"]] = r["accuracy"]
     cells = {key: {name: list(by_seed.values()) for name, by_seed in methods.items()} for key, methods in rows.items()}
     lines = ["| model | budget | method | held-out acc, mean ± sd | seeds | vs best baseline |", "|---|---|---|---|---|---|"]
     for (model, frac), methods in sorted(cells.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
