@@ -42,11 +42,10 @@ def trained_weights(name: str, cache: str | os.PathLike | None = None, epochs: i
     import torch
 
     from autocompress.evaluators.data import load_data
-    from autocompress.evaluators.train import _save_atomic, cache_dir, train
+    from autocompress.evaluators.train import _save_atomic, cache_dir, data_tag, train
 
     folder = Path(cache) if cache else cache_dir()
-    tag = "" if data == "sklearn:digits" else "-" + data.replace(":", "-")
-    path = folder / f"bench-{name}{tag}-e{epochs}-s{seed}.pt"
+    path = folder / f"bench-{name}{data_tag(data, 'sklearn:digits')}-e{epochs}-s{seed}.pt"
     if path.is_file():
         return path
     torch.manual_seed(seed)

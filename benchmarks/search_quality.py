@@ -201,15 +201,9 @@ class Bench:
             weights = str(models_digits.trained_weights(args.model.rpartition(":")[2], data=args.data))
             print(f"weights {weights} ({time.time() - t:.0f}s)", flush=True)
         self.weights = weights
-        self.ws = open_model(args.model, weights=weights, pretrained=True, pretrained_on=args.data)
-        if args.kinds:  # an ablation: the search space restricted to some decision kinds
-            from dataclasses import replace
-
-            from autocompress.compress.primitives import build_space
-
-            space = self.ws.space
-            self.ws = replace(self.ws, space=build_space(space.graph, space.model, kinds=args.kinds.split(","),
-                                                         options=space.options))
+        # --kinds: an ablation, the search space restricted to some decision kinds
+        self.ws = open_model(args.model, weights=weights, pretrained=True, pretrained_on=args.data,
+                             kinds=[k for k in args.kinds.split(",") if k])
         self.shape = tuple(self.ws.space.input_shape)
         self.bundle = load_data(args.data, self.shape)
         self.ev = CandidateEvaluator(self.ws, self.bundle, seed=args.seed)

