@@ -70,6 +70,9 @@ class LayerCost:
     rnn_layers: int = 0
     directions: int = 0
     gates: int = 0
+    # Run-time shape-arithmetic nodes (Shape, Gather, Unsqueeze, Concat, ...) the deployed export computes
+    # this reshape's target shape with (``CostTable.spread_shape_ops``): dispatches that move no data.
+    shape_ops: float = 0.0
 
     @property
     def macs(self) -> int:
@@ -182,7 +185,16 @@ class CostTable:
         input_numel = 1
         for s in mg.input_shape[1:]:
             input_numel *= s
-        return cls(rows, input_numel, mg.fingerprint)
+        table = cls(rows, input_numel, mg.fingerprint)
+        table.spread_shape_ops(mg.shape_ops)
+        return table
+
+    def spread_shape_ops(self, count: int) -> None:
+        """Give the reshapes an equal share of the export's ``count`` shape-arithmetic nodes, which compute
+        their target shapes at run time; a variant that drops a reshape (a removed block) drops its share."""
+        reshapes = [r for r in self._layers.values() if r.op == "reshape"]
+        for r in reshapes:
+            r.shape_ops = count / len(reshapes)
 
     def copy(self) -> "CostTable":
         """An independent copy; one per candidate policy, so it is a flat per-row copy, not a deepcopy."""
