@@ -305,8 +305,6 @@ def main() -> None:
                     help="a --raw pickle of another run of the same variants: report how well the runs agree")
     ap.add_argument("--channel-block", type=int, default=0,
                     help="score with this channel block instead of local's")
-    ap.add_argument("--suite-exclude", nargs="*", default=[],
-                    help="leave designed-set samples whose names start with these out of the fit (an ablation)")
     ap.add_argument("--no-shape-ops", action="store_true",
                     help="score as if the exports' run-time shape arithmetic were not counted (an ablation)")
     ap.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
@@ -320,8 +318,6 @@ def main() -> None:
         raw = collect(args)
         if args.raw:
             Path(args.raw).write_bytes(pickle.dumps(raw))
-    if args.suite_exclude:
-        raw["suite"] = [s for s in raw.get("suite", []) if not s.name.startswith(tuple(args.suite_exclude))]
     if args.no_shape_ops:
         for table in [r["table"] for r in raw["records"]] + [s.table for s in raw.get("suite", [])]:
             for row in table:

@@ -62,22 +62,3 @@ def test_variants_of_a_network_with_token_inputs_are_built_with_its_own_inputs(t
         assert ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
     # random policies: the variants' tables cost different amounts (the table is the compressed one)
     assert len({sum(r.macs for r in b.table) for b in built}) > 1
-
-
-def test_an_island_chain_deploys_one_int8_conv_between_float_convs_as_its_table_says(tmp_path):
-    """The full designed set pairs each island (one int8 conv between float ones) with the same chain in float."""
-    configs = {name: (make, shape) for name, make, shape in designed_set(False)}
-    islands = sorted(n for n in configs if n.startswith("island "))
-    assert len(islands) >= 3 and all(f"chain {n[len('island '):]}" in configs for n in islands)
-    assert not any(n.startswith(("island ", "chain ")) for n, _, _ in designed_set(True))  # quick stays quick
-    name = islands[0]
-    island, chain = build_configs([(name, *configs[name]), (f"chain {name[7:]}", *configs[f"chain {name[7:]}"])],
-                                  tmp_path)
-    assert [(r.target, r.wbits, r.abits) for r in island.table if r.op == "conv"] == [
-        ("0.0", 32, 32), ("1.0", 8, 8), ("2.0", 32, 32)]
-    assert all((r.wbits, r.abits) == (32, 32) for r in chain.table)
-    graph = onnx.load(str(island.path)).graph
-    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    int8_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantised]  # int8 weights
-    assert island.path.name.endswith(".int8.onnx") and len(int8_convs) == 1
-    assert {n.op_type for n in onnx.load(str(chain.path)).graph.node}.isdisjoint({"QuantizeLinear", "DequantizeLinear"})

@@ -55,8 +55,6 @@ def designed_set(quick: bool) -> list[Config]:
     int8 += [(f"int8 conv1x1 {c}->{2 * c}@{hw}", cbr(c, 2 * c, 1), (1, c, hw, hw)) for hw, c in ((56, 32), (28, 96), (7, 320))]
     int8 += [(f"int8 dw3x3 {c}@{hw}", cbr(c, c, 3, g=c), (1, c, hw, hw)) for hw, c in ((56, 144), (14, 576))]
     out += int8[::3] if quick else int8
-    if not quick:
-        out += _islands(cbr)
     out += [("maxpool3x3s2 64@112", lambda: nn.MaxPool2d(3, 2, 1), (1, 64, 112, 112)),
             ("avgpool global 512@7", lambda: nn.AdaptiveAvgPool2d(1), (1, 512, 7, 7))]
     # Widths that are not whole channel blocks (pruned layers): plain kernels and pools on `local`.
@@ -77,33 +75,6 @@ def designed_set(quick: bool) -> list[Config]:
     from autocompress.hwmodels.calibrate._sequence_nets import sequence_configs
 
     return out + sequence_configs(quick)  # attention, GELU, LayerNorm, LSTM/GRU and Conv1d rows
-
-
-def _chain(blocks: list[Callable[[], Any]], int8_at: Sequence[int]) -> Callable[[], Any]:
-    """Conv blocks in sequence, the convs of blocks ``int8_at`` named in ``int8_paths`` (deployed as int8)."""
-    def build() -> Any:
-        from torch import nn
-
-        model = nn.Sequential(*(b() for b in blocks))
-        model.int8_paths = frozenset(f"{i}.0" for i in int8_at)  # each block's conv: "<block>.0"
-        return model
-    return build
-
-
-def _islands(cbr: Callable[..., Callable[[], Any]]) -> list[Config]:
-    """One int8 conv between float convs, as a mixed-precision MobileNetV2 has them at 28-112 px, and the same
-    chain all in float: the pair shows what the int8 <-> float conversions and layout reorders at an island's
-    two boundaries cost, apart from the float convs' own rate."""
-    out: list[Config] = []
-    for tag, hw, blocks in (
-            ("dw3x3 96@112", 112, [cbr(16, 96, 1), cbr(96, 96, 3, g=96), cbr(96, 24, 1)]),
-            ("pw 144->24@56", 56, [cbr(144, 144, 3, g=144), cbr(144, 24, 1), cbr(24, 144, 1)]),
-            ("dw3x3 192@28", 28, [cbr(32, 192, 1), cbr(192, 192, 3, g=192), cbr(192, 32, 1)]),
-            ("pw 32->192@28", 28, [cbr(32, 32, 3, g=32), cbr(32, 192, 1), cbr(192, 192, 3, g=192)])):
-        cin = 16 if hw == 112 else (144 if hw == 56 else 32)
-        shape = (1, cin, hw, hw)
-        out += [(f"island {tag}", _chain(blocks, [1]), shape), (f"chain {tag}", _chain(blocks, []), shape)]
-    return out
 
 
 def _default_shape(spec: str) -> tuple[int, ...]:
@@ -169,8 +140,7 @@ def time_built(built: Sequence[Built], threads: int = 1, warmup: int = 10, runs:
 
 def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[], None] | None = None) -> list[Built]:
     """Export and trace each configuration into ``folder``; a name starting with "int8 " is
-    exported with every layer at 8 bits, as the int8 exporter deploys it, and a chain with ``int8_paths``
-    with those layers at 8 bits."""
+    exported with every layer at 8 bits, as the int8 exporter deploys it."""
     import torch
 
     from autocompress.compress.quant import layer_bits
@@ -190,15 +160,12 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
             x, graph = torch.randn(*shape), trace(model, shape)
         table = CostTable.from_graph(graph)
         stem = sub / str(len(built))
-        # "int8 ...": every layer at 8 bits, as the int8 exporter deploys it; an island chain: the layers it names.
-        every = name.startswith("int8 ")
-        int8_paths = set(layer_bits(model)) if every else set(getattr(model, "int8_paths", ()))
-        if int8_paths:
-            bits = {p: (8, 8) for p in int8_paths}
+        if name.startswith("int8 "):
+            bits = {p: (8, 8) for p in layer_bits(model)}
             calib = shape.example(2, seed=1) if isinstance(shape, Inputs) else torch.randn(2, *shape[1:])
             path = export_int8(model, x, [calib], stem.with_suffix(".int8.onnx"), bits).path
             for r in table:
-                if r.op in ("conv", "linear") and (every or r.target in int8_paths):
+                if r.op in ("conv", "linear"):
                     r.wbits = r.abits = 8
         else:
             path = export_onnx(model, x, stem.with_suffix(".onnx"))
