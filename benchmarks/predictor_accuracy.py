@@ -305,8 +305,6 @@ def main() -> None:
                     help="a --raw pickle of another run of the same variants: report how well the runs agree")
     ap.add_argument("--channel-block", type=int, default=0,
                     help="score with this channel block instead of local's")
-    ap.add_argument("--no-shape-ops", action="store_true",
-                    help="score as if the exports' run-time shape arithmetic were not counted (an ablation)")
     ap.add_argument("--layer-weight", type=float, default=LAYER_WEIGHT,
                     help="a single layer's weight beside the calibration variants in the --model row's fit")
     args = ap.parse_args()
@@ -318,10 +316,6 @@ def main() -> None:
         raw = collect(args)
         if args.raw:
             Path(args.raw).write_bytes(pickle.dumps(raw))
-    if args.no_shape_ops:
-        for table in [r["table"] for r in raw["records"]] + [s.table for s in raw.get("suite", [])]:
-            for row in table:
-                row.shape_ops = 0.0
     out = score(raw, args.models, args.channel_block, args.layer_weight)
     if args.reproducibility:
         out["reproducibility"] = reproducibility(raw, pickle.loads(Path(args.reproducibility).read_bytes()), args.models)
