@@ -12,7 +12,6 @@ from torch import nn
 from autocompress.compress import build_space
 from autocompress.compress.attention import split_attention
 from autocompress.errors import UserInputError
-from autocompress.export.shape_ops import model_shape_ops
 from autocompress.models import LoadedModel, load_model
 from autocompress.models.sources import load_weights
 from autocompress.space.inputs import Inputs
@@ -71,7 +70,4 @@ def open_model(spec: str, *, weights: str | os.PathLike | None = None, input_sha
         graph = trace(loaded.model, leaf_paths=leaf, inputs=inputs)
     else:
         graph = trace(loaded.model, loaded.input_shape, leaf_paths=leaf)
-    if not graph.fx_traced:
-        # Code torch.fx cannot trace reads sizes at run time; its export computes them in nodes of their own.
-        graph.shape_ops = model_shape_ops(loaded.model.eval(), graph.example(1, seed=0))
     return Workspace(loaded, build_space(graph, spec, kinds=tuple(kinds) or KINDS, options=options))

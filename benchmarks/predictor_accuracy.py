@@ -52,17 +52,13 @@ SEQUENCE_MODELS = ("seq:encoder", "seq:bert", "seq:lstm", "seq:gru")  # random s
 def build_sequence(spec: str, v: int, folder: Path, args: argparse.Namespace) -> dict:
     """One random architecture of a sequence-model kind, traced and exported in float with its own inputs."""
     from autocompress.export.onnx import export_onnx
-    from autocompress.export.shape_ops import count_shape_ops
     from autocompress.hwmodels.calibrate._sequence_nets import random_sequence_net
     from autocompress.space.costs import CostTable
 
     desc, (make, inputs) = random_sequence_net(spec.split(":", 1)[1], random.Random(f"{args.seed}-{spec}-{v}"))
     model = make().eval()
-    graph = trace(model, inputs=inputs)
-    table = CostTable.from_graph(graph)
+    table = CostTable.from_graph(trace(model, inputs=inputs))
     path = export_onnx(model, inputs.example(1, seed=0), folder / "model.onnx")
-    if not graph.fx_traced:  # as open_model counts the export's run-time shape arithmetic
-        table.spread_shape_ops(count_shape_ops(path))
     return {"model": spec, "index": v, "calib": v % args.calib_every == 0, "int8": False, "kinds": ["architecture"],
             "n_decisions": 0, "table": table, "path": str(path), "architecture": desc}
 

@@ -151,7 +151,7 @@ class KernelArrays:
 
 _OP_FIELDS = ("bytes_moved", "traffic_bytes", "memory_level", "output_elements", "view", "conversions",
               "slow_pool_elements", "reordered_elements", "reorders", "conversion_bytes", "plain_pool_elements",
-              "math_elements", "shape_ops")
+              "math_elements")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,6 @@ class OpArrays:
     conversion_bytes: np.ndarray
     plain_pool_elements: np.ndarray
     math_elements: np.ndarray
-    shape_ops: np.ndarray
 
     @classmethod
     def of(cls, ops: Sequence[StandaloneOp]) -> "OpArrays":
@@ -215,7 +214,7 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
     kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
                    + k.output_elements * c.out_ns[k.dtype] / 1e3 + k.math_elements * c.math_ns / 1e3)
     op_core = (o.traffic_bytes * c.us_per_byte[o.memory_level]
-               + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us) + o.shape_ops * c.view_overhead_us
+               + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us)
                + o.slow_pool_elements * c.slow_pool_ns / 1e3 + o.plain_pool_elements * c.plain_pool_ns / 1e3
                + o.math_elements * c.math_ns / 1e3)
     kernel_traffic = k.conversion_bytes * (c.us_per_byte[k.memory_level] + c.convert_us_per_byte)

@@ -72,7 +72,6 @@ class OpDraft:
     slow_pool_elements: int = 0
     plain_pool_elements: int = 0
     math_elements: int = 0
-    shape_ops: float = 0.0
     working_set: float = 0.0  # bytes whose level its traffic comes from (0: its traffic): an embedding's table
 
 
@@ -187,8 +186,7 @@ class Fuser:
             nbytes = d.bytes_moved + p.conversion_bytes
             ops.append(StandaloneOp(d.name, nbytes, self.level(max(nbytes, d.working_set)), d.output_elements, d.view,
                                     int(p.conversions), d.slow_pool_elements, p.reordered_elements,
-                                    int(p.reorders), p.conversion_bytes, d.plain_pool_elements, d.math_elements,
-                                    d.shape_ops))
+                                    int(p.reorders), p.conversion_bytes, d.plain_pool_elements, d.math_elements))
         model_weight_level = (self.level(sum(k.weight_bytes for k in self.kernels.values()))
                               if self.target.model_weights_level else CACHE)
         kernels = []

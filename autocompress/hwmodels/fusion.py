@@ -192,7 +192,7 @@ def _reshape(f: Fuser, r: LayerCost) -> None:
     else:
         for src in r.inputs:
             f.relayout(r.name, src, False)
-    f.ops.append(OpDraft(r.name, view=True, shape_ops=r.shape_ops))
+    f.ops.append(OpDraft(r.name, view=True))
 
 
 def _other(f: Fuser, r: LayerCost) -> None:
@@ -244,8 +244,7 @@ def _standalone(f: Fuser, r: LayerCost, float_clip: bool = False) -> None:
     plain_pool = f.layouts and not all_int8 and windowed and r.name not in f.blocked and not slow_elements
     math = r.op in MATH_OPS or (r.op == "act" and r.fn in MATH_FNS)
     f.ops.append(OpDraft(r.name, nbytes * f.batch, r.out_numel * f.batch, False, slow_elements,
-                          r.out_numel * f.batch if plain_pool else 0, r.out_numel * f.batch if math else 0,
-                          shape_ops=r.shape_ops))
+                          r.out_numel * f.batch if plain_pool else 0, r.out_numel * f.batch if math else 0))
 
 
 def _choose_layout(f: Fuser, r: LayerCost, windowed: bool) -> None:

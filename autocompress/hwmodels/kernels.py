@@ -60,7 +60,6 @@ class StandaloneOp:
     conversion_bytes: float
     plain_pool_elements: int  # output elements of a windowed float pool in the plain layout
     math_elements: int = 0  # output elements of an op heavy in arithmetic (``Target.math_ns``)
-    shape_ops: float = 0.0  # run-time shape-arithmetic nodes in front of it: a view's dispatch each
 
     @property
     def traffic_bytes(self) -> float:

@@ -70,9 +70,6 @@ class LayerCost:
     rnn_layers: int = 0
     directions: int = 0
     gates: int = 0
-    # Run-time shape-arithmetic nodes (Shape, Gather, Unsqueeze, Concat, ...) the deployed export computes
-    # this reshape's target shape with (``CostTable.spread_shape_ops``): dispatches that move no data.
-    shape_ops: float = 0.0
 
     @property
     def macs(self) -> int:
@@ -185,16 +182,7 @@ class CostTable:
         input_numel = 1
         for s in mg.input_shape[1:]:
             input_numel *= s
-        table = cls(rows, input_numel, mg.fingerprint)
-        table.spread_shape_ops(mg.shape_ops)
-        return table
-
-    def spread_shape_ops(self, count: int) -> None:
-        """Give the reshapes an equal share of the export's ``count`` shape-arithmetic nodes, which compute
-        their target shapes at run time; a variant that drops a reshape (a removed block) drops its share."""
-        reshapes = [r for r in self._layers.values() if r.op == "reshape"]
-        for r in reshapes:
-            r.shape_ops = count / len(reshapes)
+        return cls(rows, input_numel, mg.fingerprint)
 
     def copy(self) -> "CostTable":
         """An independent copy; one per candidate policy, so it is a flat per-row copy, not a deepcopy."""

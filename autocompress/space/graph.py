@@ -120,9 +120,6 @@ class ModelGraph:
     _order: list[str] = field(default_factory=list)
     inputs: Inputs | None = None
     fx_traced: bool = True
-    # Run-time shape-arithmetic nodes of the deployed export (``export.shape_ops``), which a static capture
-    # does not see; set by whoever exports the model (``workspace.open_model``), else 0.
-    shape_ops: int = 0
 
     def __post_init__(self) -> None:
         if self.inputs is None:

@@ -146,7 +146,6 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
     from autocompress.compress.quant import layer_bits
     from autocompress.export.int8 import export_int8
     from autocompress.export.onnx import export_onnx
-    from autocompress.export.shape_ops import count_shape_ops
     from autocompress.space.graph import trace
     from autocompress.space.inputs import Inputs
 
@@ -155,10 +154,9 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
     for name, make, shape in configs:
         model = make().eval()
         if isinstance(shape, Inputs):  # several or non-float inputs (token ids)
-            x, graph = shape.example(1, seed=0), trace(model, inputs=shape)
+            x, table = shape.example(1, seed=0), CostTable.from_graph(trace(model, inputs=shape))
         else:
-            x, graph = torch.randn(*shape), trace(model, shape)
-        table = CostTable.from_graph(graph)
+            x, table = torch.randn(*shape), CostTable.from_graph(trace(model, shape))
         stem = sub / str(len(built))
         if name.startswith("int8 "):
             bits = {p: (8, 8) for p in layer_bits(model)}
@@ -169,8 +167,6 @@ def build_configs(configs: Iterable[Config], folder: Path, on_built: Callable[[]
                     r.wbits = r.abits = 8
         else:
             path = export_onnx(model, x, stem.with_suffix(".onnx"))
-        if not graph.fx_traced:  # as workspace.open_model counts them, on the file as it is timed
-            table.spread_shape_ops(count_shape_ops(path))
         built.append(Built(name, table, path))
         if on_built is not None:
             on_built()

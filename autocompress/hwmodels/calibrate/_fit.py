@@ -109,7 +109,7 @@ class FitProblem:
                 o.reordered_elements for o in st.ops)
             present["convert"] |= any(k.conversion_bytes for k in st.kernels) or any(
                 o.conversion_bytes for o in st.ops)
-            present["view"] |= any(o.view or o.shape_ops for o in st.ops)
+            present["view"] |= any(o.view for o in st.ops)
             present["math"] |= any(o.math_elements for o in st.ops) or any(k.math_elements for k in st.kernels)
             present["steps"] |= any(k.steps for k in st.kernels)
         self.classes = [c for c in KERNEL_CLASSES if c in used]
