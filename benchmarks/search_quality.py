@@ -283,6 +283,7 @@ class Bench:
                 "trials": found.counts, "best_trial": found.best_trial, "best_origin": pick.origin,
                 "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds,
                 "finalists": [{"trial": f.number, "origin": f.origin, "select": f.accuracy_full,
+                               "latency_ms": f.latency_ms,
                                "held_out": held} for f, held in zip(found.finalists, seen.held_out)]}
         return self.finish(found.best_model, info, started, self.budget_ms)
 

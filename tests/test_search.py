@@ -227,4 +227,8 @@ def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path:
     assert len(calls) == 1  # measured once, read back from the study on resume
     result = json.loads((out / "result.json").read_text())
     assert result["trials"]["complete"] >= 2
-    assert "## Sensitivity per layer" in (out / "report.md").read_text() and (out / "sensitivity.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Sensitivity per layer" in report and (out / "sensitivity.png").is_file()
+    # Each finalist line carries its predicted latency, which breaks a tie on the selection metric.
+    chosen = next(l for l in report.splitlines() if l.startswith(f"- trial {result['best_trial']} ("))
+    assert chosen.endswith(f"{result['best']['latency_ms']:.3f} ms predicted")

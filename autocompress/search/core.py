@@ -145,6 +145,7 @@ class Finalist:
     origin: str
     accuracy_low: float  # selection accuracy after ``low_epochs``
     accuracy_full: float  # selection accuracy after ``full_epochs``
+    latency_ms: float | None = None  # predicted; what breaks a tie on the selection metric
 
 
 @dataclass(frozen=True)

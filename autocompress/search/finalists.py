@@ -40,7 +40,7 @@ def finalise(candidates: Sequence[Candidate], evaluator: Callable[[Policy, float
     done: list[tuple[tuple[float, float], Candidate, Any]] = []
     for c in pick_finalists(candidates, config.finalists):
         scored = evaluator(c.policy, config.full_epochs)
-        finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy))
+        finalists.append(Finalist(c.number, c.origin, c.accuracy, scored.accuracy, c.latency_ms))
         on_final(finalists[-1])
         callback(TrialEvent(c.number, "final", config.trials, config.trials, best_low, "finalists",
                             f"trial {c.number}: {metric_label(evaluator)} {scored.accuracy:.4f} after {config.full_epochs} "

@@ -199,7 +199,9 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
     timed = {row["trial"]: row for row in (result.get("measured") or {}).get("finalists", [])}
     for f in found.finalists:
         lines.append(f"- trial {f.number} ({f.origin}): selection {metric} {f.accuracy_low:.4f} (short) -> "
-                     f"{f.accuracy_full:.4f} (full)" + _timed(timed.get(f.number)))
+                     f"{f.accuracy_full:.4f} (full)"
+                     + (f", {f.latency_ms:.3f} ms predicted" if f.latency_ms is not None else "")
+                     + _timed(timed.get(f.number)))
     if extra_sections:
         lines += ["", *extra_sections]
     if result.get("notes"):
