@@ -146,16 +146,14 @@ def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0, d
     if name not in _RECIPES:
         raise DataError(f"no training recipe for builtin model {name!r}; recipes exist for {', '.join(_RECIPES)}")
     entry = BUILTIN_MODELS.get(name)
-    data_spec, default_epochs, lr = _RECIPES[name]
-    own = data_spec
-    if data is not None and data != own:
-        if data not in BUNDLED_DATA:
-            raise DataError(f"a built-in model trains on a bundled data set ({', '.join(BUNDLED_DATA)}), not {data!r}; "
-                            "give your own weights with --weights")
-        data_spec = data
+    own, default_epochs, lr = _RECIPES[name]
+    train_on = own if data is None else data
+    if train_on != own and train_on not in BUNDLED_DATA:
+        raise DataError(f"a built-in model trains on a bundled data set ({', '.join(BUNDLED_DATA)}), not {data!r}; "
+                        "give your own weights with --weights")
     epochs = default_epochs if epochs is None else int(epochs)
     model = entry.factory()
-    path = cache_dir() / f"{name}{data_tag(data_spec, own)}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
+    path = cache_dir() / f"{name}{data_tag(train_on, own)}-v{CACHE_VERSION}-e{epochs}-s{seed}.pt"
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -166,6 +164,6 @@ def pretrained_builtin(name: str, *, epochs: int | None = None, seed: int = 0, d
             pass
     torch.manual_seed(seed)
     model = entry.factory()  # seeded initialisation
-    train(model, load_data(data_spec, entry.input_shape), epochs=epochs, lr=lr, seed=seed)
+    train(model, load_data(train_on, entry.input_shape), epochs=epochs, lr=lr, seed=seed)
     _save_atomic(model.state_dict(), path)
     return model.eval()
