@@ -50,8 +50,10 @@ def profile(ws: Workspace, target: str = "mobile", policy: Policy | None = None,
 def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLike, *,
                  weights: str | os.PathLike | None = None, data: str | None = None, target: str = "mobile",
                  input_shape: tuple[int, ...] | None = None, leaf: Iterable[str] = (), epochs: float = 1.0,
-                 seed: int = 0, measure: bool = True, task: str | None = None) -> dict[str, Any]:
-    """Apply a policy file to a model, optionally fine-tune on ``data`` or a ``task``, write the output folder."""
+                 seed: int = 0, measure: bool = True, task: str | None = None,
+                 static_shapes: bool = False) -> dict[str, Any]:
+    """Apply a policy file to a model, optionally fine-tune on ``data`` or a ``task``, write the output folder
+    (ONNX files with every dimension fixed at the example input's where ``static_shapes``)."""
     import torch
 
     from autocompress.compress import ApplyContext, apply, estimate
@@ -115,13 +117,13 @@ def apply_policy(spec: str, policy_path: str | os.PathLike, out: str | os.PathLi
 
 
     def build(folder):
-        info = write_model_files(compressed, example, folder, calibration)
+        info = write_model_files(compressed, example, folder, calibration, static_shapes)
         notes = list(ctx.notes)
         if score is not None:
             best["deployed_accuracy"] = deployed_accuracy(folder, score, compressed, example)
             notes = deployed_gaps(best["accuracy"], best["deployed_accuracy"]) + notes
         if measure:
-            record_measured(folder, ws.model, example, best, baseline)
+            record_measured(folder, ws.model, example, best, baseline, static_shapes)
         result = {"target": target, "budget": {}, "baseline": baseline, "best": best, "metric": metric,
                   "trials": {"complete": 0, "failed": 0, "pruned": 0}, "feasible": True,
                   "model": spec, "fingerprint": ws.space.fingerprint, "boosted": sorted(ctx.boosted),

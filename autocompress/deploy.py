@@ -22,10 +22,12 @@ def measure_local(paths: Sequence[str | os.PathLike]) -> list[float]:
     return measure_files([Path(p) for p in paths], threads=threads)
 
 
-def record_measured(folder: Path, teacher: Any, example: Any, best: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Time the output folder's fp32 (and int8) model beside the original model with ``measure_local``
-    and record ``measured_latency_ms_local[_int8]`` in ``best`` and ``baseline``."""
-    base_onnx = export_onnx(teacher, example, folder / ".baseline.onnx")
+def record_measured(folder: Path, teacher: Any, example: Any, best: dict[str, Any], baseline: dict[str, Any],
+                    static_shapes: bool = False) -> None:
+    """Time the output folder's fp32 (and int8) model beside the original model (exported with the same
+    ``static_shapes``) with ``measure_local`` and record ``measured_latency_ms_local[_int8]`` in ``best``
+    and ``baseline``."""
+    base_onnx = export_onnx(teacher, example, folder / ".baseline.onnx", static_shapes=static_shapes)
     try:
         keys = {"best": folder / "model.onnx", "best_int8": folder / "model.int8.onnx", "baseline": base_onnx}
         keys = {k: p for k, p in keys.items() if p.exists()}
@@ -72,13 +74,14 @@ def deployed_gaps(simulated: float, deployed: dict[str, float | None]) -> list[s
 # ---- the finalists timed where the target runs ------------------------------------------------------
 
 def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], float], *, calibration: Any = None,
-                  int8: bool = True, fp16: bool = False, baseline: Any = None, rounds: int = 3) -> tuple[list[tuple[str, Timing]], Timing | None]:
+                  int8: bool = True, fp16: bool = False, baseline: Any = None, rounds: int = 3,
+                  static_shapes: bool = False) -> tuple[list[tuple[str, Timing]], Timing | None]:
     """Each model's deployed file (``deployed_file``) and, with ``baseline``, the original model's fp32
     file, timed by ``timer`` in ``rounds`` interleaved passes: [(file name, Timing)] and the baseline's
     Timing. Where the deployed file is the int8 or fp16 one, the model's fp32 file is timed too and the
     faster of the two is the one returned: small int8 layers can lose more to conversions than their
     kernels save, and both files ship. A model that cannot be exported or timed gets a Timing with the
-    reason, not an exception."""
+    reason, not an exception. ``static_shapes``: the files as shipped (``export_onnx``)."""
     import tempfile
 
     from autocompress.hwmodels.device import time_rounds
@@ -92,7 +95,7 @@ def time_deployed(models: Sequence[Any], example: Any, timer: Callable[[Path], f
             try:
                 finalist = i < len(models)  # the baseline is timed as its fp32 file
                 path = deployed_file(model, example, folder, calibration, int8=int8 and finalist,
-                                     fp16=fp16 and finalist)
+                                     fp16=fp16 and finalist, static_shapes=static_shapes)
                 files.append([path] + ([folder / "model.onnx"] if path.name != "model.onnx" else []))
                 errors.append("")
             except Exception as exc:  # one finalist that does not export is reported, the others still timed

@@ -126,13 +126,17 @@ def apply(model: str = ModelOpt, policy: Path = typer.Option(..., "--policy"),
           input_shape: Optional[str] = ShapeOpt, leaf: list[str] = LeafOpt,
           seed: int = typer.Option(0, "--seed"),
           measure: bool = typer.Option(True, "--measure/--no-measure",
-                                       help="time the written files in ONNX Runtime on this machine")) -> None:
+                                       help="time the written files in ONNX Runtime on this machine"),
+          static_shapes: bool = typer.Option(False, "--static-shapes",
+                                             help="ONNX files with every dimension fixed at the model's input "
+                                                  "shape (NNAPI, Core ML, QNN, TFLite converters)")) -> None:
     """Apply a policy and write the compressed model (fine-tunes when data is given)."""
     from autocompress.api import apply_policy
 
     _ready(target)
     result = apply_policy(model, policy, out, weights=weights, data=data, target=target, epochs=epochs,
-                          input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure, task=task)
+                          input_shape=_shape(input_shape), leaf=leaf, seed=seed, measure=measure, task=task,
+                          static_shapes=static_shapes)
     b, a = result["baseline"], result["best"]
     table = Table(title=f"{model} -> {out}")
     for col in ("", "MACs", "params", "size MB", f"{target} ms", "local ms", result.get("metric", "accuracy")):

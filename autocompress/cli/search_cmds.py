@@ -66,6 +66,9 @@ def search(
     prune_round_to: Optional[int] = typer.Option(None, "--prune-round-to", metavar="N",
                                                  help="round pruned widths to a multiple of N (default: the "
                                                       "target's, measured by calibration for local; 1: any width)"),
+    static_shapes: bool = typer.Option(False, "--static-shapes",
+                                       help="ONNX files with every dimension fixed at the model's input shape "
+                                            "(NNAPI, Core ML, QNN, TFLite converters), timed as shipped"),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="ray backend"),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="ray backend"),
     max_concurrent: int = typer.Option(2, "--max-concurrent", help="ray backend"),
@@ -91,6 +94,7 @@ def search(
                           low_epochs=low_epochs, full_epochs=full_epochs, finalists=finalists, tie=tuple(tie),
                           space=space, measure_cmd=measure_cmd, measure_timeout_s=measure_timeout,
                           measure_finalists=not no_measure, prune_round_to=prune_round_to,
+                          static_shapes=static_shapes,
                           repair_max_drop=repair_max_drop, kinds=_kinds(kinds),
                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()))
     shape = parse_input_shape(input_shape) if input_shape else None

@@ -78,9 +78,10 @@ def _export_program(model: nn.Module, example_input: Any):
 
 
 def write_int8_file(float_model: nn.Module, example_input: Any, path: Path, bits: Mapping[str, Any], fp32_path: Path,
-                    calibration: Any = None) -> Any:
+                    calibration: Any = None, static_shapes: bool = False) -> Any:
     """``path`` (model.int8.onnx) quantised from ``float_model`` by ``export.int8``, calibrated in batches of 8
-    on ``calibration`` (default: 16 generated inputs); the int8 export's report."""
+    on ``calibration`` (default: 16 generated inputs); the int8 export's report. ``static_shapes``:
+    ``export_onnx``'s."""
     from autocompress.export.int8 import export_int8
 
     calib = calibration if calibration is not None else Inputs.from_example(example_input).example(16, seed=0)
@@ -93,42 +94,51 @@ def write_int8_file(float_model: nn.Module, example_input: Any, path: Path, bits
     try:
         with warnings.catch_warnings():  # numpy warnings from the quantiser's range maths on constant tensors
             warnings.simplefilter("ignore")
-            return export_int8(float_model, example_input, chunks, path, bits, fp32_path=fp32_path)
+            return export_int8(float_model, example_input, chunks, path, bits, fp32_path=fp32_path,
+                               static_shapes=static_shapes)
     finally:
         root.setLevel(level)
 
 
 def deployed_file(model: Any, example: Any, folder: Path, calibration: Any = None, int8: bool = True,
-                  fp16: bool = False) -> Path:
+                  fp16: bool = False, static_shapes: bool = False) -> Path:
     """The file the target would run, written into ``folder``: model.int8.onnx where a layer runs in
     int8 (``runs_int8``) and ``int8`` (the target has fast int8 kernels), else model.fp16.onnx where a
-    layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx."""
+    layer runs at 16 bits and ``fp16`` (fast fp16 kernels), else model.onnx; ``static_shapes`` as shipped."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
 
     float_model = strip_fake_quant(model)
-    fp32 = export_onnx(float_model, example, folder / "model.onnx")
+    fp32 = export_onnx(float_model, example, folder / "model.onnx", static_shapes=static_shapes)
     bits = layer_bits(model)
     if not (int8 and any(runs_int8(w, a) for w, a in bits.values())):
         half = half_layers(bits)
         if fp16 and half:
             return export_fp16(float_model, example, fp32, folder / "model.fp16.onnx", set(bits) - half)
         return fp32
-    return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32, calibration).path)
+    return Path(write_int8_file(float_model, example, folder / "model.int8.onnx", bits, fp32, calibration,
+                                static_shapes).path)
+
+
+def shapes_word(static_shapes: bool) -> str:
+    """result.json's ``onnx_shapes``: ``static`` (every dimension fixed) or ``dynamic`` (batch, sequence)."""
+    return "static" if static_shapes else "dynamic"
 
 
 def write_model_files(model: nn.Module, example_input: Any, folder: Path,
-                      calibration: Any = None) -> dict[str, Any]:
+                      calibration: Any = None, static_shapes: bool = False) -> dict[str, Any]:
     """model.onnx (fp32), model.int8.onnx where a layer runs in int8 (``runs_int8``), model.fp16.onnx where a
-    layer runs at 16 bits (``export.fp16``), model.pt2, model.state.pt."""
+    layer runs at 16 bits (``export.fp16``), model.pt2, model.state.pt. The ONNX files have a dynamic batch
+    (and token sequence) axis, or with ``static_shapes`` every dimension of ``example_input``; the returned
+    info's ``onnx_shapes`` says which."""
     from autocompress.compress.quant import layer_bits, strip_fake_quant
 
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"onnx_shapes": shapes_word(static_shapes)}
     float_model = strip_fake_quant(model)
-    export_onnx(float_model, example_input, folder / "model.onnx")
+    export_onnx(float_model, example_input, folder / "model.onnx", static_shapes=static_shapes)
     bits = layer_bits(model)
     if any(runs_int8(w, a) for w, a in bits.values()):
         report = write_int8_file(float_model, example_input, folder / "model.int8.onnx", bits, folder / "model.onnx",
-                                 calibration)
+                                 calibration, static_shapes)
         data = report.to_json()
         for key in ("path", "fp32_path"):  # staging paths mean nothing once the folder is moved
             data.pop(key, None)

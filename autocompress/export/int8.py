@@ -368,7 +368,7 @@ def _weight_override(node: Any) -> tuple[str, int]:
 def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration_batches: Iterable[torch.Tensor] | torch.Tensor,
                 path: str | os.PathLike, layer_bits: Mapping[str, tuple[int, int]], *,
                 fp32_path: str | os.PathLike | None = None, int4: bool = False,
-                reduce_range: bool | None = None) -> Int8Report:
+                reduce_range: bool | None = None, static_shapes: bool = False) -> Int8Report:
     """Write ``path`` (QDQ int8/int4 ONNX) from ``float_model`` and per-layer ``layer_bits``.
 
     ``float_model`` is the compressed model without fake quantisation
@@ -382,7 +382,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     to 7 bits; by default it is on where ONNX Runtime's int8 kernels on this
     machine would saturate (``u8s8_saturates``: x86-64 without VNNI), so the
     artifact evaluated here keeps its accuracy. Pass ``False`` for full 8-bit
-    weights when the file will only run on VNNI or Arm dot-product CPUs.
+    weights when the file will only run on VNNI or Arm dot-product CPUs. ``static_shapes``: ``export_onnx``'s.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -393,7 +393,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     fp32 = Path(fp32_path) if fp32_path is not None else path.with_name(path.stem + ".fp32.onnx")
     if isinstance(calibration_batches, (torch.Tensor, tuple)):
         calibration_batches = [calibration_batches]
-    export_onnx(float_model, example_input, fp32)
+    export_onnx(float_model, example_input, fp32, static_shapes=static_shapes)
     proto = unshare_initializers(fold_identities(onnx.load(str(fp32))))
     onnx.checker.check_model(proto)
     onnx.save(proto, str(fp32))
@@ -413,7 +413,8 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     exclude += [n.name for n in proto.graph.node if n.op_type in _LAYER_OPS and n.name not in named]
     float_out = _FLOAT_OUTPUT_LAYERS if any(n.op_type == "MatMul" for n in nodes.values()) else ()
     exclude += float_island_nodes(proto, quantised, float_out)
-    reader = _BatchReader(calibration_batches, [i.name for i in proto.graph.input])
+    chunk = len(as_tuple(example_input)[0]) if static_shapes else 64  # a static file takes the example's batch
+    reader = _BatchReader(calibration_batches, [i.name for i in proto.graph.input], chunk=chunk)
     if len(reader) == 0:
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
     tmp = path.with_name(path.name + ".tmp")

@@ -3,7 +3,10 @@
 Any model the project compresses exports: one or several inputs of any dtype
 (named after ``forward``'s arguments), outputs that are tensors, tuples,
 dicts or ``transformers`` ``ModelOutput``s (flattened, named after their keys),
-a dynamic batch axis and, for token inputs, a dynamic sequence axis.
+a dynamic batch axis and, for token inputs, a dynamic sequence axis; or, with
+``static_shapes``, every dimension fixed at the example's, which mobile
+runtimes want (NNAPI, Core ML and QNN execution providers, TFLite converters)
+and which lets the exporter fold the shape arithmetic a dynamic graph carries.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _safe_name(name: str) -> str:
 
 
 def export_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike,
-                opset: int = OPSET, dynamic_batch: bool = True) -> Path:
+                opset: int = OPSET, static_shapes: bool = False) -> Path:
     """Export ``model`` to ``path``; node names carry module paths (``/layer1/layer1.0/conv1/Conv``).
 
     The TorchScript-based exporter is used because its node names map back to
@@ -61,7 +64,7 @@ def export_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike,
     plain = len(leaves) == 1 and leaves[0][0] == "output"
     out_names = ["output"] if plain else [_safe_name(n) for n, _ in leaves]
     axes: dict[str, dict[int, str]] | None = None
-    if dynamic_batch:
+    if not static_shapes:
         axes = {n: {0: "batch"} for n in (*in_names, *out_names)}
         for n, t in zip(in_names, args):
             if not t.is_floating_point() and t.dim() == 2:

@@ -3,7 +3,8 @@
 ``OrtModule(path, like=model, example=...)`` runs the file in ONNX Runtime and
 returns outputs in the structure the PyTorch model returned (a tensor, a tuple,
 or a dict whose keys also read as attributes, like a ``ModelOutput``), so
-``task.evaluate`` and the built-in accuracy run on it unchanged.
+``task.evaluate`` and the built-in accuracy run on it unchanged, at any batch
+size, a static-shape file's too.
 """
 
 from __future__ import annotations
@@ -65,13 +66,27 @@ class OrtModule(nn.Module):
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
+        first = self.session.get_inputs()[0].shape[0] if self.session.get_inputs()[0].shape else None
+        self.batch = first if isinstance(first, int) else None  # a static-shape file's fixed batch
         with torch.no_grad():
             self.template = _template(like.eval()(*as_tuple(example)))
 
     def forward(self, *args: torch.Tensor) -> Any:
-        feeds = {}
-        for name, t in zip(self.names, args):
-            t = t.detach().cpu()
-            feeds[name] = (t.float() if t.is_floating_point() else t).numpy()
-        leaves = [torch.from_numpy(a) for a in self.session.run(None, feeds)]
-        return _fill(self.template, leaves)
+        args = tuple((t.float() if t.is_floating_point() else t).detach().cpu() for t in args)
+        n = len(args[0]) if args and args[0].dim() else 0
+        if self.batch is None or n == self.batch or n == 0:
+            return _fill(self.template, self._run(args))
+        # A static file runs the batch in slices of its own size; the last slice is padded by repeating its
+        # final sample, and the padding's outputs dropped.
+        parts: list[list[torch.Tensor]] = []
+        for i in range(0, n, self.batch):
+            piece = tuple(t[i:i + self.batch] for t in args)
+            short = self.batch - len(piece[0])
+            if short:
+                piece = tuple(torch.cat([p, p[-1:].expand(short, *p.shape[1:])]) for p in piece)
+            parts.append([o[:self.batch - short] for o in self._run(piece)])
+        return _fill(self.template, [torch.cat(leaf) for leaf in zip(*parts)])
+
+    def _run(self, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        feeds = {name: t.numpy() for name, t in zip(self.names, args)}
+        return [torch.from_numpy(a) for a in self.session.run(None, feeds)]

@@ -63,6 +63,8 @@ class SearchConfig:
     prune_round_to: int | None = None
     # The decision kinds searched (``space.KINDS``); empty: every kind the model has.
     kinds: tuple[str, ...] = ()
+    # ONNX files with every dimension fixed at the example input's (mobile runtimes' choice), timed as shipped.
+    static_shapes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.kinds, str):  # the Python API's kinds="prune,wbits"

@@ -128,7 +128,8 @@ def measured_choice(ranked: Sequence[tuple[Candidate, Any]], evaluator: Any, con
     if budget.latency_ms is None and budget.relative is None:
         return 0, MeasuredCheck(None, device.label, reason="the budget has no latency limit")
     timings, base = _time([s.model for _, s in ranked], evaluator, target, device,
-                          baseline=evaluator.teacher if budget.relative is not None else None)
+                          baseline=evaluator.teacher if budget.relative is not None else None,
+                          static_shapes=config.static_shapes)
     limit = measured_limit(budget, base)
     check = MeasuredCheck(None, device.label, limit,
                           tuple((c.number, f, t) for (c, _), (f, t) in zip(ranked, timings)), base,
@@ -186,7 +187,8 @@ def measured_repair(chosen: Candidate, policy: Policy, scored: Any, timing: Any,
         tried.append(candidate)
         new_scored = evaluator(candidate, config.full_epochs)
         ((name, t),), base = _time([new_scored.model], evaluator, target, device,
-                                   baseline=evaluator.teacher if budget.relative is not None else None)
+                                   baseline=evaluator.teacher if budget.relative is not None else None,
+                                   static_shapes=config.static_shapes)
         limit = measured_limit(budget, base) if budget.relative is not None else check.limit_ms
         repair = MeasuredRepair(chosen.number, scale, float(screen.costs(candidate)["latency_ms"]), name, t,
                                 limit, float(new_scored.accuracy), base)
@@ -220,12 +222,14 @@ def measuring(config: SearchConfig) -> Measuring:
                                        config.measure_timeout_s if config.measure_cmd else None))
 
 
-def _time(models: Sequence[Any], evaluator: Any, target: Any, device: Any, baseline: Any = None) -> tuple[list, Any]:
+def _time(models: Sequence[Any], evaluator: Any, target: Any, device: Any, baseline: Any = None,
+          static_shapes: bool = False) -> tuple[list, Any]:
     """``deploy.time_deployed`` with the files the target would run."""
     from autocompress.deploy import time_deployed
 
     return time_deployed(models, evaluator.example, device.timer, calibration=getattr(evaluator, "calibration", None),
-                         int8=target.fast_int8, fp16=target.fast_fp16, baseline=baseline)
+                         int8=target.fast_int8, fp16=target.fast_fp16, baseline=baseline,
+                         static_shapes=static_shapes)
 
 
 def _timing_words(name: str, t: Any, ok: bool | None, limit_ms: float | None) -> str:

@@ -227,12 +227,13 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
         baseline[metric], best_costs[metric] = baseline["accuracy"], best_costs["accuracy"]
 
     def build(folder: Path) -> dict[str, Any]:
-        info = write_model_files(found.best_model, evaluator.example, folder, evaluator.calibration)
+        info = write_model_files(found.best_model, evaluator.example, folder, evaluator.calibration,
+                                 config.static_shapes)
         best_costs["deployed_accuracy"] = deployed_accuracy(folder, evaluator.held_out, found.best_model,
                                                             evaluator.example)
         gaps = deployed_gaps(best_costs["accuracy"], best_costs["deployed_accuracy"])
         if measure:
-            record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline)
+            record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline, config.static_shapes)
         result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
                   "best": best_costs, "trials": dict(found.counts), "feasible": found.feasible,
                   "measured_feasible": found.measured_feasible,
