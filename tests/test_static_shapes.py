@@ -120,6 +120,7 @@ def test_a_static_shapes_search_times_scores_and_ships_static_files(tmp_path, mo
     assert set(deployed) == set(shipped) and all(v is not None for v in deployed.values())
     assert deployed["model.onnx"] == pytest.approx(result["best"]["accuracy"], abs=0.02)
     assert result["measured"]["finalists"] and result["measured_feasible"] is not None
+    assert "The ONNX files have static shapes" in (out / "report.md").read_text()
 
 
 def test_apply_writes_dynamic_files_unless_asked(tmp_path):

@@ -177,6 +177,9 @@ def write_report(path: Path, result: dict, found: SearchResult, front: list, dec
         lines.append(f"| {metric} of {name} through ONNX Runtime | | {shown} | |")
     if "measured_latency_ms_local_int8" in s:
         lines.append(f"| measured latency, local ONNX Runtime int8 (ms) | | {_fmt(s['measured_latency_ms_local_int8'])} | |")
+    if result.get("onnx_shapes") == "static":
+        lines += ["", "The ONNX files have static shapes: every dimension fixed at the model's input shape "
+                      "(`--static-shapes`); they were timed and scored as shipped."]
     kinds = result.get("decision_kinds")
     lines += ["", "## Chosen decisions per layer", "",
               *([f"Decision kinds searched: {', '.join(kinds)}.", ""] if kinds else []),
