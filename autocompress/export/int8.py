@@ -391,8 +391,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     if reduce_range is None:
         reduce_range = u8s8_saturates()
     fp32 = Path(fp32_path) if fp32_path is not None else path.with_name(path.stem + ".fp32.onnx")
-    if isinstance(calibration_batches, (torch.Tensor, tuple)):
-        calibration_batches = [calibration_batches]
+    batches = [calibration_batches] if isinstance(calibration_batches, (torch.Tensor, tuple)) else calibration_batches
     export_onnx(float_model, example_input, fp32, static_shapes=static_shapes)
     proto = unshare_initializers(fold_identities(onnx.load(str(fp32))))
     onnx.checker.check_model(proto)
@@ -414,7 +413,7 @@ def export_int8(float_model: nn.Module, example_input: torch.Tensor, calibration
     float_out = _FLOAT_OUTPUT_LAYERS if any(n.op_type == "MatMul" for n in nodes.values()) else ()
     exclude += float_island_nodes(proto, quantised, float_out)
     chunk = len(as_tuple(example_input)[0]) if static_shapes else 64  # a static file takes the example's batch
-    reader = _BatchReader(calibration_batches, [i.name for i in proto.graph.input], chunk=chunk)
+    reader = _BatchReader(batches, [i.name for i in proto.graph.input], chunk=chunk)
     if len(reader) == 0:
         raise AutocompressError("int8 export needs calibration data; pass at least one input batch")
     tmp = path.with_name(path.name + ".tmp")
