@@ -280,27 +280,39 @@ class RayCluster:
 
 def kill_after_completed(args: list[str], out: Path, completed: int = 2, timeout: float = 240.0) -> str:
     """Run ``autocompress ARGS`` and SIGKILL it once its journal study in ``out`` has ``completed``
-    finished trials; returns the study's name (fails the test if that never happens)."""
+    finished trials; returns the study's name (fails the test, with the search's stderr, if that never happens).
+
+    The journal is opened as a shared ``--storage`` file, not as ``--out``'s own journal: opening it as the
+    owner would remove the lock link the live search holds mid-write."""
     import optuna
     import pytest
 
     from autocompress.search.optuna_driver import make_storage
 
-    proc = subprocess.Popen([sys.executable, "-m", "autocompress.cli.main", *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out.parent / f"{out.name}.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "autocompress.cli.main", *args],
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
     deadline = time.time() + timeout
+    done = 0
     try:
-        while time.time() < deadline:
+        while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             if not (out / "study.journal").exists():
                 continue
-            storage = make_storage(None, out)
+            storage = make_storage(str(out / "study.journal"), out)
             names = optuna.get_all_study_names(storage)
-            if names and sum(t.state.name == "COMPLETE"
-                             for t in optuna.load_study(study_name=names[0], storage=storage).trials) >= completed:
-                os.killpg(proc.pid, signal.SIGKILL)
-                return names[0]
-        pytest.fail(f"the search did not complete {completed} trials in {timeout:.0f} s")
+            if names:
+                trials = optuna.load_study(study_name=names[0], storage=storage).trials
+                done = sum(t.state.name == "COMPLETE" for t in trials)
+                if done >= completed:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return names[0]
+        why = "it exited with code %s" % proc.returncode if proc.poll() is not None else f"{timeout:.0f} s passed"
+        tail = log.read_text(errors="replace")[-3000:]
+        pytest.fail(f"the search completed {done} of {completed} trials before {why}; its stderr ends:\n{tail}")
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
