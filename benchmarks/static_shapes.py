@@ -35,21 +35,24 @@ from autocompress.space.policy import Policy
 SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Concat", "Slice", "ConstantOfShape", "Expand", "Reshape")
 
 
-def build(ws, variant: str, static: bool, folder: Path, calibration: tuple) -> Path:
-    """``variant`` (``fp32``: the model as given; ``int8``: every wbits/abits decision at 8) written to ``folder``."""
+def build(ws, variant: str, folder: Path, calibration: tuple) -> dict[bool, Path]:
+    """``variant`` (``fp32``: the model as given; ``int8``: every wbits/abits decision at 8) written to
+    ``folder`` with dynamic and with static shapes: {static: path}."""
     space = ws.space
     choices = {d.id: 8 for d in space.of_kind("wbits", "abits")} if variant == "int8" else {}
     model = apply(ws.model, Policy(space.model, space.fingerprint, choices, space.options), space,
                   calibration=calibration)
     float_model = strip_fake_quant(model)
     example = space.graph.example(1, seed=1)
-    path = folder / f"{variant}-{'static' if static else 'dynamic'}.onnx"
-    if variant == "int8":
-        batches = [tuple(t[i:i + 8] for t in calibration) for i in range(0, len(calibration[0]), 8)]
-        export_int8(float_model, example, batches, path, layer_bits(model), static_shapes=static)
-    else:
-        export_onnx(float_model, example, path, static_shapes=static)
-    return path
+    batches = [tuple(t[i:i + 8] for t in calibration) for i in range(0, len(calibration[0]), 8)]
+    paths = {}
+    for static in (False, True):
+        path = paths[static] = folder / f"{variant}-{'static' if static else 'dynamic'}.onnx"
+        if variant == "int8":
+            export_int8(float_model, example, batches, path, layer_bits(model), static_shapes=static)
+        else:
+            export_onnx(float_model, example, path, static_shapes=static)
+    return paths
 
 
 def node_counts(path: Path) -> dict[str, int]:
@@ -87,7 +90,7 @@ def main() -> None:
         ws = open_model(spec)
         calibration = ws.space.graph.example(16, seed=0)
         with tempfile.TemporaryDirectory(prefix="autocompress-static-") as tmp:
-            files = {(v, s): build(ws, v, s, Path(tmp), calibration) for v in ("fp32", "int8") for s in (False, True)}
+            files = {(v, s): p for v in ("fp32", "int8") for s, p in build(ws, v, Path(tmp), calibration).items()}
             paths = list(files.values())
             ms: dict[Path, list[float]] = {p: [] for p in paths}
             for rep in range(args.repeats):

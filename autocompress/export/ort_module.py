@@ -65,8 +65,9 @@ class OrtModule(nn.Module):
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        first = self.session.get_inputs()[0].shape[0] if self.session.get_inputs()[0].shape else None
+        inputs = self.session.get_inputs()
+        self.names = [i.name for i in inputs]
+        first = inputs[0].shape[0] if inputs[0].shape else None
         self.batch = first if isinstance(first, int) else None  # a static-shape file's fixed batch
         with torch.no_grad():
             self.template = _template(like.eval()(*as_tuple(example)))
