@@ -156,6 +156,19 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def run_search(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a search that may start a local Ray instance: in its own session, so a timeout
+    kills the Ray daemons too (they would outlive the driver and load the rest of the test run)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 # -- PostgreSQL -----------------------------------------------------------------------------------
 def _pg_bin() -> Path:
     """The PostgreSQL server binaries: on PATH, else the newest Debian/Ubuntu install."""
@@ -227,7 +240,9 @@ class RayCluster:
         token = self.temp / "auth_token"  # a private token instead of the shared ~/.ray/auth_token
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        self.env = dict(env, RAY_TMPDIR=str(self.temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        # Workers at normal priority, as docs/cluster.md advises for shared nodes: the test suite shares the machine.
+        self.env = dict(env, RAY_TMPDIR=str(self.temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                        RAY_worker_niceness="0")
         self.workers: list[subprocess.Popen] = []
         self.head: subprocess.Popen | None = None
 

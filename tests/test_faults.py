@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import cli_env, kill_group, read_result, search_args, wait_for, write_factories
+from cluster_utils import cli_env, kill_group, read_result, run_search, search_args, wait_for, write_factories
 
 
 def rows(out: Path) -> list[dict]:
@@ -79,7 +79,7 @@ def test_ray_backend_screens_and_records_failures(tmp_path, short_tmp):
     env = cli_env(AUTOCOMPRESS_CACHE=str(tmp_path / "cache"), AC_FAULT="raise", TMPDIR=short_tmp)
     # One trial at a time: the sampler sees every result before its next proposal, so the run is reproducible.
     cmd = search_args(model, data, out, trials, "--backend", "ray", "--max-concurrent", "1", "--seed", "2")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = run_search(cmd, env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Trial status" not in res.stdout  # Tune's own tables stay quiet; the CLI prints the summary
     result = read_result(out)
@@ -122,7 +122,7 @@ def test_killed_ray_driver_resumes_the_sweep(tmp_path, short_tmp):
     before = finished()
     assert len(before) < trials
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    again = run_search(cmd, env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     after = tune_results(out)
     assert len(after) == trials

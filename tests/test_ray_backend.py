@@ -8,8 +8,10 @@ requested trial as complete, failed or pruned.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,24 @@ def test_ray_stays_out_of_the_import_path_and_resume_needs_a_sweep(tmp_path):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "no interrupted sweep" in lines[0], res.stderr
     assert not (out / "result.json").exists()
+
+
+@pytest.mark.heavy
+def test_a_private_ray_instance_runs_its_trials_at_normal_priority():
+    """Ray's default worker niceness (15) lets any busy neighbour starve the trials."""
+    code = ("import os, ray; from autocompress.search._ray_session import session\n"
+            "with session(None, 1):\n"
+            "    print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+            "print(os.environ.get('RAY_worker_niceness'))")
+    short = tempfile.mkdtemp(prefix="acN", dir="/tmp")  # Ray's socket paths must stay short
+    env = cli_env(TMPDIR=short)
+    env.pop("RAY_worker_niceness", None)
+    try:
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["0", "None"]  # the worker's niceness, then the driver's environment restored
 
 
 @pytest.mark.heavy

@@ -53,6 +53,10 @@ def connect(address: str | None, cpus: float) -> tuple[bool, str | None, dict[st
         ray_constants.ENABLE_RAY_CLUSTER = False
         saved["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes ray.init starts
+        # Ray starts workers at niceness 15 to keep its daemons responsive; on a private instance the trials
+        # are the job, and at 15 any other busy process on the machine starves them (10x slower under load).
+        saved["RAY_worker_niceness"] = os.environ.get("RAY_worker_niceness")
+        os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         try:
             ray.init(address=address, **quiet)
