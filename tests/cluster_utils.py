@@ -324,7 +324,7 @@ def kill_after_completed(args: list[str], out: Path, completed: int = 2, timeout
                 if done >= completed:
                     os.killpg(proc.pid, signal.SIGKILL)
                     return names[0]
-        why = "it exited with code %s" % proc.returncode if proc.poll() is not None else f"{timeout:.0f} s passed"
+        why = f"it exited with code {proc.returncode}" if proc.poll() is not None else f"{timeout:.0f} s passed"
         tail = log.read_text(errors="replace")[-3000:]
         pytest.fail(f"the search completed {done} of {completed} trials before {why}; its stderr ends:\n{tail}")
     finally:

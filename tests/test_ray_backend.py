@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import RayCluster, cli_env, read_result, search_args, wait_for, write_factories
+from cluster_utils import RayCluster, cli_env, read_result, run_search, search_args, wait_for, write_factories
 
 
 def trial_results(experiment_root: Path) -> dict[str, list[dict]]:
@@ -122,7 +122,7 @@ def test_a_private_ray_instance_runs_its_trials_at_normal_priority():
     env = cli_env(TMPDIR=short)
     env.pop("RAY_worker_niceness", None)
     try:
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        res = run_search([sys.executable, "-c", code], env, timeout=180)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert res.returncode == 0, res.stderr[-2000:]
