@@ -16,15 +16,14 @@ import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from search_quality import RESULTS, is_baseline
+
 GROUPS = ("matrix_digits-net_mid", "matrix_digits-net_tight", "matrix_resnet18_digits_mid",
           "matrix_resnet18_digits_tight", "matrix_digits-net-mnist5k_mid", "matrix_digits-net-mnist5k_tight",
           "matrix_resnet18_digits-mnist5k_tight", "default_digits-net_5pct", "default_digits-net_mid_b05",
           "default_digits-net_mid_b025")
 UNIFORM = ("uniform-int8", "uniform-fp32")
-NOT_BASELINES = ("ours", "allocation", "random")
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,9 @@ def cells() -> dict[tuple[str, str], list[Run]]:
         for path in sorted(RESULTS.glob(f"search_quality_{group}_s*.json")):
             data = json.loads(path.read_text())
             for budget, cell in data["budgets"].items():
-                if scored(Run(cell["methods"], 0), "ours"):
-                    found[(group, budget)].append(Run(cell["methods"], data["finetune"]["select_samples"]))
+                run = Run(cell["methods"], data["finetune"]["select_samples"])
+                if scored(run, "ours"):
+                    found[(group, budget)].append(run)
     return found
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"| model | data | budget | effort | best baseline | shipped | {heads} |")
     print("|---" * (6 + len(args.margins)) + "|")
     for (group, budget), runs in cells().items():
-        baselines = [k for k in runs[0].methods if k not in NOT_BASELINES and all(scored(r, k) for r in runs)]
+        baselines = [k for k in runs[0].methods if is_baseline(k) and all(scored(r, k) for r in runs)]
         best = max(statistics.mean(r.methods[k]["accuracy"] for r in runs) for k in baselines)
         shipped = statistics.mean(r.methods["ours"]["accuracy"] for r in runs)
         rows = [statistics.mean(replay(r, m) for r in runs) for m in args.margins]

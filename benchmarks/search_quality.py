@@ -55,6 +55,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("ours", "allocation", "ours-layers", "random", "uniform-fp32", "uniform-int8", "tp-fp32", "tp-int8")
 
 
+def is_baseline(method: str) -> bool:
+    """The hand-made methods the search must beat: uniform and Torch-Pruning policies."""
+    return method.startswith(("uniform", "tp-"))
+
+
 # -- helpers ------------------------------------------------------------------------------------------
 def cpu_model() -> str:
     try:
@@ -470,7 +475,7 @@ def summary(paths: list[Path]) -> str:
     cells = {key: {name: list(by_seed.values()) for name, by_seed in methods.items()} for key, methods in rows.items()}
     lines = ["| model | budget | method | held-out acc, mean ± sd | seeds | vs best baseline |", "|---|---|---|---|---|---|"]
     for (model, frac), methods in sorted(cells.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
-        baselines = [statistics.mean(v) for k, v in methods.items() if k.startswith(("uniform", "tp-"))]
+        baselines = [statistics.mean(v) for k, v in methods.items() if is_baseline(k)]
         best_base = max(baselines) if baselines else None
         for name in METHODS:
             v = methods.get(name)
