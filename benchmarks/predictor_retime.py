@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from predictor_accuracy import build_models  # noqa: E402
 
-WITHIN = 0.10
 
+def count_within(predicted: list[float], measured: list[float]) -> int:
+    """How many of ``predicted`` are within ±10 % of ``measured``: the fit's own ``error_stats`` rule."""
+    from autocompress.hwmodels.calibrate import error_stats
 
-def within(a: float, b: float) -> bool:
-    return abs(a / b - 1) <= WITHIN
+    return round(error_stats(predicted, measured)["within_10"] * len(measured)) if measured else 0
 
 
 def main() -> None:
@@ -68,9 +69,10 @@ def main() -> None:
             rs = [x for x in out_rows if x["model"] == model and (kind == "all" or x["int8"] == (kind == "int8"))]
             summary[f"{model} {kind}"] = {
                 "variants": len(rs),
-                "run_and_now_agree": sum(within(x["now_scaled_ms"], x["run_ms"]) for x in rs),
-                "predicted_within_run": sum(within(x["predicted_ms"], x["run_ms"]) for x in rs),
-                "predicted_within_now": sum(within(x["predicted_ms"], x["now_scaled_ms"]) for x in rs)}
+                "run_and_now_agree": count_within([x["now_scaled_ms"] for x in rs], [x["run_ms"] for x in rs]),
+                "predicted_within_run": count_within([x["predicted_ms"] for x in rs], [x["run_ms"] for x in rs]),
+                "predicted_within_now": count_within([x["predicted_ms"] for x in rs],
+                                                     [x["now_scaled_ms"] for x in rs])}
     Path(args.out).write_text(json.dumps({"run": args.run, "speed_ratio_now_to_run": scale, "summary": summary,
                                           "rows": out_rows}, indent=1) + "\n")
     print(json.dumps({"speed_ratio_now_to_run": scale, "summary": summary}, indent=1))

@@ -207,8 +207,8 @@ class Bench:
             print(f"weights {weights} ({time.time() - t:.0f}s)", flush=True)
         self.weights = weights
         # --kinds: an ablation, the search space restricted to some decision kinds
-        self.ws = open_model(args.model, weights=weights, pretrained=True, pretrained_on=args.data,
-                             kinds=[k for k in args.kinds.split(",") if k])
+        self.kinds = [k for k in args.kinds.split(",") if k]
+        self.ws = open_model(args.model, weights=weights, pretrained=True, pretrained_on=args.data, kinds=self.kinds)
         self.shape = tuple(self.ws.space.input_shape)
         self.bundle = load_data(args.data, self.shape)
         self.ev = CandidateEvaluator(self.ws, self.bundle, seed=args.seed)
@@ -241,8 +241,7 @@ class Bench:
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         train(model, self.ev.finetune_bundle, seed=args.seed)
-        self.ws = open_model(args.model, module=model, input_shape=self.shape,
-                             kinds=[k for k in args.kinds.split(",") if k])
+        self.ws = open_model(args.model, module=model, input_shape=self.shape, kinds=self.kinds)
         self.ev = CandidateEvaluator(self.ws, self.bundle, seed=args.seed)
         print(f"teacher trained on {len(self.ev.finetune_bundle.train)} samples, without the "
               f"{len(self.ev.select)} it is selected on ({time.time() - t:.0f}s)", flush=True)
