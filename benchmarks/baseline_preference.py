@@ -17,7 +17,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from search_quality import RESULTS, is_baseline
+from search_quality_report import RESULTS, is_baseline
 
 GROUPS = ("matrix_digits-net_mid", "matrix_digits-net_tight", "matrix_resnet18_digits_mid",
           "matrix_resnet18_digits_tight", "matrix_digits-net-mnist5k_mid", "matrix_digits-net-mnist5k_tight",

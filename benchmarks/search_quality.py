@@ -51,13 +51,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("ours", "allocation", "ours-layers", "random", "uniform-fp32", "uniform-int8", "tp-fp32", "tp-int8")
 
-
-def is_baseline(method: str) -> bool:
-    """The hand-made methods the search must beat: uniform and Torch-Pruning policies."""
-    return method.startswith(("uniform", "tp-"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from search_quality_report import METHODS, RESULTS, is_baseline, report, summary  # noqa: E402
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -199,7 +195,6 @@ class Bench:
         self.args = args
         weights = args.weights
         if weights is None and args.model.startswith("benchmarks/models_digits.py:"):
-            sys.path.insert(0, str(ROOT / "benchmarks"))
             import models_digits
 
             t = time.time()
@@ -268,6 +263,15 @@ class Bench:
         return finetune(model, self.ev.teacher, self.ev.finetune_bundle, epochs=self.args.full_epochs, lr=self.ev.lr,
                         boosted=boosted, seed=self.ev.seed, teacher_logits=self.ev.teacher_logits)
 
+    def policy_info(self, policy: Any) -> dict[str, Any]:
+        """A policy's predicted costs and how many decisions of each kind it takes."""
+        from collections import Counter
+
+        c = self.costs(policy)
+        kinds = Counter(self.ws.space[k].kind for k in policy.decisions)
+        return {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"],
+                "size_bytes": c["size_bytes"], "decisions_by_kind": dict(kinds)}
+
     def allocation(self, frac: float) -> dict[str, Any]:
         from autocompress.search.screen import Screen
         from autocompress.search.tradeoff import ALLOCATION, make_params
@@ -276,14 +280,9 @@ class Bench:
         screen = Screen(self.ws.space, "mobile", f"{frac:g}x")
         params = make_params("tradeoff", screen, self.ev.teacher, self.ev.calibration)
         policy = params.to_policy({"origin": ALLOCATION})
-        c = self.costs(policy)
         chosen = time.time() - started
         scored = self.ev(policy, self.args.full_epochs)
-        kinds: dict[str, int] = {}
-        for k in policy.decisions:
-            kinds[self.ws.space[k].kind] = kinds.get(self.ws.space[k].kind, 0) + 1
-        info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
-                "choose_s": round(chosen, 1), "decisions_by_kind": kinds}
+        info = {**self.policy_info(policy), "choose_s": round(chosen, 1)}
         return self.finish(scored.model, info, started, self.budget_ms)
 
     def search(self, frac: float, sampler: str, seeds: bool, space: str = "tradeoff") -> dict[str, Any]:
@@ -303,14 +302,10 @@ class Bench:
                               callback=lambda e: print(f"  [{sampler} {frac:g}x] trial {e.number} {e.state} {e.message}",
                                                        flush=True))
         found = driver.run()
-        c = self.costs(found.best_policy)
-        kinds: dict[str, int] = {}
-        for k in found.best_policy.decisions:
-            kinds[self.ws.space[k].kind] = kinds.get(self.ws.space[k].kind, 0) + 1
         pick = next(f for f in found.finalists if f.number == found.best_trial)
-        info = {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"], "size_bytes": c["size_bytes"],
+        info = {**self.policy_info(found.best_policy),
                 "trials": found.counts, "best_trial": found.best_trial, "best_origin": pick.origin,
-                "low_fidelity_best_select": pick.accuracy_low, "decisions_by_kind": kinds,
+                "low_fidelity_best_select": pick.accuracy_low,
                 "finalists": [{"trial": f.number, "origin": f.origin, "select": f.accuracy_full,
                                "latency_ms": f.latency_ms,
                                "held_out": held} for f, held in zip(found.finalists, seen.held_out)]}
@@ -419,97 +414,6 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     os.replace(tmp, path)
-
-
-# -- the report -----------------------------------------------------------------------------------------
-def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
-    """Result files of one model (e.g. one per budget or per method group) merged into one entry per model."""
-    merged: dict[str, dict[str, Any]] = {}
-    for p in paths:
-        d = json.loads(Path(p).read_text())
-        m = merged.setdefault(d["model"], {**d, "budgets": {}, "total_wall_s": 0.0})
-        m["total_wall_s"] += d.get("total_wall_s", 0.0)
-        for frac, entry in d["budgets"].items():
-            m["budgets"].setdefault(frac, {"budget_ms": entry["budget_ms"], "methods": {}})["methods"].update(entry["methods"])
-    for m in merged.values():
-        m["budgets"] = dict(sorted(m["budgets"].items(), key=lambda kv: -float(kv[0])))
-    return list(merged.values())
-
-
-def report(paths: list[Path]) -> str:
-    lines = []
-    for d in merge_results(paths):
-        b = d["baseline"]
-        cfg = d["config"]
-        lines.append(f"**{d['model']}** — baseline: held-out acc {b['accuracy']:.4f}, predicted mobile "
-                     f"{b['latency_ms']:.3f} ms, {b['macs'] / 1e6:.1f} M MACs"
-                     + (f", measured local {b['measured_local_ms']:.3f} ms" if "measured_local_ms" in b else "")
-                     + f"; N = {cfg['trials']} trials at {cfg['low_epochs']} epochs, {cfg['finalists']} finalists, "
-                       f"full fine-tune {cfg['full_epochs']} epochs (commit {d.get('commit', '?')})\n")
-        lines.append("| budget | method | held-out acc | select acc | pred. mobile ms | MACs (M) | local ORT ms | wall s | choice |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for frac, entry in d["budgets"].items():
-            for name in METHODS:
-                r = entry["methods"].get(name)
-                if r is None:
-                    continue
-                if "error" in r or "infeasible" in r:
-                    lines.append(f"| {frac}x ({entry['budget_ms']:.3f} ms) | {name} | — | — | — | — | — | "
-                                 f"{r.get('wall_s', '')} | {r.get('error') or r.get('infeasible')} |")
-                    continue
-                if name in ("ours", "ours-layers", "random"):
-                    t = r["trials"]
-                    choice = (f"trial {r['best_trial']} ({r['best_origin']}); {t['complete']} run, {t['pruned']} screened"
-                              + (f", {t['failed']} failed" if t["failed"] else ""))
-                elif name == "allocation":
-                    choice = ", ".join(f"{v} {k}" for k, v in sorted(r.get("decisions_by_kind", {}).items()))
-                elif name.startswith("uniform"):
-                    choice = f"ratio {r['ratio']}"
-                else:
-                    choice = f"pruning_ratio {r['pruning_ratio']:.3f}"
-                ort = f"{r['measured_local_ms']:.3f} ({r['onnx']})" if "measured_local_ms" in r else "—"
-                ok = "" if r.get("meets_budget", True) else " (over!)"
-                lines.append(f"| {frac}x ({entry['budget_ms']:.3f} ms) | {name} | {r['accuracy']:.4f} | "
-                             f"{r['accuracy_select']:.4f} | {r['latency_ms']:.3f}{ok} | {r['macs'] / 1e6:.2f} | {ort} | "
-                             f"{r['wall_s']:.0f} | {choice} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def summary(paths: list[Path]) -> str:
-    """Held-out accuracy mean ± sd over the seeds (one result file per seed), per model, budget and method.
-
-    A later file's row replaces an earlier one's for the same model, budget, method and seed: a method
-    re-run on newer code is summarised beside the baselines of the first run."""
-    import statistics
-
-    rows: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
-    budget_ms: dict[tuple[str, str], float] = {}
-    base: dict[str, float] = {}
-    for p in paths:
-        d = json.loads(Path(p).read_text())
-        data = d.get("data", "sklearn:digits")
-        model = d["model"] if data == "sklearn:digits" else f"{d['model']} on {data}"  # another set, another row
-        base[model] = d["baseline"]["accuracy"]
-        for frac, entry in d["budgets"].items():
-            budget_ms[(model, frac)] = entry["budget_ms"]
-            for name, r in entry["methods"].items():
-                if "accuracy" in r:
-                    rows.setdefault((model, frac), {}).setdefault(name, {})[d["config"]["seed"]] = r["accuracy"]
-    cells = {key: {name: list(by_seed.values()) for name, by_seed in methods.items()} for key, methods in rows.items()}
-    lines = ["| model | budget | method | held-out acc, mean ± sd | seeds | vs best baseline |", "|---|---|---|---|---|---|"]
-    for (model, frac), methods in sorted(cells.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
-        baselines = [statistics.mean(v) for k, v in methods.items() if is_baseline(k)]
-        best_base = max(baselines) if baselines else None
-        for name in METHODS:
-            v = methods.get(name)
-            if not v:
-                continue
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            diff = f"{100 * (statistics.mean(v) - best_base):+.2f} pts" if best_base is not None else ""
-            lines.append(f"| {model} (uncompressed {base[model]:.4f}) | {frac}x ({budget_ms[(model, frac)]:.3f} ms) | "
-                         f"{name} | {statistics.mean(v):.4f} ± {sd:.4f} | {len(v)} | {diff} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
