@@ -443,6 +443,31 @@ def test_the_fit_chooses_the_cache_size_that_explains_the_measurements():
     assert "llc_bytes" in fitted.sources
 
 
+def test_memory_overlap_adds_part_of_the_shorter_of_compute_and_memory_and_the_fit_follows_it():
+    """A kernel takes max(compute, memory) + memory_overlap x min(compute, memory). Fitted on latencies made
+    with 0.7 or with 0, the fit moves the default's 0.3 towards each and reproduces them (single layers leave
+    it traded against bandwidths, so not to the digit); a target that does not set it does not fit it."""
+    local = get_target("local")
+    assert local.memory_overlap > 0 and get_target("mobile").memory_overlap == 0
+    t = table_of(nn.Sequential(nn.Conv2d(96, 96, 3, padding=1, groups=96)), (1, 96, 112, 112))
+    overlapped, roofline = (predict(t, local.with_(memory_overlap=m)).latency_ms for m in (0.5, 0.0))
+    assert overlapped > 1.01 * roofline
+
+    def made_with(overlap: float) -> list[Sample]:
+        truth, samples = local.with_(memory_overlap=overlap), []
+        for c, hw in ((64, 56), (128, 56), (256, 28), (512, 14), (96, 112), (160, 112), (256, 56), (32, 112)):
+            for k, g in ((1, 1), (3, c), (3, 1)):
+                t = table_of(nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, groups=g)), (1, c, hw, hw))
+                samples.append(Sample(f"{c}@{hw} k{k} g{g}", t, predict(t, truth).latency_ms))
+        return samples
+
+    with_overlap = made_with(0.7)
+    fitted, without = fit_target(local, with_overlap), fit_target(local.with_(memory_overlap=0.0), with_overlap)
+    assert fitted.memory_overlap > 0.35 and "memory_overlap" in fitted.sources["fitted"]
+    assert fitted.fit["rmspe"] < 0.2 * without.fit["rmspe"] and "memory_overlap" not in without.sources["fitted"]
+    assert fit_target(local, made_with(0.0)).memory_overlap < 0.1
+
+
 def test_the_fit_follows_the_heavier_samples_and_layer_weight_applies_to_single_layers():
     """Two sets of the same configurations disagree by 1.5x: the fit lands near the set that carries
     the weight, whether given per sample or, for single-layer tables, by ``layer_weight``."""

@@ -33,6 +33,7 @@ class Coefficients:
     us_per_byte: np.ndarray  # [memory level]: cache, last-level cache, DRAM
     gemm_k0: float  # short reductions (K) run at K / (K + gemm_k0) of the rate
     gemm_s0: float  # few output positions (S) run at S / (S + gemm_s0) of the rate
+    memory_overlap: float  # share of the shorter of compute and memory added to the longer
     kernel_overhead_us: float
     step_overhead_us: float
     elementwise_overhead_us: float
@@ -67,7 +68,8 @@ class Coefficients:
         return cls(
             us_per_mac=us_per_mac, mac_divisor=mac_divisor,
             us_per_byte=np.array([1.0 / (t.cache_gbs * 1e3), us_per_llc_byte, us_per_dram_byte]),
-            gemm_k0=t.gemm_k0, gemm_s0=t.gemm_s0, kernel_overhead_us=t.kernel_overhead_us,
+            gemm_k0=t.gemm_k0, gemm_s0=t.gemm_s0, memory_overlap=t.memory_overlap,
+            kernel_overhead_us=t.kernel_overhead_us,
             step_overhead_us=t.step_overhead_us,
             elementwise_overhead_us=t.elementwise_overhead_us,
             view_overhead_us=t.view_overhead_us or t.elementwise_overhead_us, call_overhead_us=t.call_overhead_us,
@@ -211,7 +213,8 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
     compute = (k.padded_macs * slowdown * c.us_per_mac[k.dtype, k.kernel_class]
                / c.mac_divisor[k.dtype, k.kernel_class, k.plain.astype(int)])
     memory = k.activation_bytes * c.us_per_byte[k.memory_level] + k.weight_bytes * c.us_per_byte[k.weight_level]
-    kernel_core = (np.maximum(compute, memory) + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
+    kernel_core = (np.maximum(compute, memory) + c.memory_overlap * np.minimum(compute, memory)
+                   + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
                    + k.output_elements * c.out_ns[k.dtype] / 1e3 + k.math_elements * c.math_ns / 1e3)
     op_core = (o.traffic_bytes * c.us_per_byte[o.memory_level]
                + np.where(o.view, c.view_overhead_us, c.elementwise_overhead_us)

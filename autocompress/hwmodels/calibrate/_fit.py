@@ -126,7 +126,8 @@ class FitProblem:
                       + (["reorder_ns"] if present["reorder"] else []) + (["convert_ns"] if present["convert"] else [])
                       + (["view_overhead_us"] if present["view"] else [])
                       + (["step_overhead_us"] if present["steps"] else [])
-                      + (["math_ns"] if present["math"] else []))
+                      + (["math_ns"] if present["math"] else [])
+                      + (["memory_overlap"] if base.memory_overlap > 0 else []))
 
     def x0(self) -> list[float]:
         return [math.log(self._value(self.base, n)) for n in self.names]
@@ -221,8 +222,8 @@ def fit_target(base: Target, samples: Sequence[Sample], name: str | None = None,
         # Efficiencies up to 3x the stated peak; a runtime op's dispatch costs at least ~0.5 µs on any CPU
         # (without that floor the fit trades per-op overheads against bandwidths).
         lo = np.array([math.log(0.5) if n in _OVERHEADS else math.log(1e-3) for n in prob.names])
-        hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class", "plain_eff")) else math.log(1e6)
-                       for n in prob.names])
+        hi = np.array([math.log(3.0) if n.startswith(("efficiency", "int8_class", "plain_eff"))
+                       else math.log(1.0) if n == "memory_overlap" else math.log(1e6) for n in prob.names])
         x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
         res = least_squares(prob.residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
         if best is None or res.cost < best[1].cost:
