@@ -87,6 +87,11 @@ def table_costs(table: Any) -> dict[str, Any]:
             "size_bytes": int(totals["weight_bytes"])}
 
 
+def cost_fields(costs: dict[str, Any]) -> dict[str, Any]:
+    """The predicted costs a result records, from ``cost_fn``'s."""
+    return {k: costs[k] for k in ("latency_ms", "macs", "params", "size_bytes")}
+
+
 def model_costs(model: nn.Module, input_shape: tuple[int, ...], bits: int | None = None) -> dict[str, Any]:
     """Predicted mobile costs of a (float) model traced as it is; ``bits`` sets every conv/linear row."""
     from autocompress.space.costs import CostTable
@@ -267,10 +272,8 @@ class Bench:
         """A policy's predicted costs and how many decisions of each kind it takes."""
         from collections import Counter
 
-        c = self.costs(policy)
         kinds = Counter(self.ws.space[k].kind for k in policy.decisions)
-        return {"latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"],
-                "size_bytes": c["size_bytes"], "decisions_by_kind": dict(kinds)}
+        return {**cost_fields(self.costs(policy)), "decisions_by_kind": dict(kinds)}
 
     def allocation(self, frac: float) -> dict[str, Any]:
         from autocompress.search.screen import Screen
@@ -330,8 +333,7 @@ class Bench:
             return {"infeasible": f"even ratio {ratios[-1]} everywhere predicts {c['latency_ms']:.3f} ms",
                     "latency_ms": c["latency_ms"], "macs": c["macs"], "wall_s": round(time.time() - started, 1)}
         scored = self.ev(policy, self.args.full_epochs)  # the same full fine-tune the search's finalists get
-        info = {"ratio": r, "latency_ms": c["latency_ms"], "macs": c["macs"], "params": c["params"],
-                "size_bytes": c["size_bytes"]}
+        info = {"ratio": r, **cost_fields(c)}
         return self.finish(scored.model, info, started, self.budget_ms)
 
     def torch_pruning(self, frac: float, bits: int | None) -> dict[str, Any]:

@@ -16,7 +16,6 @@ def is_baseline(method: str) -> bool:
     return method.startswith(("uniform", "tp-"))
 
 
-
 def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
     """Result files of one model (e.g. one per budget or per method group) merged into one entry per model."""
     merged: dict[str, dict[str, Any]] = {}

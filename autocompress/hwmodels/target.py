@@ -92,15 +92,15 @@ class Target:
     # spend a tenth of their time there on a CPU; a CNN's ReLU and add do not.
     math_ns: float = 0.0
     view_overhead_us: float = 0.0  # dispatch of a view-type reshape (0: elementwise_overhead_us)
-    # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,
-    # activation, requantisation) and output layout handling, which dominate small-K and depthwise
-    # kernels on CPUs (ONNX Runtime's QLinearConv: ~0.5-1.5 ns per output element measured).
-    out_ns: float = 0.0
     # A kernel takes max(compute, memory) + memory_overlap x min(compute, memory): on a core shared with
     # other tenants the two overlap only in part, and 224x224 networks, whose activations stream through
     # the last-level cache, ran 5-13 % slower than the pure roofline fitted on single layers predicts
     # (BENCHMARKS.md, runs Z1-Z4). Fitted by calibration where the base target sets it above 0.
     memory_overlap: float = 0.0
+    # Per output element of a conv/linear kernel, added to its roofline time: the epilogue (bias,
+    # activation, requantisation) and output layout handling, which dominate small-K and depthwise
+    # kernels on CPUs (ONNX Runtime's QLinearConv: ~0.5-1.5 ns per output element measured).
+    out_ns: float = 0.0
     int8_out_ns: float = 0.0
     gemv_from_cache: bool = True  # a batch-1 linear streams its weights at cache speed (prefetch)
     # Weights stay in a cache between calls only when all the model's weights fit it: each kernel reads its
