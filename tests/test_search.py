@@ -211,6 +211,18 @@ def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() 
     assert [c.number for c in pick_finalists([cand(0, 0.5, 0.8, 2.0)], 0)] == [0]  # always at least one
 
 
+def test_finalists_tied_on_the_selection_split_are_noted_and_a_measured_difference_is_not() -> None:
+    from autocompress.search.core import Finalist
+    from autocompress.search.report import finalist_tie_note
+
+    tied = [Finalist(3, "sampler", 0.99, 0.990099, 3.2), Finalist(7, "uniform", 0.98, 0.990099, 3.4),
+            Finalist(9, "sampler", 0.99, 0.985148, 3.1)]
+    (note,) = finalist_tie_note(tied, "accuracy", 202)
+    assert note.startswith("2 of 3 finalists tied on the selection split (accuracy 0.9901, 202 samples)")
+    assert finalist_tie_note(tied[1:], "f1", None) == []  # 0.9901 against 0.9851: the split told them apart
+    assert finalist_tie_note(tied[:1], "accuracy", 202) == []  # one finalist: nothing to tie with
+
+
 
 def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     from autocompress.search import sensitivity

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from optuna.trial import TrialState
 
-from autocompress.search.core import SearchResult
+from autocompress.search.core import Finalist, SearchResult
 from autocompress.search.sensitivity import SensitivityTable
 from autocompress.search.sensitivity_report import plot_sensitivity, sensitivity_lines
 
@@ -24,6 +24,21 @@ def _fmt(v: Any, nd: int = 3) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def finalist_tie_note(finalists: Sequence[Finalist], metric: str, select_samples: int | None = None) -> list[str]:
+    """A note when two or more finalists share the best full-fidelity selection score: the pick among them
+    is then the tie rule's (the fastest by prediction), not a difference the selection split measured."""
+    if len(finalists) < 2:
+        return []
+    best = max(f.accuracy_full for f in finalists)
+    tied = [f for f in finalists if abs(f.accuracy_full - best) <= 1e-9]
+    if len(tied) < 2:
+        return []
+    size = f", {select_samples} samples" if select_samples else ""
+    return [f"{len(tied)} of {len(finalists)} finalists tied on the selection split ({metric} {best:.4f}{size}); "
+            "the pick is the fastest of them by prediction: the split cannot tell them apart, so their held-out "
+            f"{metric} may differ"]
 
 
 def write_trials_csv(study: Any, path: Path) -> None:
@@ -235,6 +250,8 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
         best_costs["deployed_accuracy"] = deployed_accuracy(folder, evaluator.held_out, found.best_model,
                                                             evaluator.example)
         gaps = deployed_gaps(best_costs["accuracy"], best_costs["deployed_accuracy"])
+        select = getattr(evaluator, "select", None)
+        ties = finalist_tie_note(found.finalists, metric, len(select) if hasattr(select, "__len__") else None)
         if measure:
             record_measured(folder, evaluator.teacher, evaluator.example, best_costs, baseline, config.static_shapes)
         result = {"target": config.target, "budget": found.budget.to_json(), "baseline": baseline,
@@ -245,7 +262,7 @@ def write_search_outputs(found: SearchResult, evaluator: Any, base_acc: dict, ou
                   "metric": metric, "best_trial": found.best_trial, "lowest_reachable": dict(found.lowest_reachable),
                   "fidelity": {"low_epochs": config.low_epochs, "full_epochs": config.full_epochs},
                   "search_space": config.space, "decision_kinds": sorted({d.kind for d in found.space.decisions}),
-                  "boosted": found.best_scored.boosted, "notes": [*gaps, *found.best_scored.notes],
+                  "boosted": found.best_scored.boosted, "notes": [*gaps, *ties, *found.best_scored.notes],
                   "deployed_gap": bool(gaps), **info, **(extra or {})}
         write_policy_and_result(folder, policy, result)
         write_trials_csv(study, folder / "trials.csv")
