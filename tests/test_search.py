@@ -223,7 +223,6 @@ def test_finalists_tied_on_the_selection_split_are_noted_and_a_measured_differen
     assert finalist_tie_note(tied[:1], "accuracy", 202) == []  # one finalist: nothing to tie with
 
 
-
 def test_a_resumed_search_reads_its_sensitivity_table_back(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     from autocompress.search import sensitivity
 

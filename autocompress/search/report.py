@@ -27,8 +27,8 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 
 def finalist_tie_note(finalists: Sequence[Finalist], metric: str, select_samples: int | None = None) -> list[str]:
-    """A note when two or more finalists share the best full-fidelity selection score: the pick among them
-    is then the tie rule's (the fastest by prediction), not a difference the selection split measured."""
+    """A note when two or more finalists share the best full-fidelity selection score: their order is then
+    the tie rule's (the faster by prediction first), not a difference the selection split measured."""
     if len(finalists) < 2:
         return []
     best = max(f.accuracy_full for f in finalists)
@@ -37,8 +37,8 @@ def finalist_tie_note(finalists: Sequence[Finalist], metric: str, select_samples
         return []
     size = f", {select_samples} samples" if select_samples else ""
     return [f"{len(tied)} of {len(finalists)} finalists tied on the selection split ({metric} {best:.4f}{size}); "
-            "the pick is the fastest of them by prediction: the split cannot tell them apart, so their held-out "
-            f"{metric} may differ"]
+            "they are ranked by predicted latency, the fastest first: the split cannot tell them apart, so their "
+            f"held-out {metric} may differ"]
 
 
 def write_trials_csv(study: Any, path: Path) -> None:
