@@ -573,3 +573,61 @@ def test_the_report_says_why_no_repair_was_taken_and_judges_a_repair_by_its_own_
     fixed["measured"]["repairs"] = [{**stopped["measured"]["repairs"][0], "taken": True}]
     text = measured_lines(fixed)[0]
     assert "measured 0.2 ± 0 ms against 0.3 ms" in text and "allocated again under 0.60x" in text
+
+
+# ---- the searched network's own scale on `local` ----------------------------------------------------------
+def test_a_network_s_own_scale_is_the_median_over_its_variants_saved_once_and_applied():
+    from autocompress.compress import estimate
+    from autocompress.hwmodels import predict
+    from autocompress.hwmodels.calibrate import SCALE_VARIANTS, ensure_network_scale
+    from autocompress.space.policy import Policy
+    from autocompress.workspace import open_model
+
+    seed_fitted_local()
+    ws = open_model("builtin:digits-net")
+    timed: list[Path] = []
+
+    def measure(path: Path) -> float:  # every variant 1.5 ms, whatever it is predicted at
+        timed.append(path)
+        return 1.5
+
+    table = estimate(ws.space, Policy.identity(ws.space))
+    before = predict(table, get_target("local")).latency_ms
+    first = ensure_network_scale("local", ws.model, ws.space, "builtin:digits-net", measure=measure)
+    assert first is not None and first.measured_now and first.network == table.network
+    assert len({p.parent for p in timed}) == SCALE_VARIANTS  # four variants, each timed in two passes
+    saved = get_target("local")
+    assert saved.network_scale == {table.network: pytest.approx(first.scale)}
+    assert saved.fit["network_scale_by_model"] == {"builtin:digits-net": pytest.approx(first.scale)}
+    assert 0.67 <= first.scale <= 1.5  # measured / predicted, clipped to NETWORK_SCALE_BOUNDS
+    assert predict(table, saved).latency_ms == pytest.approx(before * first.scale, rel=1e-9)
+    n = len(timed)
+    again = ensure_network_scale("local", ws.model, ws.space, "builtin:digits-net", measure=measure)
+    assert again is not None and not again.measured_now and again.scale == first.scale and len(timed) == n
+
+
+def test_a_network_scale_that_cannot_be_timed_leaves_the_search_unscaled():
+    from autocompress.search import run
+
+    seed_fitted_local()
+    said: list[str] = []
+
+    class Broken:  # a workspace whose model cannot be compressed or exported
+        model = None
+        space = None
+
+    run._own_scale(Broken(), "mine.py:net", said.append)
+    assert said and said[-1].startswith("could not time variants of mine.py:net on `local` (")
+    assert get_target("local").network_scale == {}
+
+
+@pytest.mark.parametrize("best, shown", [
+    ({"measured_latency_ms_local": 0.888, "measured_latency_ms_local_int8": 0.337}, "0.337 (int8)"),
+    ({"measured_latency_ms_local": 0.5, "measured_latency_ms_local_int8": 0.7}, "0.500"),
+    ({"measured_latency_ms_local": 1.017}, "1.017"),
+    ({}, "-"),
+])
+def test_the_summary_shows_the_time_of_the_file_that_deploys(best, shown):
+    from autocompress.cli.search_cmds import _local_ms
+
+    assert _local_ms(best) == shown

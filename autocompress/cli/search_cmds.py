@@ -175,6 +175,17 @@ def _log_trial(total: int):
     return on_trial
 
 
+def _local_ms(r: dict) -> str:
+    """The time of the file that deploys: the faster of model.onnx and model.int8.onnx, as the finalists are
+    timed (an int8 policy's float file is not what ships)."""
+    timed = {k: r.get(f"measured_latency_ms_local{k}") for k in ("", "_int8")}
+    timed = {k: v for k, v in timed.items() if v is not None}
+    if not timed:
+        return "-"
+    kind = min(timed, key=timed.get)
+    return f"{timed[kind]:.3f}" + (" (int8)" if kind else "")
+
+
 def _summary(result: dict, out: Path) -> None:
     b, s = result["baseline"], result["best"]
     goal = (f"the cheapest {result['minimise']} within {result['max_drop']:g} points" if result.get("max_drop") is not None
@@ -183,9 +194,8 @@ def _summary(result: dict, out: Path) -> None:
     for col in ("", result.get("metric", "accuracy"), "latency ms (pred.)", "local ms (ORT)", "energy mJ", "size MB", "MACs"):
         table.add_column(col, justify="right")
     for name, r in (("baseline", b), ("chosen", s)):
-        local = r.get("measured_latency_ms_local")
-        table.add_row(name, f"{r.get('accuracy', float('nan')):.4f}", f"{r['latency_ms']:.3f}",
-                      f"{local:.3f}" if local is not None else "-", f"{r['energy_mj']:.4f}",
+        table.add_row(name, f"{r.get('accuracy', float('nan')):.4f}", f"{r['latency_ms']:.3f}", _local_ms(r),
+                      f"{r['energy_mj']:.4f}",
                       f"{r['size_bytes'] / 1e6:.3f}", f"{r['macs']:,}")
     console.print(table)
     deployed = s.get("deployed_accuracy") or {}

@@ -19,10 +19,11 @@ from typing import Sequence
 from autocompress.errors import UserInputError
 from autocompress.hwmodels.calibrate._csv import CSV_COLUMNS, layer_table, read_csv_samples
 from autocompress.hwmodels.calibrate._designed import (VARIANT_NETS, Built, Config, build_configs, build_variants,
-                                                       designed_set, export_deployed, random_policy, spec_of_variant,
-                                                       time_built)
+                                                       designed_set, export_deployed, model_variants, random_policy,
+                                                       spec_of_variant, time_built)
 from autocompress.hwmodels.calibrate._fit import (FITTED_PARTS, LAYER_WEIGHT, PART_WEIGHT, FitProblem, Sample,
                                                   error_stats, fit_target, llc_choices, network_scales, single_layer)
+from autocompress.hwmodels.calibrate._network import SCALE_VARIANTS, NetworkScale, ensure_network_scale
 from autocompress.hwmodels.calibrate._plans import PLANS, Plan, Progress, llc_tries, measure_plan
 from autocompress.hwmodels.calibrate._widths import WidthProbe, choose_round_to, probe_widths
 from autocompress.hwmodels.device import MeasureCommand
@@ -32,8 +33,9 @@ from autocompress.hwmodels.target import Target
 from autocompress.hwmodels.targets import TARGETS, get_target, target_path
 
 __all__ = [
-    "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "VARIANT_NETS", "Built", "Config",
-    "FitProblem", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device", "calibrate_from_csv",
+    "CSV_COLUMNS", "FITTED_PARTS", "LAYER_WEIGHT", "PART_WEIGHT", "PLANS", "SCALE_VARIANTS", "VARIANT_NETS", "Built",
+    "Config", "FitProblem", "NetworkScale", "Plan", "Sample", "build_configs", "build_variants", "calibrate_device",
+    "calibrate_from_csv", "ensure_network_scale", "model_variants",
     "calibrate_local", "check", "choose_round_to", "designed_set", "measure_plan", "probe_widths", "WidthProbe",
     "error_stats", "export_deployed", "fit_target", "layer_table", "llc_choices", "measure_files", "network_scales",
     "random_policy",

@@ -179,7 +179,7 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
     shape or None for the model's own), exported as deployed into ``folder``. A spec opens as a search
     opens it (``workspace.open_model``): its own example inputs (token ids and several inputs included),
     attention split into heads."""
-    from autocompress.compress import apply, build_space, estimate
+    from autocompress.compress import build_space
     from autocompress.space.graph import trace
     from autocompress.workspace import open_model
 
@@ -191,15 +191,27 @@ def build_variants(nets: Sequence[tuple[str, tuple[int, ...] | None]], per_net: 
         else:
             ws = open_model(spec, input_shape=shape)
             model, space = ws.model.eval(), ws.space
-        example = space.graph.example(1, seed=0)
-        rng = random.Random(f"{seed}-{spec}")
-        for v in range(per_net):
-            policy = random_policy(space, rng, kinds)
-            sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
-            path, _ = export_deployed(apply(model, policy, space), example, sub)
-            built.append(Built(variant_name(spec, v), estimate(space, policy), path))
-            if on_built is not None:
-                on_built()
+        built += model_variants(model, space, spec, per_net, folder, seed=seed, kinds=kinds, on_built=on_built)
+    return built
+
+
+def model_variants(model: Any, space: Any, label: str, count: int, folder: Path, seed: int = 0,
+                   kinds: Sequence[str] = (), on_built: Callable[[], None] | None = None) -> list[Built]:
+    """``count`` random compressed variants of one opened model (its search space), exported as deployed
+    into ``folder`` and named ``variant_name(label, i)``."""
+    from autocompress.compress import apply, estimate
+
+    model = model.eval()
+    example = space.graph.example(1, seed=0)
+    rng = random.Random(f"{seed}-{label}")
+    built = []
+    for v in range(count):
+        policy = random_policy(space, rng, kinds)
+        sub = Path(tempfile.mkdtemp(prefix="variant-", dir=folder))
+        path, _ = export_deployed(apply(model, policy, space), example, sub)
+        built.append(Built(variant_name(label, v), estimate(space, policy), path))
+        if on_built is not None:
+            on_built()
     return built
 
 
@@ -230,7 +242,7 @@ def random_policy(space: Any, rng: random.Random, kinds: Sequence[str] = ()) -> 
         others = [c for c in d.choices if c != d.identity]
         if others and rng.random() < p:
             chosen[d.id] = rng.choice(others)
-    return Policy(space.model, space.fingerprint, chosen)
+    return Policy(space.model, space.fingerprint, chosen, space.options)
 
 
 def export_deployed(model: Any, example: Any, folder: Path) -> tuple[Path, bool]:
