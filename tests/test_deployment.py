@@ -616,9 +616,33 @@ def test_a_network_scale_that_cannot_be_timed_leaves_the_search_unscaled():
         model = None
         space = None
 
-    run._own_scale(Broken(), "mine.py:net", said.append)
+    run._own_scale(Broken(), "mine.py:net", "local", said.append)
     assert said and said[-1].startswith("could not time variants of mine.py:net on `local` (")
     assert get_target("local").network_scale == {}
+    run._own_scale(Broken(), "mine.py:net", "mobile", said.append)  # a fixed target is not timed, nor changed
+    assert len(said) == 1 and not target_path("mobile").exists()
+
+
+def test_a_device_target_gets_the_network_s_scale_through_its_own_command(tmp_path, monkeypatch):
+    from autocompress.compress import estimate
+    from autocompress.hwmodels import predict
+    from autocompress.search import run
+    from autocompress.space.policy import Policy
+    from autocompress.workspace import open_model
+
+    fake = _script(tmp_path, "fake.py", FAKE_DEVICE)  # prints the file's size in kB x FAKE_SCALE as its ms
+    monkeypatch.setenv("FAKE_DEVICE", "size")
+    monkeypatch.setenv("FAKE_SCALE", "0.004")  # 2-14 ms for digits-net's variants, near what `mobile` predicts
+    device = get_target("mobile").with_(name="phone", calibrated=True, measure_cmd=f"{PY} {fake} {{onnx}}")
+    device.save(target_path("phone"))
+    ws = open_model("builtin:digits-net")
+    said: list[str] = []
+    run._own_scale(ws, "builtin:digits-net", "phone", said.append)
+    table = estimate(ws.space, Policy.identity(ws.space))
+    scale = get_target("phone").network_scale[table.network]
+    assert said[-1] == f"`phone` predictions for builtin:digits-net scaled by {scale:.3f} (saved with the target)"
+    assert predict(table, get_target("phone")).latency_ms == pytest.approx(
+        predict(table, device).latency_ms * scale, rel=1e-9)
 
 
 @pytest.mark.parametrize("best, shown", [

@@ -61,8 +61,8 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
             ws, evaluator, model, data = prepared.ws, prepared.evaluator, prepared.model, prepared.data
             if warm is not None:
                 warm.validate(ws.space)
-            if measure and config.target == "local":
-                _own_scale(ws, model, phase)
+            if measure:
+                _own_scale(ws, model, config.target, phase)
             phase("scoring each choice's sensitivity (once per study)")
             if config.max_drop is not None:
                 search, study = _bounded(ws, evaluator, config, make_storage(storage, out), study_name, callback)
@@ -89,16 +89,23 @@ def run_search(config: SearchConfig, *, model: str | None = None, data: str | No
     return result
 
 
-def _own_scale(ws: Any, label: str, phase: Callable[[str], None]) -> None:
-    """`local`'s latency scale for the searched network, timed from a few of its variants the first time
-    it is searched (``hwmodels.calibrate.ensure_network_scale``)."""
+def _own_scale(ws: Any, label: str, target: str, phase: Callable[[str], None]) -> None:
+    """The target's latency scale for the searched network, timed from a few of its variants the first time
+    it is searched (``hwmodels.calibrate.ensure_network_scale``): on `local` in ONNX Runtime here, on a device
+    target calibrated through a measure command through that command; a fixed target is left as it is."""
+    from autocompress.hwmodels import get_target
     from autocompress.hwmodels.calibrate import ensure_network_scale
+    from autocompress.hwmodels.device import MeasureCommand
 
+    t = get_target(target)
+    if target != "local" and not t.measure_cmd:
+        return
     try:
-        ensure_network_scale("local", ws.model, ws.space, label, progress=phase)
+        command = MeasureCommand(t.measure_cmd, t.measure_timeout_s) if t.measure_cmd else None
+        ensure_network_scale(target, ws.model, ws.space, label, measure=command, progress=phase)
     except Exception as exc:  # a refinement of the predictions: without it the search goes on, unscaled
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        phase(f"could not time variants of {label} on `local` ({reason}); its predictions stay unscaled")
+        phase(f"could not time variants of {label} on `{target}` ({reason}); its predictions stay unscaled")
 
 
 def _bounded(ws: Any, evaluator: Any, config: SearchConfig, storage: Any, study_name: str | None,

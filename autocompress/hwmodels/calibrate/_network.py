@@ -1,9 +1,10 @@
-"""The searched network's own latency scale, measured when a search starts on ``local``.
+"""The searched network's own latency scale, measured when a search starts on a target timed here.
 
 A fit of the designed set alone leaves each 224x224 network a bias of its own (MobileNetV2 12-14 % under on
 two machine states, BENCHMARKS.md "Runs Z5 and Z6"); ``calibrate --model`` measures it from the network's
-own variants. A search on ``local`` does the same with a few variants when the target has no scale for the
-network yet, and saves it with the target, so the next search of that network reads it back.
+own variants. A search on ``local`` (or on a device target through its measure command) does the same with
+a few variants when the target has no scale for the network yet, and saves it with the target, so the next
+search of that network reads it back.
 """
 
 from __future__ import annotations
