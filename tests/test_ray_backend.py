@@ -43,8 +43,10 @@ def test_two_node_sweep_survives_a_node_kill(tmp_path, cluster):
     model, data = write_factories(tmp_path)
     out = tmp_path / "out"
     trials = 8
+    # Chunks long enough that a worker's trial is seen mid-fine-tune while the head reports too (at 60 epochs
+    # a busy neighbour lane let every worker trial finish unseen in two full-suite runs).
     cmd = search_args(model, data, out, trials, "--backend", "ray", "--address", cluster.address,
-                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "60",
+                      "--max-concurrent", "2", "--cpus-per-trial", "1", "--low-epochs", "150",
                       "--no-early-stop")  # ASHA must not end the victim before the node dies
     proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
