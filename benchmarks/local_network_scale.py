@@ -33,8 +33,8 @@ def main() -> None:
     import torch
 
     from autocompress.hwmodels import predict
-    from autocompress.hwmodels.calibrate import SCALE_VARIANTS, ensure_network_scale, measure_files, model_variants
-    from autocompress.hwmodels.calibrate._network import SKIPPED_KINDS
+    from autocompress.hwmodels.calibrate import ensure_network_scale, error_stats, measure_files, model_variants
+    from autocompress.hwmodels.calibrate._network import scale_kinds
     from autocompress.hwmodels.targets import get_target, target_path
     from autocompress.workspace import open_model
 
@@ -48,7 +48,7 @@ def main() -> None:
         os.environ["AUTOCOMPRESS_CACHE"] = str(Path(tmp) / "cache")  # the scaled copy lives here
         for spec in args.models:
             ws = open_model(spec)
-            kinds = sorted({d.kind for d in ws.space.decisions} - set(SKIPPED_KINDS))
+            kinds = scale_kinds(ws.space)
             for seed in args.seeds:
                 base.save(target_path("local"))  # unscaled again for each seed
                 held = model_variants(ws.model, ws.space, spec, args.held_out, Path(tmp), seed=100 + seed, kinds=kinds)
@@ -58,13 +58,10 @@ def main() -> None:
                 measured = measure_files([b.path for b in held], rounds=2)
                 before = [predict(b.table, base).latency_ms for b in held]
                 after = [predict(b.table, get_target("local")).latency_ms for b in held]
-
-                def within(pred: list[float]) -> float:
-                    return sum(abs(p / m - 1) <= 0.10 for p, m in zip(pred, measured)) / len(measured)
-
                 row = {"model": spec, "seed": seed, "scale": scaled.scale if scaled else None,
-                       "scale_seconds": round(scale_s, 1), "within_10_before": within(before),
-                       "within_10_after": within(after),
+                       "scale_seconds": round(scale_s, 1),
+                       "within_10_before": error_stats(before, measured)["within_10"],
+                       "within_10_after": error_stats(after, measured)["within_10"],
                        "median_err_before": statistics.median(p / m - 1 for p, m in zip(before, measured)),
                        "median_err_after": statistics.median(p / m - 1 for p, m in zip(after, measured))}
                 rows.append(row)

@@ -22,6 +22,11 @@ SCALE_VARIANTS = max(4, NETWORK_SCALE_MIN_SAMPLES)  # offline on seven timings: 
 SKIPPED_KINDS = ("rank",)  # a low-rank variant costs seconds of SVD to build (the first-use plan skips them too)
 
 
+def scale_kinds(space: Any) -> list[str]:
+    """The decision kinds the scale's variants draw from: all of the space's but ``SKIPPED_KINDS``."""
+    return sorted({d.kind for d in space.decisions} - set(SKIPPED_KINDS))
+
+
 @dataclass(frozen=True)
 class NetworkScale:
     """A network's latency scale on a target: measured now, or read from the target file."""
@@ -40,11 +45,10 @@ def ensure_network_scale(name: str, model: Any, space: Any, label: str, *, varia
     network = space.graph.fingerprint
     if network in target.network_scale:
         return NetworkScale(network, float(target.network_scale[network]), False)
-    kinds = sorted({d.kind for d in space.decisions} - set(SKIPPED_KINDS))
     say = progress or (lambda text: None)
     say(f"timing {variants} variants of {label} on `{name}` (once per network): its own latency scale")
     with tempfile.TemporaryDirectory(prefix="autocompress-scale-") as tmp:
-        built = model_variants(model, space, label, variants, Path(tmp), seed=1, kinds=kinds)
+        built = model_variants(model, space, label, variants, Path(tmp), seed=1, kinds=scale_kinds(space))
         samples = time_built(built, threads=target.threads, rounds=2, profile=False, measure=measure)
     scale = network_scales(target, samples).get(network)
     if scale is None:
