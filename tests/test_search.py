@@ -197,6 +197,18 @@ def test_an_unclaimed_trial_of_a_dead_worker_goes_stale_after_the_grace_period()
     assert workers.unclaimed_stale(trials, "host:3", 3600.0) == []  # too young to call dead
 
 
+def test_an_interrupted_trial_runs_again_once_its_parameters_are_all_drawn() -> None:
+    """Claiming a slot comes after the parameters are drawn: a claimed trial killed before it wrote its
+    policy runs again like one killed mid-fine-tune; one that never claimed does not."""
+    from autocompress.search.workers import RUN_AGAIN, interruption
+
+    assert interruption({"claimed": True, "policy": {"a": 1}}, shared=True) == RUN_AGAIN
+    assert interruption({"claimed": True}, shared=True) == RUN_AGAIN
+    assert interruption({"owner": "host:1"}, shared=True) == "interrupted before fine-tuning"
+    assert interruption({"policy": {"a": 1}}, shared=False) == RUN_AGAIN  # one worker: nothing to claim
+    assert interruption({}, shared=False) == "interrupted before a candidate"
+
+
 def test_finalists_are_the_best_distinct_candidates_faster_first_among_equals() -> None:
     from autocompress.search.core import Candidate
     from autocompress.search.finalists import pick_finalists

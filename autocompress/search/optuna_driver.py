@@ -190,15 +190,9 @@ class OptunaDriver:
                 self._recover(t, rdb)
 
     def _recover(self, t: optuna.trial.FrozenTrial, rdb: bool) -> None:
-        """Finish one interrupted trial: pruned with the reason; a fine-tuned candidate is enqueued again."""
-        if rdb and not t.user_attrs.get("claimed"):
-            # Killed before it took one of the ``trials`` slots: it was never fine-tuned.
-            reason, again = "interrupted before fine-tuning", False
-        elif "policy" not in t.user_attrs:
-            # Killed while the trial was created or its parameters written: nothing to run again.
-            reason, again = "interrupted before a candidate", False
-        else:
-            reason, again = "interrupted; run again", True
+        """Finish one interrupted trial: pruned with the reason; a drawn candidate is enqueued again."""
+        reason = workers.interruption(t.user_attrs, rdb)
+        again = reason == workers.RUN_AGAIN
         try:
             _optuna_storage.set_trial_user_attr(self.study, t, "reason", reason)
             self.study.tell(t.number, state=TrialState.PRUNED)

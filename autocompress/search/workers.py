@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import optuna
 
@@ -168,3 +168,16 @@ def taken(trials: list[Any]) -> int:
     state = optuna.trial.TrialState
     return sum(t.state in (state.COMPLETE, state.FAIL) or (t.state == state.RUNNING and bool(t.user_attrs.get("claimed")))
                for t in trials)
+
+
+RUN_AGAIN = "interrupted; run again"
+
+
+def interruption(attrs: Mapping[str, Any], shared: bool) -> str:
+    """Why an interrupted trial (its user attributes) is pruned on resume; ``RUN_AGAIN`` when its candidate
+    is enqueued again (its parameters are all drawn: it claimed a slot or wrote its policy)."""
+    if shared and not attrs.get("claimed"):
+        return "interrupted before fine-tuning"  # killed before it took one of the ``trials`` slots
+    if "policy" not in attrs and not attrs.get("claimed"):
+        return "interrupted before a candidate"  # killed while its parameters were written
+    return RUN_AGAIN
