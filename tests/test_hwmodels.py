@@ -420,10 +420,37 @@ def test_weights_come_from_the_level_the_whole_model_fits():
 
     assert structure(alone, local).kernels[0].weight_level == 1  # 2 MB: the last-level cache
     assert structure(behind, local).kernels[-1].weight_level == 2  # the model's 76 MB: DRAM
-    assert classifier_ms(alone, local) == pytest.approx(classifier_ms(behind, local.with_(model_weights_level=False)))
+    one_layer_levels = local.with_(model_weights_level=False, cold_outputs=False)
+    assert classifier_ms(alone, local) == pytest.approx(classifier_ms(behind, one_layer_levels))
     # 2 MB at the DRAM instead of the LLC bandwidth (the GEMV is memory-bound)
     assert classifier_ms(behind, local) == pytest.approx(classifier_ms(alone, local) * local.llc_gbs / local.dram_gbs,
                                                          rel=0.2)
+
+
+def test_outputs_are_written_at_the_level_of_the_bytes_a_call_touches():
+    """A 1.6 MB depthwise output timed alone is rewritten in the last-level cache every call; behind 64 MB of
+    weights the call touches more than that cache holds, so the same layer writes its output to DRAM (its
+    input, just written by the layer before, and its weights keep their own levels)."""
+    local = get_target("local")
+    local = local.with_(peak_gmacs={d: 100 * v for d, v in local.peak_gmacs.items()})  # memory-bound
+    layer = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32))
+    alone = table_of(layer, (1, 32, 112, 112))
+    behind = table_of(nn.Sequential(*layer, nn.Flatten(), nn.Linear(32 * 112 * 112, 40)), (1, 32, 112, 112))
+    k_alone, k_behind = structure(alone, local).kernels[0], structure(behind, local).kernels[0]
+    assert k_alone.output_bytes == k_behind.output_bytes == 32 * 112 * 112 * 4
+    assert k_alone.output_level == 1 and k_behind.output_level == 2
+    assert k_alone.memory_level == k_behind.memory_level == 1
+
+    def depthwise_ms(table, target):
+        return next(r.latency_ms for r in predict(table, target).layers if r.name == k_alone.head)
+
+    assert depthwise_ms(behind, local.with_(cold_outputs=False, model_weights_level=False)) == pytest.approx(
+        depthwise_ms(alone, local))
+    # the output's 1.6 MB at the DRAM instead of the LLC bandwidth
+    extra_us = k_alone.output_bytes * (1 / local.dram_gbs - 1 / local.llc_gbs) / 1e3
+    assert depthwise_ms(behind, local) - depthwise_ms(alone, local) == pytest.approx(extra_us / 1e3, rel=0.05)
+    assert structure(behind, get_target("mobile")).kernels[0].output_level == structure(
+        behind, get_target("mobile")).kernels[0].memory_level  # fixed targets keep one level per kernel
 
 
 def test_the_fit_chooses_the_cache_size_that_explains_the_measurements():

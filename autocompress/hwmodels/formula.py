@@ -131,6 +131,8 @@ class KernelArrays:
     launches: np.ndarray  # dispatches: dependent kernels it stands for
     steps: np.ndarray  # synchronised dependent steps inside it
     math_elements: np.ndarray
+    output_bytes: np.ndarray  # of activation_bytes: the output written
+    output_level: np.ndarray
 
     @classmethod
     def of(cls, kernels: Sequence[Kernel]) -> "KernelArrays":
@@ -148,7 +150,9 @@ class KernelArrays:
                                        for k in kernels], dtype=float),
             conversion_bytes=conversion_bytes, conversions=conversions, reordered_elements=reordered,
             reorders=reorders, output_elements=output_elements, plain=plain.astype(bool), launches=launches,
-            steps=steps, math_elements=math_elements)
+            steps=steps, math_elements=math_elements,
+            output_bytes=np.array([k.output_bytes for k in kernels], dtype=float),
+            output_level=np.array([k.output_level for k in kernels], dtype=int))
 
 
 _OP_FIELDS = ("bytes_moved", "traffic_bytes", "memory_level", "output_elements", "view", "conversions",
@@ -212,7 +216,8 @@ def latency_us(c: Coefficients, k: KernelArrays, o: OpArrays) -> Latency:
     slowdown = (1.0 + c.gemm_k0 / k.reduction_length) * (1.0 + c.gemm_s0 / k.output_positions)
     compute = (k.padded_macs * slowdown * c.us_per_mac[k.dtype, k.kernel_class]
                / c.mac_divisor[k.dtype, k.kernel_class, k.plain.astype(int)])
-    memory = k.activation_bytes * c.us_per_byte[k.memory_level] + k.weight_bytes * c.us_per_byte[k.weight_level]
+    memory = ((k.activation_bytes - k.output_bytes) * c.us_per_byte[k.memory_level]
+              + k.output_bytes * c.us_per_byte[k.output_level] + k.weight_bytes * c.us_per_byte[k.weight_level])
     kernel_core = (np.maximum(compute, memory) + c.memory_overlap * np.minimum(compute, memory)
                    + k.launches * c.kernel_overhead_us + k.steps * c.step_overhead_us
                    + k.output_elements * c.out_ns[k.dtype] / 1e3 + k.math_elements * c.math_ns / 1e3)

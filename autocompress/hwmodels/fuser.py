@@ -187,8 +187,10 @@ class Fuser:
             ops.append(StandaloneOp(d.name, nbytes, self.level(max(nbytes, d.working_set)), d.output_elements, d.view,
                                     int(p.conversions), d.slow_pool_elements, p.reordered_elements,
                                     int(p.reorders), p.conversion_bytes, d.plain_pool_elements, d.math_elements))
-        model_weight_level = (self.level(sum(k.weight_bytes for k in self.kernels.values()))
-                              if self.target.model_weights_level else CACHE)
+        weight_bytes = sum(k.weight_bytes for k in self.kernels.values())
+        model_weight_level = self.level(weight_bytes) if self.target.model_weights_level else CACHE
+        call_bytes = weight_bytes + sum(k.output_bytes for k in self.kernels.values()) * batch
+        output_floor = self.level(call_bytes) if self.target.cold_outputs else CACHE
         kernels = []
         for head, k in self.kernels.items():
             nbytes = k.weight_bytes + (k.input_bytes + k.output_bytes) * batch + k.reread_bytes
@@ -200,6 +202,6 @@ class Fuser:
                                   k.rf_bits_per_mac, k.weight_bytes, k.reduction_length, k.output_positions * batch,
                                   p.conversion_bytes, int(p.conversions), p.reordered_elements, int(p.reorders),
                                   k.output_elements * batch, k.plain, max(lvl, model_weight_level), k.launches,
-                                  k.steps, k.math_elements * batch))
+                                  k.steps, k.math_elements * batch, k.output_bytes * batch, max(lvl, output_floor)))
         return Structure(tuple(kernels), tuple(ops), MappingProxyType(self.kernel_of))
 

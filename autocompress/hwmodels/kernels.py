@@ -38,6 +38,8 @@ class Kernel:
     launches: int = 1
     steps: int = 0  # dependent steps inside the op (an RNN's time steps x layers x directions), each synchronised
     math_elements: int = 0  # elements of arithmetic-heavy work inside it (attention's softmax: ``Target.math_ns``)
+    output_bytes: float = 0.0  # of bytes_moved: the output it writes
+    output_level: int = CACHE  # where its output is written (``Target.cold_outputs``)
 
     @property
     def activation_bytes(self) -> float:

@@ -108,6 +108,11 @@ class Target:
     # its own traffic fits). Off: a kernel's weights come from the level its own traffic fits, as when one
     # layer is timed alone.
     model_weights_level: bool = False
+    # A kernel's output buffer, written once a call, is still cached at the next call only if all the bytes
+    # a call touches (every weight and every kernel's output) fit the cache: on, a kernel writes its output
+    # at the level of those bytes (a network of tens of MB writes to lines evicted since the last call);
+    # off, at the level its own traffic fits, as when one layer is timed alone and rewrites one buffer.
+    cold_outputs: bool = False
     int8_fuses_add: bool = True  # int8 kernels absorb a residual add (TensorRT does; ONNX Runtime's QLinearConv not)
     convert_ns: float = 0.0  # per element of each int8 <-> float conversion, beyond its memory traffic
     # int8 deployed as a QDQ graph (ONNX Runtime): a tensor that an int8 kernel reads is quantised for
@@ -225,7 +230,7 @@ class Target:
             "fused_attention": self.fused_attention, "fuses_gelu": self.fuses_gelu,
             "sequence_linear_epilogue": self.sequence_linear_epilogue,
             "step_overhead_us": self.step_overhead_us,
-            "out_ns": self.out_ns, "memory_overlap": self.memory_overlap,
+            "out_ns": self.out_ns, "memory_overlap": self.memory_overlap, "cold_outputs": self.cold_outputs,
             "int8_out_ns": self.int8_out_ns, "gemv_from_cache": self.gemv_from_cache,
             "kernel_overhead_us": self.kernel_overhead_us, "elementwise_overhead_us": self.elementwise_overhead_us,
             "call_overhead_us": self.call_overhead_us, "fast_int8": self.fast_int8, "fast_fp16": self.fast_fp16,

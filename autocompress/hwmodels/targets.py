@@ -151,7 +151,7 @@ TARGETS.register("local", Target(
     int8_pool_ns=15.0, block_fallback=True, channel_align=4, plain_pool_ns=1.0, math_ns=1.0,
     plain_efficiency={"conv": 0.7, "pointwise": 0.7, "depthwise": 0.25}, reorder_ns=0.5, view_overhead_us=4.0, convert_ns=0.5,
     int8_fuses_add=False, gemv_from_cache=False, dq_per_reader=True, out_ns=0.1, int8_out_ns=0.5,
-    model_weights_level=True, step_overhead_us=0.4, sequence_linear_epilogue=False, memory_overlap=0.3,
+    model_weights_level=True, cold_outputs=True, step_overhead_us=0.4, sequence_linear_epilogue=False, memory_overlap=0.3,
     channel_block=16, fast_int8=True, fast_fp16=False, threads=1, int8_efficiency=0.5,
     calibrated=False,
     sources={"all": "generic defaults for a ~3 GHz AVX-512 core, several times off on most machines: never used to "
