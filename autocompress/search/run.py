@@ -95,14 +95,16 @@ def _own_scale(ws: Any, label: str, target: str, phase: Callable[[str], None]) -
     target calibrated through a measure command through that command; a fixed target is left as it is."""
     from autocompress.hwmodels import get_target
     from autocompress.hwmodels.calibrate import ensure_network_scale
-    from autocompress.hwmodels.device import MeasureCommand
+    from autocompress.hwmodels.device import timer_for
 
     t = get_target(target)
-    if target != "local" and not t.measure_cmd:
+    timer = timer_for(t)
+    if timer is None:  # nothing here can time it
         return
     try:
-        command = MeasureCommand(t.measure_cmd, t.measure_timeout_s) if t.measure_cmd else None
-        ensure_network_scale(target, ws.model, ws.space, label, measure=command, progress=phase)
+        # `local`: the calibration's own protocol (every variant timed together) rather than one file at a time
+        measure = timer.timer if t.measure_cmd else None
+        ensure_network_scale(target, ws.model, ws.space, label, measure=measure, progress=phase)
     except Exception as exc:  # a refinement of the predictions: without it the search goes on, unscaled
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         phase(f"could not time variants of {label} on `{target}` ({reason}); its predictions stay unscaled")
